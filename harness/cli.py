@@ -1,0 +1,49 @@
+"""The `harness` command line: one argparse tree, one module per subcommand.
+
+Each subcommand module exposes `add_parser(subparsers)` which registers its
+arguments and sets `func` to a handler returning the process exit code.
+Errors a user can fix are raised as `UsageError` and printed as one line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from harness.errors import UsageError
+
+# Exit codes are part of the contract (documented in the README).
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harness",
+        description="Load-testing and benchmarking harness for LLM inference clusters.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    from harness.commands import sim as sim_cmd
+    from harness.commands import demo as demo_cmd
+
+    sim_cmd.add_parser(sub)
+    demo_cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"harness {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Errors that carry a message meant for the user, printed as one line."""
+
+
+class UsageError(Exception):
+    """Bad input the user can fix: the message says what is wrong and how to fix it."""
