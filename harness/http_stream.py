@@ -1,0 +1,534 @@
+"""A minimal HTTP/1.1 client whose only job is to timestamp streamed response bytes honestly.
+
+Why not Locust's FastHttpUser or requests: their streaming readers buffer in fixed blocks
+(FastHttpUser's ``iter_lines()`` reported a 100 ms TTFT as 302 ms), and every extra layer adds CPU
+per event, which on a busy load generator turns into timing error. This client reads whole socket
+buffers (``recv(65536)``), stamps each read with ``time.perf_counter_ns()`` the moment ``recv``
+returns, and decodes the body framing (chunked, Content-Length, read-until-close) itself, so a
+read's stamp travels with exactly the body bytes that read delivered.
+
+It uses the ``socket`` module at call time, so it cooperates with gevent when the process is
+monkey-patched (Locust) and works with plain blocking sockets in threads (scripts, tests).
+
+Retry rule: a keep-alive connection that the server has closed while idle is replaced before the
+request is written (or when writing fails because the peer had already closed it). Once a request
+has been written, nothing is ever retried: a server that closes the connection without answering
+may have seen the request, and a load test must count that as a failure (``disconnect``) rather
+than hide it.
+
+Failures are exceptions carrying ``error_kind`` (``connect``, ``timeout``, ``disconnect``,
+``protocol``); HTTP status codes are returned, not raised, because deciding that a status is a
+failure (``http_<status>``) is the caller's business.
+
+Plain ``http://`` only; one request at a time per connection (no pipelining); not thread-safe:
+one connection per simulated user.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Iterator, Mapping
+from urllib.parse import urlsplit
+
+__all__ = [
+    "HTTPClientError",
+    "ConnectError",
+    "ConnectTimeout",
+    "ReadTimeout",
+    "Disconnected",
+    "ProtocolError",
+    "StreamResponse",
+    "StreamingConnection",
+]
+
+_RECV_SIZE = 65536
+_MAX_HEAD = 65536
+_perf_ns = time.perf_counter_ns
+
+
+class HTTPClientError(Exception):
+    """Base of the client's failures; ``error_kind`` names the failure class for results."""
+
+    error_kind = "error"
+
+
+class ConnectError(HTTPClientError):
+    """No connection could be made (refused, unresolvable, unreachable): the server never saw the request."""
+
+    error_kind = "connect"
+
+
+class ConnectTimeout(ConnectError):
+    """Connecting took longer than the connect timeout; still a connect failure (request never sent)."""
+
+    error_kind = "connect"
+
+
+class ReadTimeout(HTTPClientError):
+    """The server went silent for longer than the read (idle) timeout, after the request was sent."""
+
+    error_kind = "timeout"
+
+
+class Disconnected(HTTPClientError):
+    """The peer closed or reset the connection before the response was complete."""
+
+    error_kind = "disconnect"
+
+
+class ProtocolError(HTTPClientError):
+    """The response is not valid HTTP/1.x framing (bad status line, chunk size, oversized head)."""
+
+    error_kind = "protocol"
+
+
+class StreamResponse:
+    """One response: status and headers are read; iterate for ``(body_bytes, t_ns)`` chunks.
+
+    Attributes:
+        status, reason: from the status line.
+        headers: header names lower-cased; repeated headers joined with ``", "``.
+        sent_ns: ``perf_counter_ns`` just before the request was written (the send time).
+        headers_ns: stamp of the read that completed the header block.
+        connect_ns: time spent opening a new connection for this request (0 when reused).
+        reused: the request went over a kept-alive connection.
+
+    Each body chunk is the decoded body bytes delivered by one socket read, stamped with that
+    read's time. Body bytes that arrived in the same read as the headers carry ``headers_ns``.
+    The body can be iterated once. Leaving it unfinished closes the connection (its state is then
+    unknown), so a later request opens a fresh one.
+    """
+
+    __slots__ = ("status", "reason", "headers", "sent_ns", "headers_ns", "connect_ns", "reused",
+                 "_chunks", "_done", "_conn")
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str], sent_ns: int,
+                 headers_ns: int, connect_ns: int, reused: bool,
+                 chunks: Iterator[tuple[bytes, int]], conn: "StreamingConnection") -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.sent_ns = sent_ns
+        self.headers_ns = headers_ns
+        self.connect_ns = connect_ns
+        self.reused = reused
+        self._chunks = chunks
+        self._done = False
+        self._conn = conn
+
+    def __iter__(self) -> Iterator[tuple[bytes, int]]:
+        """Yield ``(bytes, t_ns)`` per socket read until the body ends."""
+        if self._done:
+            raise RuntimeError("response body already consumed")
+        self._done = True
+        return self._chunks
+
+    def read(self) -> bytes:
+        """Read the whole body (for small non-streaming responses)."""
+        return b"".join(chunk for chunk, _ in self)
+
+    def close(self) -> None:
+        """Abandon the body; closes the connection unless the body was already complete."""
+        self._done = True
+        self._chunks.close()  # type: ignore[attr-defined]
+        self._conn._abandon(self)
+
+    def __enter__(self) -> "StreamResponse":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StreamingConnection:
+    """One keep-alive HTTP/1.1 connection to ``host:port``, opened lazily and reopened when stale.
+
+    ``timeout`` is the read (idle) timeout: the longest silence tolerated while waiting for
+    response bytes; it raises ``ReadTimeout``. ``connect_timeout`` (default: ``timeout``) bounds
+    opening the connection; it raises ``ConnectTimeout``. ``None`` means wait forever.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float | None = 60.0,
+                 connect_timeout: float | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.read_timeout = timeout
+        self.connect_timeout = timeout if connect_timeout is None else connect_timeout
+        self._host_header = host if port == 80 else f"{host}:{port}"
+        if ":" in host and not host.startswith("["):
+            self._host_header = f"[{host}]" if port == 80 else f"[{host}]:{port}"
+        self._sock: socket.socket | None = None
+        self._active: StreamResponse | None = None
+        self._body_open = False  # a response body is unfinished: the socket is mid-message
+        self.connects = 0  # connections opened so far (for tests and diagnostics)
+
+    @classmethod
+    def from_url(cls, url: str, timeout: float | None = 60.0,
+                 connect_timeout: float | None = None) -> "StreamingConnection":
+        """Build from ``http://host[:port][/...]``; the URL's path is ignored (pass full paths)."""
+        parts = urlsplit(url)
+        if parts.scheme != "http":
+            raise ValueError(f"only http:// URLs are supported, got {url!r}")
+        if not parts.hostname:
+            raise ValueError(f"no host in URL {url!r}")
+        return cls(parts.hostname, parts.port or 80, timeout, connect_timeout)
+
+    # -- public requests -------------------------------------------------------------------
+
+    def post_stream(self, path: str, body: bytes,
+                    headers: Mapping[str, str] | None = None) -> StreamResponse:
+        """POST ``body`` (JSON) and return once the response head is read; iterate it for the body.
+
+        Defaults ``Content-Type: application/json`` and ``Accept: text/event-stream``.
+        """
+        return self.open("POST", path, body, headers, accept=b"text/event-stream")
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """Send a request and read the whole response: ``(status, headers, body)``.
+
+        For the small calls around a benchmark (``/v1/models``, ``/tokenize``, ``/health``).
+        """
+        resp = self.open(method, path, body, headers, accept=b"application/json")
+        return resp.status, resp.headers, resp.read()
+
+    def open(self, method: str, path: str, body: bytes | None = None,
+             headers: Mapping[str, str] | None = None,
+             accept: bytes = b"*/*") -> StreamResponse:
+        """Send one request, read the response head, and return the response with its body unread."""
+        if self._body_open:
+            self._drop()  # previous body left unfinished: connection state unknown
+        self._active = None
+        self._body_open = False
+        request = self._build(method, path, body, headers, accept)
+
+        sock = self._sock
+        reused = sock is not None
+        if sock is not None and not self._idle_alive(sock):
+            self._drop()
+            sock, reused = None, False
+        connect_ns = 0
+        if sock is None:
+            t0 = _perf_ns()
+            sock = self._connect()
+            connect_ns = _perf_ns() - t0
+        sent_ns = _perf_ns()
+        try:
+            sock.sendall(request)
+        except socket.timeout as e:
+            self._drop()
+            raise ReadTimeout(f"timed out writing request to {self._host_header}") from e
+        except OSError as e:
+            self._drop()
+            if not reused:
+                raise Disconnected(f"connection lost while writing request: {e}") from e
+            # The kept-alive connection had been closed by the server: it cannot have read this
+            # request, so sending it on a new connection is safe.
+            t0 = _perf_ns()
+            sock = self._connect()
+            connect_ns = _perf_ns() - t0
+            reused = False
+            sent_ns = _perf_ns()
+            try:
+                sock.sendall(request)
+            except socket.timeout as e2:
+                self._drop()
+                raise ReadTimeout(f"timed out writing request to {self._host_header}") from e2
+            except OSError as e2:
+                self._drop()
+                raise Disconnected(f"connection lost while writing request: {e2}") from e2
+
+        status, reason, resp_headers, keep_alive, rest, headers_ns = self._read_head(sock)
+        chunks = self._body(sock, method, status, resp_headers, keep_alive, rest, headers_ns)
+        resp = StreamResponse(status, reason, resp_headers, sent_ns, headers_ns, connect_ns,
+                              reused, chunks, self)
+        self._active = resp
+        self._body_open = True
+        return resp
+
+    def close(self) -> None:
+        """Close the connection (a later request reconnects)."""
+        self._drop()
+
+    def __enter__(self) -> "StreamingConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _build(self, method: str, path: str, body: bytes | None,
+               headers: Mapping[str, str] | None, accept: bytes) -> bytes:
+        lines = [f"{method} {path} HTTP/1.1\r\nHost: {self._host_header}\r\n".encode("latin-1")]
+        given = {k.lower() for k in headers} if headers else set()
+        if "user-agent" not in given:
+            lines.append(b"User-Agent: llm-harness\r\n")
+        if "accept" not in given:
+            lines.append(b"Accept: " + accept + b"\r\n")
+        if body is not None or method in ("POST", "PUT", "PATCH"):
+            if body is None:
+                body = b""
+            if "content-type" not in given:
+                lines.append(b"Content-Type: application/json\r\n")
+            lines.append(b"Content-Length: %d\r\n" % len(body))
+        if headers:
+            for name, value in headers.items():
+                if name.lower() in ("content-length", "transfer-encoding", "host"):
+                    continue
+                lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        lines.append(b"\r\n")
+        if body:
+            lines.append(body)
+        return b"".join(lines)
+
+    def _connect(self) -> socket.socket:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        except socket.timeout as e:
+            raise ConnectTimeout(f"connect to {self._host_header} timed out "
+                                 f"after {self.connect_timeout}s") from e
+        except OSError as e:
+            raise ConnectError(f"cannot connect to {self._host_header}: {e}") from e
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        sock.settimeout(self.read_timeout)
+        self._sock = sock
+        self.connects += 1
+        return sock
+
+    def _abandon(self, resp: StreamResponse) -> None:
+        """Called when ``resp`` is closed: drop the socket if its body never finished."""
+        if self._active is resp and self._body_open:
+            self._drop()
+            self._body_open = False
+
+    def _drop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _idle_alive(self, sock: socket.socket) -> bool:
+        """True when an idle kept-alive socket shows no sign of closure (no EOF, reset or stray bytes)."""
+        try:
+            sock.settimeout(0.0)
+            try:
+                data = sock.recv(1)
+            finally:
+                sock.settimeout(self.read_timeout)
+        except (BlockingIOError, InterruptedError):
+            return True  # nothing to read: still open
+        except OSError:
+            return False
+        # b"" is EOF; any bytes on an idle connection (e.g. a 408 before closing) make it unusable.
+        del data
+        return False
+
+    def _recv(self, sock: socket.socket) -> tuple[bytes, int]:
+        try:
+            data = sock.recv(_RECV_SIZE)
+        except socket.timeout as e:
+            self._drop()
+            raise ReadTimeout(f"no data from {self._host_header} for {self.read_timeout}s") from e
+        except OSError as e:
+            self._drop()
+            raise Disconnected(f"connection to {self._host_header} broken: {e}") from e
+        return data, _perf_ns()
+
+    def _read_head(self, sock: socket.socket):
+        buf = b""
+        while True:
+            data, t_ns = self._recv(sock)
+            if not data:
+                self._drop()
+                if buf:
+                    raise Disconnected("connection closed in the middle of the response head")
+                raise Disconnected("connection closed before any response byte")
+            buf = buf + data if buf else data
+            while True:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > _MAX_HEAD:
+                        self._drop()
+                        raise ProtocolError("response head larger than 64 KiB")
+                    break
+                status, reason, headers, version = self._parse_head(buf[:end])
+                rest = buf[end + 4:]
+                if 100 <= status < 200 and status != 101:
+                    buf = rest  # interim response (100 Continue, 103 Early Hints): skip it
+                    continue
+                conn_tokens = headers.get("connection", "").lower()
+                if version == "HTTP/1.0":
+                    keep_alive = "keep-alive" in conn_tokens
+                else:
+                    keep_alive = "close" not in conn_tokens
+                return status, reason, headers, keep_alive, rest, t_ns
+
+    def _parse_head(self, head: bytes) -> tuple[int, str, dict[str, str], str]:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+            self._drop()
+            raise ProtocolError(f"bad status line {lines[0][:100]!r}")
+        try:
+            status = int(parts[1])
+        except ValueError:
+            self._drop()
+            raise ProtocolError(f"bad status line {lines[0][:100]!r}") from None
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                continue
+            name = name.strip().lower()
+            value = value.strip()
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        return status, (parts[2] if len(parts) > 2 else ""), headers, parts[0]
+
+    def _body(self, sock: socket.socket, method: str, status: int, headers: dict[str, str],
+              keep_alive: bool, rest: bytes, t_head: int) -> Iterator[tuple[bytes, int]]:
+        """Generator of decoded body chunks; leaves the socket reusable only after a clean end."""
+        complete = False
+        try:
+            if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+                complete = True
+                if rest:
+                    keep_alive = False
+                return
+            te = headers.get("transfer-encoding", "").lower()
+            if "chunked" in te:
+                decoder = _ChunkedDecoder()
+                data, t_ns = rest, t_head
+                while True:
+                    if data:
+                        out = decoder.feed(data)
+                        if out:
+                            yield out, t_ns
+                        if decoder.done:
+                            if decoder.leftover:
+                                keep_alive = False
+                            complete = True
+                            return
+                    data, t_ns = self._recv(sock)
+                    if not data:
+                        raise Disconnected("connection closed in the middle of a chunked body")
+            cl = headers.get("content-length")
+            if cl is not None and not te:
+                try:
+                    remaining = int(cl.split(",")[0])
+                except ValueError:
+                    raise ProtocolError(f"bad Content-Length {cl!r}") from None
+                data, t_ns = rest, t_head
+                while True:
+                    if data:
+                        if len(data) > remaining:
+                            data = data[:remaining]
+                            keep_alive = False
+                        remaining -= len(data)
+                        yield data, t_ns
+                    if remaining <= 0:
+                        complete = True
+                        return
+                    data, t_ns = self._recv(sock)
+                    if not data:
+                        raise Disconnected(f"connection closed with {remaining} body bytes missing")
+            # No framing: the body runs until the server closes the connection.
+            keep_alive = False
+            if rest:
+                yield rest, t_head
+            while True:
+                data, t_ns = self._recv(sock)
+                if not data:
+                    complete = True
+                    return
+                yield data, t_ns
+        finally:
+            if self._sock is sock:
+                self._body_open = False
+                if not (complete and keep_alive):
+                    self._drop()
+
+
+class _ChunkedDecoder:
+    """Incremental ``Transfer-Encoding: chunked`` decoder over whole reads."""
+
+    __slots__ = ("_buf", "_state", "_remaining", "done", "leftover")
+
+    _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._state = self._SIZE
+        self._remaining = 0
+        self.done = False
+        self.leftover = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """Consume one read; return the body bytes it completed (possibly empty)."""
+        buf = self._buf + data if self._buf else data
+        n = len(buf)
+        pos = 0
+        out: list[bytes] = []
+        while pos < n:
+            state = self._state
+            if state == self._DATA:
+                take = min(self._remaining, n - pos)
+                out.append(buf[pos:pos + take])
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = self._DATA_END
+            elif state == self._DATA_END:
+                if buf[pos:pos + 2] == b"\r\n":
+                    pos += 2
+                elif buf[pos:pos + 1] == b"\n":
+                    pos += 1
+                elif n - pos < 2 and buf[pos:pos + 1] == b"\r":
+                    break  # "\r" now, "\n" in the next read
+                else:
+                    raise ProtocolError("chunk data not followed by CRLF")
+                self._state = self._SIZE
+            elif state == self._SIZE:
+                eol = buf.find(b"\n", pos)
+                if eol < 0:
+                    if n - pos > 1024:
+                        raise ProtocolError("chunk size line too long")
+                    break
+                line = buf[pos:eol].split(b";", 1)[0].strip()
+                try:
+                    size = int(line, 16)
+                except ValueError:
+                    raise ProtocolError(f"bad chunk size {line[:40]!r}") from None
+                if size < 0:
+                    raise ProtocolError(f"bad chunk size {line[:40]!r}")
+                pos = eol + 1
+                if size == 0:
+                    self._state = self._TRAILER
+                else:
+                    self._remaining = size
+                    self._state = self._DATA
+            elif state == self._TRAILER:
+                eol = buf.find(b"\n", pos)
+                if eol < 0:
+                    break
+                line = buf[pos:eol]
+                pos = eol + 1
+                if line in (b"", b"\r"):
+                    self._state = self._DONE
+                    self.done = True
+            else:
+                break
+        if self.done:
+            self.leftover = buf[pos:]
+            self._buf = b""
+        else:
+            self._buf = buf[pos:]
+        if not out:
+            return b""
+        return out[0] if len(out) == 1 else b"".join(out)
