@@ -26,10 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     from harness.commands import sim as sim_cmd
-    from harness.commands import demo as demo_cmd
+    from harness.commands import hw as hw_cmd
 
     sim_cmd.add_parser(sub)
-    demo_cmd.add_parser(sub)
+    hw_cmd.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,118 @@
+"""`harness sim`: the simulated vLLM-compatible server (one or many replicas)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import signal
+import sys
+
+from harness.errors import UsageError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sim", help="run the simulated vLLM-compatible server",
+                       description="An OpenAI-compatible server that models a continuous-batching "
+                                   "vLLM engine on a given GPU and model (no GPU needed).")
+    p.add_argument("--profile", default=None,
+                   help="GPU-MODEL-PRECISION[-tpN], e.g. l40s-llama-3-8b-bf16 (default)")
+    p.add_argument("--list-profiles", action="store_true", help="print the profiles and exit")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="first port (default 8000)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas on consecutive ports")
+    p.add_argument("--served-model-name", default=None, help="model name the API answers to")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="override the KV-cache capacity (tokens), e.g. to provoke preemption")
+    p.add_argument("--truth-log", default=None,
+                   help="append per-request server-side event times (JSONL) to this file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slowdown-per-hour", type=float, default=0.0,
+                   help="step time grows by this fraction per hour of uptime (soak-test drift)")
+    g = p.add_argument_group("fault injection (probability per request, 0..1)")
+    g.add_argument("--fault-http-500", type=float, default=0.0)
+    g.add_argument("--fault-http-429", type=float, default=0.0)
+    g.add_argument("--fault-drop", type=float, default=0.0, help="close the connection mid-stream")
+    g.add_argument("--fault-stall", type=float, default=0.0, help="stop sending mid-stream")
+    g.add_argument("--stall-seconds", type=float, default=2.0)
+    g.add_argument("--fault-slow-headers", type=float, default=0.0)
+    g.add_argument("--slow-headers-seconds", type=float, default=2.0)
+    g.add_argument("--fault-malformed", type=float, default=0.0, help="one broken JSON event")
+    p.set_defaults(func=run)
+
+
+def build_replicas(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from servers.simulator.profiles import DEFAULT_PROFILE, get_profile
+    from servers.simulator.server import Faults, Replica
+
+    try:
+        profile = get_profile(args.profile or DEFAULT_PROFILE)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
+    overrides = {k: v for k, v in {
+        "served_model_name": args.served_model_name, "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+    }.items() if v is not None}
+    profile = replace(profile, **overrides)
+    if args.replicas < 1:
+        raise UsageError("--replicas must be at least 1")
+    if not 0 < args.port < 65536 or args.port + args.replicas - 1 > 65535:
+        raise UsageError(f"--port {args.port} with {args.replicas} replicas leaves the port range")
+    faults = Faults(http_500=args.fault_http_500, http_429=args.fault_http_429, drop=args.fault_drop,
+                    stall=args.fault_stall, stall_seconds=args.stall_seconds,
+                    slow_headers=args.fault_slow_headers,
+                    slow_headers_seconds=args.slow_headers_seconds, malformed=args.fault_malformed)
+    for name in ("http_500", "http_429", "drop", "stall", "slow_headers", "malformed"):
+        v = getattr(faults, name)
+        if not 0.0 <= v <= 1.0:
+            raise UsageError(f"--fault-{name.replace('_', '-')} is a probability; give 0..1, not {v}")
+    return profile, [Replica(profile, args.port + i, host=args.host, faults=faults,
+                             truth_log=args.truth_log, seed=args.seed + i,
+                             slowdown_per_hour=args.slowdown_per_hour,
+                             kv_capacity_tokens=args.kv_cache_tokens)
+                     for i in range(args.replicas)]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_profiles:
+        from servers.simulator.profiles import all_profiles
+        for name in sorted(all_profiles()):
+            print(name)
+        return 0
+    from servers.simulator.server import serve
+
+    profile, replicas = build_replicas(args)
+    try:
+        import uvloop  # type: ignore[import-not-found]
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        ready = asyncio.Event()
+        task = asyncio.ensure_future(serve(replicas, ready, stop))
+        done, _ = await asyncio.wait({task, asyncio.ensure_future(ready.wait())},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()  # raises the bind error
+        ports = ", ".join(str(r.port) for r in replicas)
+        print(f"harness sim: {profile.name} serving {profile.served_model_name!r} on "
+              f"http://{args.host}:{ports}", flush=True)
+        await task
+
+    try:
+        asyncio.run(main())
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UsageError(f"port in use ({e.strerror}) in {args.port}..{args.port + args.replicas - 1} "
+                             f"on {args.host}; pick free ports with --port") from None
+        raise
+    return 0

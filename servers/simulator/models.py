@@ -1,0 +1,69 @@
+"""Model architectures and weight precisions: what a forward pass reads and computes.
+
+Numbers are from each model's published config.json. The seed's "Llama-3 13B" does
+not exist; the 13B entry is Llama-2-13B (multi-head attention, no GQA), the 13B a
+vLLM user actually deploys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    name: str
+    hf_id: str
+    params: float        # total parameters
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    def kv_bytes_per_token(self, kv_dtype_bytes: float = 2.0) -> float:
+        """K and V for every layer: what one token of context costs in cache."""
+        return 2.0 * self.layers * self.kv_heads * self.head_dim * kv_dtype_bytes
+
+    def attention_flops_per_token(self, context: float) -> float:
+        """QK^T and AV for one query token against `context` cached tokens."""
+        return 4.0 * self.layers * self.heads * self.head_dim * context
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    bytes_per_weight: float
+    # Which tensor-core rate the GEMMs run at, and what fraction of it the
+    # quantized kernels reach relative to a plain BF16 GEMM.
+    compute: str            # "bf16" or "int8"
+    kernel_efficiency: float
+    note: str
+
+
+PRECISIONS: dict[str, Precision] = {
+    "bf16": Precision("bf16", 2.0, "bf16", 1.0, "dense BF16 weights"),
+    # The seed's INT8 row is LLM.int8() (bitsandbytes): int8 weights, outlier
+    # columns in fp16, activations quantized per step. Its matmuls run well below
+    # BF16 GEMM speed (the LLM.int8 paper reports slower-than-fp16 inference for
+    # models under ~30B); 0.6 of BF16 GEMM throughput.
+    "int8": Precision("int8", 1.0, "bf16", 0.6, "LLM.int8 (bitsandbytes) weight int8, fp16 outliers"),
+    # W8A8 INT8 (SmoothQuant / compressed-tensors) uses the INT8 tensor cores.
+    "w8a8": Precision("w8a8", 1.0, "int8", 0.8, "W8A8 int8 GEMMs on INT8 tensor cores"),
+    # 4-bit weights with a fp16 scale and zero per group of 128: 4 + 32/128 bits.
+    # GEMMs dequantize into BF16 (Marlin-class kernels reach ~0.8 of BF16 at batch).
+    "awq": Precision("awq", 0.53125, "bf16", 0.8, "AWQ INT4, group 128, BF16 compute"),
+    "gptq": Precision("gptq", 0.53125, "bf16", 0.75, "GPTQ INT4, group 128, BF16 compute"),
+}
+
+
+MODELS: dict[str, ModelArch] = {
+    "llama-3-8b": ModelArch("Llama-3 8B", "meta-llama/Meta-Llama-3-8B-Instruct",
+                            8.03e9, 32, 4096, 32, 8, 128, 128256),
+    "llama-3-70b": ModelArch("Llama-3 70B", "meta-llama/Meta-Llama-3-70B-Instruct",
+                             70.55e9, 80, 8192, 64, 8, 128, 128256),
+    "llama-2-13b": ModelArch("Llama-2 13B", "meta-llama/Llama-2-13b-chat-hf",
+                             13.02e9, 40, 5120, 40, 40, 128, 32000),
+    "mistral-7b": ModelArch("Mistral 7B", "mistralai/Mistral-7B-Instruct-v0.1",
+                            7.24e9, 32, 4096, 32, 8, 128, 32000),
+}
