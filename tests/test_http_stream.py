@@ -179,12 +179,17 @@ def test_gaps_between_chunks_match_the_servers_write_delays(serve):
 
     srv = serve(handler)
     with StreamingConnection("127.0.0.1", srv.port, timeout=5) as c:
-        events = sse_events(collect(c.post_stream("/v1/chat/completions", b"{}")))
-    times = [t for _, t in events]
-    gaps_ms = [(b - a) / MS for a, b in zip(times[:4], times[1:4])]
+        resp = c.post_stream("/v1/chat/completions", b"{}")
+        events = sse_events(collect(resp))
     assert len(events) == 6
+    times = [t for _, t in events[:4]]
+    # A token cannot arrive before the server's cumulative delay; a single gap can look a little
+    # short when the previous read was late, so gaps get a tolerance both ways.
+    for i, t in enumerate(times[1:]):
+        assert (t - resp.sent_ns) / MS >= sum(delays[:i + 1]) * 1000
+    gaps_ms = [(b - a) / MS for a, b in zip(times, times[1:])]
     for gap, d in zip(gaps_ms, delays):
-        assert d * 1000 - 1 <= gap < d * 1000 + SLACK_MS
+        assert d * 1000 - 30 <= gap < d * 1000 + SLACK_MS
 
 
 def test_event_split_across_writes_is_stamped_when_its_last_piece_arrives(serve):
@@ -205,7 +210,6 @@ def test_event_split_across_writes_is_stamped_when_its_last_piece_arrives(serve)
         chunks = collect(resp)
     events = sse_events(chunks)
     assert events == [(event[6:-2], events[0][1])]
-    assert len(chunks) == 3
     assert events[0][1] == chunks[-1][1]
     assert (events[0][1] - resp.sent_ns) / MS >= 80
 
@@ -413,8 +417,8 @@ def test_stale_keep_alive_connection_is_replaced_before_sending(serve):
 
     def handler(conn, index):
         read_request(conn)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         per_conn_requests.append(1)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         if index == 0:
             conn.close()  # idle keep-alive timeout on the server side
             closed.set()
@@ -494,10 +498,9 @@ GEVENT_SCRIPT = textwrap.dedent('''
     for _ in range(2):
         resp = c.post_stream("/x", b"{}")
         chunks = list(resp)
-        gaps = [(b - a) / 1e6 for (_, a), (_, b) in zip(chunks, chunks[1:])]
-        first = (chunks[0][1] - resp.sent_ns) / 1e6
+        arrivals = [(t - resp.sent_ns) / 1e6 for _, t in chunks]
         assert b"".join(d for d, _ in chunks) == b"data-0data-1data-2", chunks
-        assert first >= 50 and all(g >= 45 for g in gaps), (first, gaps)
+        assert arrivals[0] >= 50 and arrivals[-1] >= 150, arrivals
         gevent.sleep(0.05)
     assert c.connects == 2
     print("ok")

@@ -1,0 +1,352 @@
+"""Per-request LLM latency measurement from timestamped SSE payloads.
+
+This module is where the metric definitions of the design doc become numbers; it follows them
+exactly (see ``/work/shared/design.md``, "Metric definitions"):
+
+* A **token-carrying event** is a chat delta with ``content``, ``reasoning_content``,
+  ``reasoning`` or ``tool_calls`` -- including an empty ``"content": ""`` delta, which real vLLM
+  sends for tokens without text of their own (special tokens, partial UTF-8) -- or a completions
+  choice with a ``text`` key. The opening role event (a delta with ``role`` and no text) does not
+  count; usage-only events (``"choices": []``) and ``[DONE]`` do not count.
+* **TTFT** = first token-carrying event - send; ``ttft_from_schedule`` = first token - scheduled.
+* **E2E** = last token-carrying event - send.
+* **output tokens** = the last ``usage.completion_tokens`` the server sent; without usage, the
+  caller's tokenizer callback counts the generated text and the figure is marked estimated.
+  SSE events are never counted as tokens.
+* **TPOT** = (E2E - TTFT) / (output_tokens - 1); undefined (None) for output_tokens <= 1.
+* **ICL** = raw gaps between consecutive token-carrying events.
+* **ITL** = each such gap split evenly over the tokens the later event carries (per-event token
+  counts from ``continuous_usage_stats`` deltas of ``usage.completion_tokens``, else 1 per event).
+  ITL has one entry per token after the first: tokens that arrive in the same event as the first
+  token get 0 ms entries, so with consistent usage ``mean(ITL) == TPOT``.
+
+Failed requests keep no latencies (``null`` in ``requests.jsonl``, as the design says); they keep
+``schedule_lag_ms`` (a property of the load generator, not of the server) and whatever token
+counts arrived.
+
+All times are ``time.perf_counter_ns()`` values. Wall-clock fields (``scheduled_at``,
+``sent_at``, ``finished_at``: epoch seconds) are derived with one offset captured at import, so
+they stay consistent with the monotonic durations within a process.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import orjson
+
+__all__ = [
+    "CONNECT",
+    "DISCONNECT",
+    "EMPTY_OUTPUT",
+    "MALFORMED_EVENT",
+    "STREAM_ERROR",
+    "TIMEOUT",
+    "RequestRecord",
+    "StreamTimer",
+    "exception_error_kind",
+    "failed_record",
+    "http_error_kind",
+    "perf_ns_to_epoch",
+]
+
+MALFORMED_EVENT = "malformed_event"  # an SSE data payload that is not valid JSON
+DISCONNECT = "disconnect"  # the stream ended without [DONE] and without a finish_reason
+EMPTY_OUTPUT = "empty_output"  # a complete stream with no token-carrying event
+STREAM_ERROR = "stream_error"  # the server sent an error object inside the stream
+TIMEOUT = "timeout"
+CONNECT = "connect"
+
+_WALL_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
+_NS_PER_MS = 1_000_000.0
+_DONE = b"[DONE]"
+_TEXT_KEYS = ("content", "reasoning_content", "reasoning")
+
+
+def perf_ns_to_epoch(t_ns: int) -> float:
+    """Convert a ``perf_counter_ns`` stamp to wall-clock epoch seconds (one offset per process)."""
+    return (t_ns + _WALL_OFFSET_NS) / 1e9
+
+
+def _ms(ns: int) -> float:
+    """Nanoseconds to milliseconds, kept to the microsecond (the histograms' unit)."""
+    return round(ns / _NS_PER_MS, 3)
+
+
+def http_error_kind(status: int) -> str | None:
+    """``http_<status>`` for a non-2xx response, None for success."""
+    return None if 200 <= status < 300 else f"http_{status}"
+
+
+def exception_error_kind(exc: BaseException) -> str:
+    """Classify an exception that ended a request (``connect``, ``timeout``, ``disconnect``, ...)."""
+    kind = getattr(exc, "error_kind", None)
+    if isinstance(kind, str) and kind:
+        return kind
+    if isinstance(exc, (ConnectionRefusedError, socket.gaierror)):
+        return CONNECT
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return TIMEOUT
+    gevent = sys.modules.get("gevent")
+    if gevent is not None and isinstance(exc, gevent.Timeout):
+        return TIMEOUT
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return DISCONNECT
+    return "error"
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One finished request: exactly one line of ``requests.jsonl`` (fields in contract order)."""
+
+    id: str
+    user_class: str
+    url: str
+    model: str
+    scheduled_at: float | None
+    sent_at: float | None
+    ok: bool
+    status: int | None
+    error_kind: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    tokens_estimated: bool
+    ttft_ms: float | None
+    tpot_ms: float | None
+    e2e_ms: float | None
+    itl_ms: list[float] = field(default_factory=list)
+    icl_ms: list[float] = field(default_factory=list)
+    ttft_from_schedule_ms: float | None = None
+    schedule_lag_ms: float | None = None
+    finished_at: float | None = None
+
+    def to_json_line(self) -> bytes:
+        """Serialize as one JSON line (with the trailing newline) for ``requests.jsonl``."""
+        return orjson.dumps(self) + b"\n"
+
+
+def failed_record(*, error_kind: str, url: str, model: str, user_class: str = "",
+                  id: str | None = None, status: int | None = None,
+                  sent_ns: int | None = None, scheduled_ns: int | None = None,
+                  finished_ns: int | None = None, input_tokens: int | None = None) -> RequestRecord:
+    """Record a request that failed before any stream could be timed (connect error, HTTP 4xx/5xx)."""
+    if finished_ns is None:
+        finished_ns = time.perf_counter_ns()
+    lag = _ms(sent_ns - scheduled_ns) if sent_ns is not None and scheduled_ns is not None else None
+    return RequestRecord(
+        id=id or uuid.uuid4().hex, user_class=user_class, url=url, model=model,
+        scheduled_at=perf_ns_to_epoch(scheduled_ns) if scheduled_ns is not None else None,
+        sent_at=perf_ns_to_epoch(sent_ns) if sent_ns is not None else None,
+        ok=False, status=status, error_kind=error_kind, input_tokens=input_tokens,
+        output_tokens=None, tokens_estimated=False, ttft_ms=None, tpot_ms=None, e2e_ms=None,
+        schedule_lag_ms=lag, finished_at=perf_ns_to_epoch(finished_ns))
+
+
+class StreamTimer:
+    """Consumes one response's ``(payload, t_ns)`` SSE events and produces its ``RequestRecord``.
+
+    Works for ``/v1/chat/completions`` and ``/v1/completions`` streams alike. ``count_tokens``
+    (text -> token count) is only used when the server sends no usage; pass one to get estimated
+    output token counts from servers that omit usage.
+    """
+
+    __slots__ = ("sent_ns", "scheduled_ns", "_count_tokens", "_times", "_counts", "_accounted",
+                 "_completion_tokens", "_prompt_tokens", "_done", "_finished", "_error",
+                 "_texts", "finish_reason")
+
+    def __init__(self, sent_ns: int, scheduled_ns: int | None = None,
+                 count_tokens: Callable[[str], int] | None = None) -> None:
+        self.sent_ns = sent_ns
+        self.scheduled_ns = scheduled_ns
+        self._count_tokens = count_tokens
+        self._times: list[int] = []  # arrival of each token-carrying event
+        self._counts: list[int] = []  # tokens carried by each token-carrying event
+        self._accounted = 0  # tokens attributed to token-carrying events so far
+        self._completion_tokens: int | None = None
+        self._prompt_tokens: int | None = None
+        self._done = False
+        self._finished = False
+        self._error: str | None = None
+        self._texts: list[str] | None = [] if count_tokens is not None else None
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        """``data: [DONE]`` was received."""
+        return self._done
+
+    @property
+    def first_token_ns(self) -> int | None:
+        return self._times[0] if self._times else None
+
+    @property
+    def token_events(self) -> int:
+        return len(self._times)
+
+    def feed_events(self, events: Iterable[tuple[bytes, int]]) -> None:
+        """Feed several events, e.g. the list returned by ``SSEParser.feed``."""
+        for payload, t_ns in events:
+            self.feed(payload, t_ns)
+
+    def feed(self, payload: bytes, t_ns: int) -> None:
+        """Account for one SSE data payload that arrived at ``t_ns``."""
+        if not payload or self._done:
+            return
+        if payload == _DONE or payload.strip() == _DONE:
+            self._done = True
+            return
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            if self._error is None:
+                self._error = MALFORMED_EVENT
+            return
+        if not isinstance(obj, dict):
+            if self._error is None:
+                self._error = MALFORMED_EVENT
+            return
+        if "error" in obj or obj.get("object") == "error":
+            if self._error is None:
+                self._error = STREAM_ERROR
+            return
+
+        carries = False
+        choices = obj.get("choices")
+        if choices:
+            texts = self._texts
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    continue
+                if choice.get("finish_reason"):
+                    self.finish_reason = choice["finish_reason"]
+                if "text" in choice:  # /v1/completions
+                    carries = True
+                    if texts is not None and choice["text"]:
+                        texts.append(choice["text"])
+                    continue
+                delta = choice.get("delta")
+                if not delta:
+                    continue
+                if _delta_carries_token(delta):
+                    carries = True
+                    if texts is not None:
+                        _collect_text(delta, texts)
+
+        usage = obj.get("usage")
+        n_tokens = 1
+        if usage:
+            cum = usage.get("completion_tokens")
+            if isinstance(cum, int):
+                if carries:
+                    # Tokens this event brought = cumulative count minus what earlier events
+                    # brought (1 each where they had no usage of their own).
+                    n_tokens = max(cum - self._accounted, 0)
+                self._completion_tokens = cum
+            prompt = usage.get("prompt_tokens")
+            if isinstance(prompt, int):
+                self._prompt_tokens = prompt
+        if carries:
+            self._times.append(t_ns)
+            self._counts.append(n_tokens)
+            self._accounted += n_tokens
+
+    def finish(self, *, url: str, model: str, user_class: str = "", id: str | None = None,
+               status: int | None = 200, error_kind: str | None = None,
+               input_tokens: int | None = None, end_ns: int | None = None) -> RequestRecord:
+        """Close the measurement and build the request's record.
+
+        ``error_kind`` is what ended the request from the transport's point of view (e.g.
+        ``exception_error_kind(exc)`` or ``http_error_kind(status)``); a stream problem already
+        seen (malformed or error event) takes precedence because it happened first. Otherwise a
+        stream that ended without ``[DONE]`` or a finish_reason is a ``disconnect``, and a complete
+        stream without token-carrying events is ``empty_output``. ``input_tokens`` is used when
+        the server reports no ``usage.prompt_tokens``.
+        """
+        if end_ns is None:
+            end_ns = time.perf_counter_ns()
+        kind = self._error or error_kind
+        if kind is None:
+            if not (self._done or self.finish_reason):
+                kind = DISCONNECT
+            elif not self._times:
+                kind = EMPTY_OUTPUT
+        ok = kind is None
+
+        output_tokens = self._completion_tokens
+        estimated = False
+        if output_tokens is None and self._texts is not None and self._times:
+            output_tokens = self._count_tokens("".join(self._texts))  # type: ignore[misc]
+            estimated = True
+        sent = self.sent_ns
+        sched = self.scheduled_ns
+        rec = RequestRecord(
+            id=id or uuid.uuid4().hex, user_class=user_class, url=url, model=model,
+            scheduled_at=perf_ns_to_epoch(sched) if sched is not None else None,
+            sent_at=perf_ns_to_epoch(sent), ok=ok, status=status, error_kind=kind,
+            input_tokens=self._prompt_tokens if self._prompt_tokens is not None else input_tokens,
+            output_tokens=output_tokens, tokens_estimated=estimated,
+            ttft_ms=None, tpot_ms=None, e2e_ms=None,
+            schedule_lag_ms=_ms(sent - sched) if sched is not None else None,
+            finished_at=perf_ns_to_epoch(end_ns))
+        if not ok:
+            return rec
+
+        times = self._times
+        first, last = times[0], times[-1]
+        rec.ttft_ms = _ms(first - sent)
+        rec.e2e_ms = _ms(last - sent)
+        if sched is not None:
+            rec.ttft_from_schedule_ms = _ms(first - sched)
+        if output_tokens is not None and output_tokens > 1:
+            rec.tpot_ms = round((last - first) / _NS_PER_MS / (output_tokens - 1), 3)
+        rec.icl_ms, rec.itl_ms = _gaps(times, self._counts)
+        return rec
+
+
+def _delta_carries_token(delta: dict) -> bool:
+    """Whether a chat delta carries a generated token (see the module docstring)."""
+    if "role" in delta:
+        # The opening role event carries no token unless it also carries real text (some
+        # servers repeat the role in every delta).
+        return bool(delta.get("content") or delta.get("reasoning_content")
+                    or delta.get("reasoning") or delta.get("tool_calls"))
+    if delta.get("tool_calls"):
+        return True
+    for key in _TEXT_KEYS:
+        if delta.get(key) is not None:
+            return True
+    return False
+
+
+def _collect_text(delta: dict, texts: list[str]) -> None:
+    for key in _TEXT_KEYS:
+        value = delta.get(key)
+        if value:
+            texts.append(value)
+    for call in delta.get("tool_calls") or ():
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            for key in ("name", "arguments"):
+                if fn.get(key):
+                    texts.append(fn[key])
+
+
+def _gaps(times: list[int], counts: list[int]) -> tuple[list[float], list[float]]:
+    """ICL (raw gaps) and ITL (gaps split over the tokens of the later event)."""
+    icl: list[float] = []
+    itl: list[float] = [0.0] * max(counts[0] - 1, 0)
+    prev = prev_delivering = times[0]
+    for t, n in zip(times[1:], counts[1:]):
+        icl.append(_ms(t - prev))
+        prev = t
+        if n <= 0:
+            continue  # text of tokens already counted: its wait belongs to the next token
+        per_token = _ms((t - prev_delivering) // n)
+        itl.extend([per_token] * n)
+        prev_delivering = t
+    return icl, itl
