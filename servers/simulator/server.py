@@ -12,6 +12,7 @@ import json
 import random
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +87,8 @@ class GenerationRequest:
         self.stream = bool(body.get("stream", False))
         opts = body.get("stream_options") or {}
         self.include_usage = bool(opts.get("include_usage", False))
-        self.continuous_usage = bool(opts.get("continuous_usage_stats", False))
+        # As vLLM: continuous usage stats only count when include_usage is on too.
+        self.continuous_usage = self.include_usage and bool(opts.get("continuous_usage_stats", False))
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.model = replica.profile.served_model_name
@@ -155,7 +157,8 @@ class GenerationRequest:
         if seed is not None and not isinstance(seed, int):
             raise ApiError(400, "'seed' must be an integer")
         if temperature == 0:
-            seed = hash(prompt_key) & 0x7FFFFFFF  # greedy: same prompt, same text
+            # greedy: same prompt, same text (crc32, not hash(): str hashes differ per process)
+            seed = zlib.crc32(prompt_key.encode())
         elif seed is None:
             seed = replica.rng.getrandbits(31)
         self.text = textgen.TextStream(seed)
@@ -219,8 +222,9 @@ class GenerationRequest:
         elif not self.conn.closed:
             self.conn.transport.write(payload)
 
-    def _usage(self) -> bytes:
-        n = len(self.output_ids)
+    def _usage(self, n: int | None = None) -> bytes:
+        if n is None:
+            n = len(self.output_ids)
         return (b'{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}'
                 % (self.prompt_tokens, self.prompt_tokens + n, n))
 
@@ -235,8 +239,11 @@ class GenerationRequest:
             return
         index = len(self.output_ids) - 1
         if index == 0 and self.chat:
-            self._send(self._prefix[:-len(b'"delta":{"content":')]
-                       + b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n')
+            role = (self._prefix[:-len(b'"delta":{"content":')]
+                    + b'"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]')
+            if self.continuous_usage:  # vLLM puts usage (0 completion tokens) on the role event too
+                role += b',"usage":' + self._usage(0)
+            self._send(role + b"}\n\n")
         if self.fault and index == self.fault_at:
             if self.fault == "drop":
                 self.conn.drop()
@@ -528,8 +535,11 @@ class HttpConnection(asyncio.Protocol):
         elif path == "/tokenize" and method == "POST":
             req = self._json(body)
             if "messages" in req:
-                ids = textgen.tokenize(" ".join(str(m.get("content", "")) for m in req["messages"]))
-                count = textgen.count_chat_tokens(req["messages"])
+                messages = req["messages"]
+                if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                    raise ApiError(400, "'messages' must be a list of chat messages")
+                ids = textgen.chat_token_ids(messages)
+                count = len(ids)
             elif isinstance(req.get("prompt"), str):
                 ids = textgen.tokenize(req["prompt"])
                 if req.get("add_special_tokens", True):

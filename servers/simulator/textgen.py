@@ -110,14 +110,35 @@ CHAT_TOKENS_PER_MESSAGE = 5
 CHAT_GENERATION_PROMPT_TOKENS = 4
 
 
+# Llama-3's special-token ids, and its ids for the usual role names.
+BOS_ID, START_HEADER_ID, END_HEADER_ID, EOT_ID, DOUBLE_NEWLINE_ID = 128000, 128006, 128007, 128009, 271
+_ROLE_IDS = {"system": 9125, "user": 882, "assistant": 78191, "tool": 14506}
+
+
+def _content_text(message: dict) -> str:
+    content = message.get("content") or ""
+    if isinstance(content, list):  # OpenAI content parts
+        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
 def count_chat_tokens(messages: list[dict]) -> int:
     total = CHAT_BOS_TOKENS + CHAT_GENERATION_PROMPT_TOKENS
     for m in messages:
-        content = m.get("content") or ""
-        if isinstance(content, list):  # OpenAI content parts
-            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-        total += CHAT_TOKENS_PER_MESSAGE + count_tokens(str(content))
+        total += CHAT_TOKENS_PER_MESSAGE + count_tokens(_content_text(m))
     return total
+
+
+def chat_token_ids(messages: list[dict]) -> list[int]:
+    """The prompt ids after the chat template; len() == count_chat_tokens(messages)."""
+    ids = [BOS_ID]
+    for m in messages:
+        role = str(m.get("role", ""))
+        role_id = _ROLE_IDS.get(role, _UNK_BASE + zlib.crc32(role.encode()) % 100_000)
+        ids += [START_HEADER_ID, role_id, END_HEADER_ID, DOUBLE_NEWLINE_ID]
+        ids += tokenize(_content_text(m))
+        ids.append(EOT_ID)
+    return ids + [START_HEADER_ID, _ROLE_IDS["assistant"], END_HEADER_ID, DOUBLE_NEWLINE_ID]
 
 
 class TextStream:
