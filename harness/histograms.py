@@ -1,0 +1,208 @@
+"""Exact-to-3-significant-digits latency percentiles, mergeable across Locust workers.
+
+Why not Locust's statistics: Locust rounds response times into coarse buckets (1 ms under 100 ms,
+10 ms under 1 s, ...), so a 7.4 ms TPOT shows as 7. HdrHistogram keeps every value to 3
+significant digits at about 1.7 us per record, and its compressed encoding ships worker -> master
+in well under a millisecond; merged histograms give exactly the percentiles one histogram of all
+samples would give.
+
+Values are milliseconds (floats) recorded as integer microseconds in the range 0 .. 1 hour.
+Values outside it (negative durations from a clock anomaly, anything above an hour, NaN) are
+clamped to the range (NaN is dropped) and counted in ``out_of_range`` rather than raising, so one
+bad sample cannot crash a load run. Values below 1 us, e.g. the 0 ms ITL of tokens that arrive in
+the same event as the first token, are recorded as 0 and are not out of range.
+
+Percentile definition (documented because every tool picks a different one): the p-th percentile
+is the nearest-rank order statistic ``sorted(samples)[max(1, floor(p/100 * N + 0.5)) - 1]``,
+reported as the upper edge of its HDR bucket (at most 1/1024 above the sample) and clamped to the
+exact max. For p >= 50 this lies between numpy's ``method="lower"`` and ``method="higher"``
+percentiles of the raw samples, and equals numpy's ``method="closest_observation"`` except at exact
+half-rank ties. ``mean``, ``min`` and ``max`` are exact (from the microsecond samples), not
+bucket-based.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping
+
+import orjson
+from hdrh.histogram import HdrHistogram
+
+__all__ = ["LatencyHistogram", "HistogramSet", "METRICS", "PERCENTILES"]
+
+LOWEST_US = 1
+HIGHEST_US = 3_600_000_000  # one hour
+SIGNIFICANT_DIGITS = 3
+
+#: Summary key -> percentile.
+PERCENTILES: dict[str, float] = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0,
+                                 "p99_9": 99.9}
+
+#: Metrics a HistogramSet keeps, named as in summary.json and requests.jsonl.
+METRICS: tuple[str, ...] = ("ttft_ms", "tpot_ms", "itl_ms", "icl_ms", "e2e_ms",
+                            "schedule_lag_ms", "ttft_from_schedule_ms")
+_LIST_METRICS = frozenset({"itl_ms", "icl_ms"})
+
+
+class LatencyHistogram:
+    """One latency distribution in milliseconds (stored as integer microseconds)."""
+
+    __slots__ = ("_h", "out_of_range", "_sum_us", "_min_us", "_max_us")
+
+    def __init__(self) -> None:
+        self._h = HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT_DIGITS)
+        self.out_of_range = 0
+        self._sum_us = 0
+        self._min_us: int | None = None
+        self._max_us: int | None = None
+
+    @property
+    def count(self) -> int:
+        """Number of values recorded (clamped values included, NaN excluded)."""
+        return self._h.get_total_count()
+
+    def record(self, ms: float) -> None:
+        """Record one duration in milliseconds."""
+        us = ms * 1000.0
+        if not 0.0 <= us <= HIGHEST_US:
+            if math.isnan(us):
+                self.out_of_range += 1
+                return
+            self.out_of_range += 1
+            us = 0.0 if us < 0.0 else HIGHEST_US
+        v = int(us + 0.5)
+        if v > HIGHEST_US:
+            v = HIGHEST_US
+        self._h.record_value(v)
+        self._sum_us += v
+        if self._min_us is None or v < self._min_us:
+            self._min_us = v
+        if self._max_us is None or v > self._max_us:
+            self._max_us = v
+
+    def record_many(self, values: Iterable[float]) -> None:
+        """Record several durations in milliseconds (e.g. a request's ITL list)."""
+        for ms in values:
+            self.record(ms)
+
+    def merge(self, other: "LatencyHistogram") -> None:
+        """Add ``other``'s samples into this histogram (exact: same buckets)."""
+        if other.count:
+            self._h.add(other._h)
+            self._sum_us += other._sum_us
+            if self._min_us is None or (other._min_us is not None and other._min_us < self._min_us):
+                self._min_us = other._min_us
+            if self._max_us is None or (other._max_us is not None and other._max_us > self._max_us):
+                self._max_us = other._max_us
+        self.out_of_range += other.out_of_range
+
+    def encode(self) -> str:
+        """Compact text form for shipping worker -> master (see ``decode``)."""
+        if not self.count:
+            return f"0,{self.out_of_range}"
+        hdr = self._h.encode().decode("ascii")
+        return f"1,{self.out_of_range},{self._sum_us},{self._min_us},{self._max_us},{hdr}"
+
+    @classmethod
+    def decode(cls, text: str) -> "LatencyHistogram":
+        """Rebuild a histogram from ``encode()`` output."""
+        parts = text.split(",", 5)
+        hist = cls()
+        hist.out_of_range = int(parts[1])
+        if parts[0] == "1":
+            hist._sum_us = int(parts[2])
+            hist._min_us = int(parts[3])
+            hist._max_us = int(parts[4])
+            hist._h = HdrHistogram.decode(parts[5].encode("ascii"))
+        elif parts[0] != "0":
+            raise ValueError(f"unknown histogram encoding {parts[0]!r}")
+        return hist
+
+    def percentile(self, p: float) -> float | None:
+        """The p-th percentile in ms (definition in the module docstring); None when empty."""
+        if not self.count:
+            return None
+        return self._clamp(self._h.get_value_at_percentile(p)) / 1000.0
+
+    def summary(self) -> dict[str, float | int | None]:
+        """``{mean, p50, p90, p95, p99, p99_9, min, max, count}`` in ms; values None when empty."""
+        n = self.count
+        if not n:
+            out: dict[str, float | int | None] = {"mean": None}
+            out.update({k: None for k in PERCENTILES})
+            out.update({"min": None, "max": None, "count": 0})
+            return out
+        values = self._h.get_percentile_to_value_dict(list(PERCENTILES.values()))
+        out = {"mean": self._sum_us / n / 1000.0}
+        for key, p in PERCENTILES.items():
+            out[key] = self._clamp(values[p]) / 1000.0
+        out["min"] = self._min_us / 1000.0  # type: ignore[operator]
+        out["max"] = self._max_us / 1000.0  # type: ignore[operator]
+        out["count"] = n
+        return out
+
+    def _clamp(self, us: int) -> int:
+        # HDR reports a bucket's upper edge; never report beyond the exact extremes.
+        if self._max_us is not None and us > self._max_us:
+            return self._max_us
+        if self._min_us is not None and us < self._min_us:
+            return self._min_us
+        return us
+
+
+class HistogramSet:
+    """One ``LatencyHistogram`` per metric (``METRICS``), fed from request records.
+
+    Only successful requests contribute: a failed request's latencies do not exist (the design
+    doc's contract), and a fast failure must not make the latency percentiles look better.
+    """
+
+    __slots__ = ("hists",)
+
+    def __init__(self, metrics: Iterable[str] = METRICS) -> None:
+        self.hists: dict[str, LatencyHistogram] = {m: LatencyHistogram() for m in metrics}
+
+    def __getitem__(self, metric: str) -> LatencyHistogram:
+        return self.hists[metric]
+
+    def add_record(self, rec: Any) -> None:
+        """Add one request: a ``RequestRecord`` or a ``requests.jsonl`` dict."""
+        get = rec.get if isinstance(rec, Mapping) else (lambda k, _r=rec: getattr(_r, k, None))
+        if not get("ok"):
+            return
+        for name, hist in self.hists.items():
+            value = get(name)
+            if value is None:
+                continue
+            if name in _LIST_METRICS:
+                hist.record_many(value)
+            else:
+                hist.record(value)
+
+    def merge(self, other: "HistogramSet") -> None:
+        """Add another set's samples (e.g. a worker's report) metric by metric."""
+        for name, hist in other.hists.items():
+            mine = self.hists.get(name)
+            if mine is None:
+                mine = self.hists[name] = LatencyHistogram()
+            mine.merge(hist)
+
+    def encode(self) -> str:
+        """One JSON string carrying every metric's encoded histogram."""
+        return orjson.dumps({name: h.encode() for name, h in self.hists.items()}).decode("ascii")
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> "HistogramSet":
+        """Rebuild a set from ``encode()`` output."""
+        data = orjson.loads(text)
+        hs = cls(metrics=())
+        hs.hists = {name: LatencyHistogram.decode(enc) for name, enc in data.items()}
+        return hs
+
+    def summary(self, metric: str | None = None) -> dict[str, Any]:
+        """One metric's summary, or ``{metric: summary}`` for all of them when none is named."""
+        if metric is not None:
+            hist = self.hists.get(metric)
+            return (hist or LatencyHistogram()).summary()
+        return {name: h.summary() for name, h in self.hists.items()}
