@@ -43,13 +43,15 @@ SCHEMA = 1
 # --- thresholds (fractions of datasheet peak) ------------------------------------------------
 # Memory bandwidth: 83% of peak, the seed's ratio (0.72 of the L40S's 0.864 TB/s).
 BW_FRACTION = 0.83
-# Dense BF16 GEMM: 65% of the datasheet's dense peak. The seed's 82% (150 of 183) would fail
-# healthy Hopper cards: a healthy H100 SXM here ran 8192^3 BF16 on random data at 788 TFLOPS in
-# its first timed repeat and 675-705 once its SM clock settled from 1980 to ~1500-1600 MHz
-# (median 705, 71% of 989): the datasheet peak assumes a boost clock the card cannot hold
-# under sustained tensor load. 65% (643) passes that card with margin and still catches one
-# that is throttled well below it or shared with another process.
-GEMM_FRACTION = 0.65
+# Dense BF16 GEMM: 60% of the datasheet's dense peak. The seed's 82% (150 of 183) would fail
+# healthy Hopper cards. Measured here (docs/hardware.md), 8192^3 BF16 on random data, timed
+# with CUDA events: a cold H100 SXM or H200 runs 770-800 TFLOPS (78-81% of 989) for the first
+# few hundred milliseconds, then its power cap (700 W, "sw_power_cap") pulls the SM clock from
+# 1980 to ~1400-1700 MHz and the sustained median settles at 676-760 (68-77%), single repeats
+# down to 646 (65%). The datasheet peak assumes a boost clock the card cannot hold under
+# sustained tensor load. 60% (593) passes those healthy cards with margin and still catches a
+# card throttled well below them (thermal, a lowered power limit) or shared with another job.
+GEMM_FRACTION = 0.60
 # NVLink P2P: 70% of the pair's NVLink rate per direction (links x 25 GB/s; H100 NV18 -> 450).
 NVLINK_FRACTION = 0.70
 NVLINK_LINK_GBS_PER_DIR = 25.0  # NVLink 3 and 4: 50 GB/s per link, both directions together
@@ -174,6 +176,7 @@ class PowerStats:
     sm_clock_min_mhz: float | None = None
     temp_max_c: float | None = None
     clock_event_reasons: list[str] = field(default_factory=list)  # why clocks were held down
+    power_reading: str | None = None  # "instant" or "1s-average" (nvmlDeviceGetPowerUsage)
 
 
 # nvmlClocksEventReason* / nvmlClocksThrottleReason* bits
@@ -586,15 +589,37 @@ class PowerSampler:
         self.samples: dict[int, list[tuple[float, float | None, float | None]]] = {
             g: [] for g in handles}
         self.reasons: dict[int, int] = {g: 0 for g in handles}
+        self.instant: bool | None = None  # NVML_FI_DEV_POWER_INSTANT works (None: not tried)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _watts(self, h: Any) -> float | None:
+        """Instantaneous board power where the driver offers it, else NVML's averaged reading.
+
+        ``nvmlDeviceGetPowerUsage`` is a one-second average on recent GPUs (Ampere, Hopper):
+        a check shorter than that would report the previous check's draw.
+        """
+        n = self.nvml
+        field_id = getattr(n, "NVML_FI_DEV_POWER_INSTANT", None)
+        if self.instant is not False and field_id is not None:
+            try:
+                fv = n.nvmlDeviceGetFieldValues(h, [field_id])[0]
+                if int(fv.nvmlReturn) == 0:
+                    self.instant = True
+                    return float(fv.value.uiVal) / 1000.0
+            except Exception:
+                pass
+            self.instant = False
+        try:
+            return n.nvmlDeviceGetPowerUsage(h) / 1000.0
+        except Exception:
+            return None
 
     def _sample(self) -> None:
         n = self.nvml
         for g, h in self.handles.items():
-            try:
-                w = n.nvmlDeviceGetPowerUsage(h) / 1000.0
-            except Exception:
+            w = self._watts(h)
+            if w is None:
                 continue
             try:
                 clk = float(n.nvmlDeviceGetClockInfo(h, n.NVML_CLOCK_SM))
@@ -643,6 +668,7 @@ class PowerSampler:
             sm_clock_min_mhz=min(clocks) if clocks else None,
             temp_max_c=max(temps) if temps else None,
             clock_event_reasons=clock_reason_names(self.reasons.get(gpu, 0) & ~0x1),
+            power_reading="instant" if self.instant else "1s-average",
         )
 
 
@@ -1038,7 +1064,7 @@ def run(
 
     def sampler_for(gs: Sequence[int]) -> PowerSampler | None:
         hs = {g: handles[g] for g in gs if g in handles}
-        return PowerSampler(nvml, hs) if hs else None
+        return PowerSampler(nvml, hs, interval_s=0.02) if hs else None
 
     for g in chosen:
         if "hbm" in checks:

@@ -1,0 +1,145 @@
+"""`harness load`: one headless Locust run (master + workers) with the LLM users,
+writing the results directory. Locust does the load; this only builds its
+command line, so everything here is also reachable with plain `locust -f`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from urllib.parse import urlsplit
+
+from harness.errors import UsageError
+
+LOCUSTFILE = pathlib.Path(__file__).resolve().parent.parent / "default_locustfile.py"
+
+
+def _duration(text: str) -> int:
+    """'90', '90s', '15m', '2h' -> seconds."""
+    t = text.strip().lower()
+    mult = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    try:
+        return int(float(t[:-1]) * mult) if mult else int(float(t))
+    except ValueError:
+        raise UsageError(f"bad duration {text!r}: use seconds or 30s / 15m / 2h") from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("load", help="one headless load run through Locust",
+                       description="Stream chat/completions at a server with Locust users and "
+                                   "write summary.json, requests.jsonl, timeseries.jsonl.")
+    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", default="", help="served model name (default: the server's first)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--rate", type=float, help="open loop: requests/s (Poisson unless --arrival)")
+    mode.add_argument("--users", type=int, help="closed loop: concurrent users (default 8)")
+    p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "constant"])
+    p.add_argument("--burstiness", type=float, default=1.0)
+    p.add_argument("--max-concurrency", type=int, default=0, help="open-loop in-flight cap")
+    p.add_argument("--duration", help="run time: 60, 60s, 15m, 2h")
+    p.add_argument("--num-requests", type=int, default=0)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--input-len-range", type=float, default=0.0)
+    p.add_argument("--output-len-range", type=float, default=0.0)
+    p.add_argument("--shared-prefix-len", type=int, default=0)
+    p.add_argument("--dataset", default="", help="ShareGPT JSON or JSONL prompts")
+    p.add_argument("--soak-mix", action="store_true", help="the seed plan's three prompts")
+    p.add_argument("--endpoint", default="chat", choices=["chat", "completions"])
+    p.add_argument("--locustfile", default=None, help="your own locustfile (its user classes run)")
+    p.add_argument("--workers", type=int, default=1, help="Locust worker processes")
+    p.add_argument("--slo", action="append", default=[], help="e.g. 'ttft_p99_ms<=200' (repeatable)")
+    p.add_argument("--warmup", type=float, default=0.0, help="seconds excluded at the start")
+    p.add_argument("--cooldown", type=float, default=0.0, help="seconds excluded at the end")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request read timeout, s")
+    p.add_argument("--out", required=True, help="results directory")
+    p.add_argument("--quiet", action="store_true", help="do not print the summary table")
+    p.set_defaults(func=run)
+
+
+def locust_command(args: argparse.Namespace) -> list[str]:
+    from harness.slo import parse_slo
+    from harness.workload import WorkloadSpec
+
+    parts = urlsplit(args.url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise UsageError(f"--url {args.url!r} must be http://HOST:PORT (https is not supported yet)")
+    for s in args.slo:
+        parse_slo(s)
+    WorkloadSpec(input_len=args.input_len, output_len=args.output_len,
+                 dataset=args.dataset or None, input_len_range=args.input_len_range,
+                 output_len_range=args.output_len_range, shared_prefix_len=args.shared_prefix_len,
+                 soak_mix=args.soak_mix).validate()
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.rate is not None and args.rate <= 0:
+        raise UsageError("--rate must be > 0 requests/s")
+    if not args.duration and not args.num_requests:
+        raise UsageError("give --duration or --num-requests: every run is bounded")
+    run_time = _duration(args.duration) if args.duration else 3600
+    if args.cooldown and not args.duration:
+        raise UsageError("--cooldown needs --duration (the end must be known in advance)")
+    users = args.workers if args.rate else (args.users or 8)
+    if users < 1:
+        raise UsageError("--users must be at least 1")
+    out = pathlib.Path(args.out)
+    cmd = [sys.executable, "-m", "locust", "-f", args.locustfile or str(LOCUSTFILE), "--headless",
+           "--host", f"http://{parts.hostname}:{parts.port or 80}", "-u", str(users), "-r", str(users),
+           "--run-time", f"{run_time}s", "--only-summary",
+           "--csv", str(out / "locust"), "--html", str(out / "locust.html"), "--loglevel", "WARNING",
+           "--llm-out", str(out), "--llm-input-len", str(args.input_len),
+           "--llm-output-len", str(args.output_len), "--llm-seed", str(args.seed),
+           "--llm-timeout", str(args.timeout), "--llm-arrival", args.arrival,
+           "--llm-burstiness", str(args.burstiness), "--llm-warmup", str(args.warmup),
+           "--llm-cooldown", str(args.cooldown)]
+    if args.model:
+        cmd += ["--llm-model", args.model]
+    if args.rate:
+        cmd += ["--llm-rate", str(args.rate)]
+    if args.max_concurrency:
+        cmd += ["--llm-max-concurrency", str(args.max_concurrency)]
+    if args.num_requests:
+        cmd += ["--llm-num-requests", str(args.num_requests)]
+    for flag, value in (("--llm-input-len-range", args.input_len_range),
+                        ("--llm-output-len-range", args.output_len_range),
+                        ("--llm-shared-prefix-len", args.shared_prefix_len)):
+        if value:
+            cmd += [flag, str(value)]
+    if args.dataset:
+        cmd += ["--llm-dataset", args.dataset]
+    if args.soak_mix:
+        cmd += ["--llm-soak-mix"]
+    if args.slo:
+        cmd += ["--llm-slo", ",".join(args.slo)]
+    if args.workers > 1:
+        cmd += ["--processes", str(args.workers), "--llm-expected-workers", str(args.workers)]
+    if not args.locustfile:
+        cmd.append("Chat" if args.endpoint == "chat" else "Completions")
+    return cmd
+
+
+def run(args: argparse.Namespace) -> int:
+    from harness.results import format_table
+
+    cmd = locust_command(args)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # Locust got the same SIGINT; let it write its results.
+        code = proc.wait()
+    summary_path = out / "summary.json"
+    if summary_path.exists() and not args.quiet:
+        print(format_table(json.loads(summary_path.read_text())))
+        print(f"results: {out}/")
+    elif not summary_path.exists():
+        print(f"harness load: no summary was written (locust exited with {code}); "
+              f"see the output above", file=sys.stderr)
+    return code

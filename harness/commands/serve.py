@@ -1,0 +1,140 @@
+"""`harness serve`: launch vLLM servers on a GPU layout (or print the plan with --dry-run).
+
+Starts one vLLM server per replica of the layout, each on its own GPUs, port and log file,
+waits until every one answers /health, writes ``endpoints.json`` (for ``harness load`` and the
+plan stages) into ``--out``, and keeps them running until Ctrl-C or SIGTERM; then, or when any
+server dies, or on any error, stops them all. Exit codes: 0 after a clean stop on request,
+1 when a server failed to start or died, 2 on bad input, 128+N on signal N.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from harness.errors import UsageError
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve",
+        help="launch vLLM servers on a GPU layout (single, tp2, mixed12, cpu, FILE.yaml)",
+        description=(
+            "Launch vLLM servers on a layout: single (one Llama-3-8B per GPU), tp2 (Llama-3-70B "
+            "AWQ on TP=2 pairs sharing a PCIe switch), mixed12 (4 x 8B + 4 x TP=2 70B), cpu (a "
+            "local model on vLLM's CPU build), or a YAML layout file (see plans/layouts/). "
+            "Writes OUT/endpoints.json for the load stage and stops every server on exit."
+        ),
+    )
+    p.add_argument("--layout", required=True, metavar="NAME|FILE",
+                   help="single, tp2, mixed12, cpu, or a layout YAML file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the GPU assignment, ports and exact commands; start nothing")
+    p.add_argument("--json", action="store_true",
+                   help="with --dry-run: print the plan as JSON")
+    p.add_argument("--model", action="append", metavar="[ROLE=]MODEL",
+                   help="serve MODEL (hub id or local folder) for every role, or for ROLE "
+                        "(repeatable); the cpu layout needs one")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="directory for endpoints.json and logs/ (default: runs/serve-TIMESTAMP)")
+    p.add_argument("--gpus", default=None, metavar="LIST",
+                   help="use only these GPUs, e.g. 0-3 or 0,2 (default: all visible)")
+    p.add_argument("--topology", default=None, metavar="FILE",
+                   help="plan on this `nvidia-smi topo -m` text instead of this machine's GPUs "
+                        "(for --dry-run on another machine)")
+    p.add_argument("--base-port", type=int, default=None, metavar="P",
+                   help="first server's port; the rest follow (default: the layout's, 8000)")
+    p.add_argument("--host", default=None,
+                   help="address servers listen on (default: the layout's, 127.0.0.1)")
+    p.add_argument("--allow-cross-switch", action="store_true",
+                   help="run TP groups whose GPUs share no PCIe switch/NVLink, with a warning "
+                        "(default: refuse: same PCIe switch required)")
+    p.add_argument("--vllm-python", default=None, metavar="PYTHON",
+                   help="the Python that has vLLM (default: $HARNESS_VLLM_PYTHON, this Python, "
+                        "or .venv-vllm/bin/python)")
+    p.add_argument("--health-timeout", type=float, default=900.0, metavar="S",
+                   help="seconds each server may take to answer /health (default: 900)")
+    p.add_argument("--stop-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds between SIGTERM and SIGKILL when stopping (default: 30)")
+    p.set_defaults(func=handle)
+    return p
+
+
+def _topology(args: argparse.Namespace):
+    from servers import topology
+
+    if args.topology:
+        try:
+            with open(args.topology) as f:
+                return topology.parse_topo_matrix(f.read())
+        except OSError as exc:
+            raise UsageError(f"--topology {args.topology}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise UsageError(f"--topology {args.topology}: {exc}") from None
+    return topology.detect()
+
+
+def handle(args: argparse.Namespace) -> int:
+    from harness.commands.hw import parse_gpus
+    from servers.launcher import (
+        LayoutError, ServerDiedError, ServerStartError, find_vllm_python, launch, load_layout,
+        make_plan, parse_model_overrides,
+    )
+    from servers.launcher.plan import dry_run_notes
+
+    if args.json and not args.dry_run:
+        raise UsageError("--json goes with --dry-run")
+    if args.topology and not args.dry_run:
+        raise UsageError("--topology plans for another machine: use it with --dry-run")
+    if args.base_port is not None and not 1 <= args.base_port <= 65535:
+        raise UsageError(f"--base-port {args.base_port} is not a TCP port")
+    try:
+        layout = load_layout(args.layout, parse_model_overrides(args.model))
+        topo = _topology(args) if layout.needs_gpus else None
+        plan = make_plan(
+            layout, topo, gpus=parse_gpus(args.gpus),
+            python=find_vllm_python(args.vllm_python), base_port=args.base_port,
+            host=args.host, allow_cross_switch=True if args.allow_cross_switch else None,
+        )
+    except LayoutError as exc:
+        raise UsageError(str(exc)) from None
+
+    if args.dry_run:
+        plan.warnings += dry_run_notes(plan)
+        print(plan.to_json() if args.json else plan.render())
+        return 0
+
+    for w in plan.warnings:
+        print(w, file=sys.stderr)
+    out = args.out or os.path.join("runs", time.strftime("serve-%Y%m%d-%H%M%S"))
+
+    def progress(msg: str) -> None:
+        print(f"harness serve: {msg}", file=sys.stderr, flush=True)
+
+    cluster = launch(plan, out, health_timeout=args.health_timeout,
+                     stop_timeout=args.stop_timeout, on_progress=progress)
+    try:
+        with cluster:
+            progress(f"{len(cluster.endpoints)} server(s) ready; endpoint list: "
+                     f"{cluster.endpoints_path}")
+            for e in cluster.endpoints:
+                print(f"{e.name}\t{e.url}\t{e.model}\tGPUs {','.join(map(str, e.gpus)) or 'cpu'}"
+                      f"\tpid {e.pid}", flush=True)
+            progress("serving; Ctrl-C or SIGTERM stops every server")
+            try:
+                cluster.wait()
+            except KeyboardInterrupt:
+                progress("interrupted: stopping every server")
+                return 0
+    except LayoutError as exc:
+        raise UsageError(str(exc)) from None
+    except (ServerStartError, ServerDiedError) as exc:
+        print(f"harness serve: error: {exc}", file=sys.stderr)
+        print("harness serve: every server was stopped", file=sys.stderr)
+        return 1
+    finally:
+        for line in getattr(cluster, "stop_report", None) or []:
+            progress(line)
+    return 0

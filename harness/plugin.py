@@ -1,0 +1,470 @@
+"""The Locust plugin: our command-line/web-UI options, per-process measurement
+state, exact histogram shipping from workers to the master, and the results
+directory. Importing this module (every locustfile does) registers the listeners.
+
+Each worker records into HDR histograms and ships them, encoded, inside Locust's
+own stats report (`report_to_master`, every 3 s and once more on quit); the
+master merges them (`worker_report`), so its percentiles are those of the union
+of every worker's samples, not an average of averages or Locust's rounded buckets.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import gevent
+import gevent.event
+import gevent.lock
+import psutil
+from locust import events
+from locust.runners import LocalRunner, MasterRunner, WorkerRunner
+
+from harness.histograms import HistogramSet
+from harness.results import Counters, RequestLog, build_summary, write_json
+from harness.slo import Slo, parse_slo
+from harness.workload import Workload, WorkloadSpec, server_token_counter
+
+# Exit codes (README, "Exit codes").
+EXIT_SLO_BREACH = 1
+EXIT_GENERATOR_INVALID = 3
+EXIT_REQUEST_ERRORS = 4
+
+RECORD_FIELDS = ("id", "user_class", "url", "model", "scheduled_at", "sent_at", "ok", "status",
+                 "error_kind", "input_tokens", "output_tokens", "tokens_estimated", "ttft_ms",
+                 "tpot_ms", "e2e_ms", "itl_ms", "icl_ms", "ttft_from_schedule_ms",
+                 "schedule_lag_ms", "finished_at")
+
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser) -> None:
+    g = parser  # Locust shows our options in its web UI start form unless told not to
+    g.add_argument("--llm-model", default="", include_in_web_ui=True,
+                   help="served model name (default: the server's first /v1/models entry)")
+    g.add_argument("--llm-input-len", type=int, default=512, include_in_web_ui=True,
+                   help="prompt tokens, calibrated with the server's /tokenize")
+    g.add_argument("--llm-output-len", type=int, default=128, include_in_web_ui=True,
+                   help="output tokens (max_tokens, with ignore_eos + min_tokens)")
+    g.add_argument("--llm-input-len-range", include_in_web_ui=False, type=float, default=0.0, help="+- fraction, uniform")
+    g.add_argument("--llm-output-len-range", include_in_web_ui=False, type=float, default=0.0, help="+- fraction, uniform")
+    g.add_argument("--llm-shared-prefix-len", include_in_web_ui=False, type=int, default=0, help="tokens shared by every prompt")
+    g.add_argument("--llm-dataset", default="", include_in_web_ui=True,
+                   help="ShareGPT JSON or JSONL prompts file")
+    g.add_argument("--llm-soak-mix", include_in_web_ui=False, action="store_true", default=False,
+                   help="the seed plan's three prompts (128 tokens out)")
+    g.add_argument("--llm-rate", type=float, default=0.0, include_in_web_ui=True,
+                   help="open loop: requests/s across all workers (0 = closed loop, one request per user at a time)")
+    g.add_argument("--llm-arrival", include_in_web_ui=False, default="poisson", choices=["poisson", "gamma", "constant"],
+                   help="open-loop arrival process")
+    g.add_argument("--llm-burstiness", include_in_web_ui=False, type=float, default=1.0, help="gamma shape (1 = Poisson)")
+    g.add_argument("--llm-max-concurrency", include_in_web_ui=False, type=int, default=0, help="open-loop in-flight cap (0 = none)")
+    g.add_argument("--llm-num-requests", include_in_web_ui=False, type=int, default=0, help="stop after this many requests (0 = no limit)")
+    g.add_argument("--llm-warmup", include_in_web_ui=False, type=float, default=0.0, help="seconds excluded from the summary at the start")
+    g.add_argument("--llm-cooldown", include_in_web_ui=False, type=float, default=0.0, help="seconds excluded at the end (needs --run-time)")
+    g.add_argument("--llm-out", include_in_web_ui=False, default="", help="results directory (summary.json, requests.jsonl, timeseries.jsonl)")
+    g.add_argument("--llm-slo", default="", include_in_web_ui=True,
+                   help="comma-separated SLOs, e.g. 'ttft_p99_ms<=200,tpot_p99_ms<=30,error_rate<=0.01'")
+    g.add_argument("--llm-timeout", include_in_web_ui=False, type=float, default=600.0, help="read timeout per request, seconds")
+    g.add_argument("--llm-seed", include_in_web_ui=False, type=int, default=0)
+    g.add_argument("--llm-window", include_in_web_ui=False, type=float, default=5.0, help="timeseries window, seconds")
+    g.add_argument("--llm-cpu-limit", include_in_web_ui=False, type=float, default=90.0,
+                   help="generator invalid when a worker's median CPU %% exceeds this")
+    g.add_argument("--llm-lag-limit-ms", include_in_web_ui=False, type=float, default=10.0,
+                   help="generator invalid when open-loop schedule lag p99 exceeds this")
+    g.add_argument("--llm-api-key-env", include_in_web_ui=False, default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (never logged)")
+    g.add_argument("--llm-expected-workers", include_in_web_ui=False, type=int, default=0, help=argparse_hidden())
+
+
+def argparse_hidden() -> str:
+    import argparse
+    return argparse.SUPPRESS
+
+
+class LLMState:
+    """One per Locust process (`environment.llm`)."""
+
+    def __init__(self, environment) -> None:
+        self.env = environment
+        o = environment.parsed_options
+        self.options = o
+        self.rate = float(getattr(o, "llm_rate", 0.0) or 0.0)
+        self.arrival = getattr(o, "llm_arrival", "poisson")
+        self.burstiness = float(getattr(o, "llm_burstiness", 1.0))
+        self.max_concurrency = int(getattr(o, "llm_max_concurrency", 0) or 0)
+        self.timeout = float(getattr(o, "llm_timeout", 600.0))
+        self.seed = int(getattr(o, "llm_seed", 0))
+        self.api_key_env = getattr(o, "llm_api_key_env", "OPENAI_API_KEY")
+        self.extra_body: dict | None = None
+        self.slos: list[Slo] = [parse_slo(s) for s in (getattr(o, "llm_slo", "") or "").split(",") if s.strip()]
+        self.spec = WorkloadSpec(
+            input_len=int(getattr(o, "llm_input_len", 512)), output_len=int(getattr(o, "llm_output_len", 128)),
+            dataset=getattr(o, "llm_dataset", "") or None, soak_mix=bool(getattr(o, "llm_soak_mix", False)),
+            input_len_range=float(getattr(o, "llm_input_len_range", 0.0)),
+            output_len_range=float(getattr(o, "llm_output_len_range", 0.0)),
+            shared_prefix_len=int(getattr(o, "llm_shared_prefix_len", 0)), seed=self.seed)
+        if self.spec.soak_mix:
+            self.spec.output_len = int(getattr(o, "llm_output_len", 128))
+        self.warmup = float(getattr(o, "llm_warmup", 0.0))
+        self.cooldown = float(getattr(o, "llm_cooldown", 0.0))
+        self.run_time = getattr(o, "run_time", None)
+        self.out = getattr(o, "llm_out", "") or ""
+        self.num_requests = int(getattr(o, "llm_num_requests", 0) or 0)
+        self.quota: int | None = None
+        self.inflight = 0
+        self.finished_event = gevent.event.Event()
+        self.done_sent = False
+        self.started_perf: float | None = None
+        self.started_at: float | None = None
+        self._models: dict[str, str] = {}
+        self._workloads: dict[tuple, Workload] = {}
+        self._prep_lock = gevent.lock.Semaphore()
+        # What this process measured since its last report (workers) or in all (local).
+        self.pending = HistogramSet()
+        self.pending_counters = Counters()
+        self.pending_by_name: dict[str, HistogramSet] = {}
+        self.window = HistogramSet()
+        self.window_counters = Counters()
+        self.log: RequestLog | None = None
+        self.cpu_samples: list[float] = []
+        self._proc = psutil.Process()
+        self._proc.cpu_percent(None)
+
+    # -- workers and rates ------------------------------------------------------
+    def workers(self) -> int:
+        runner = self.env.runner
+        if isinstance(runner, WorkerRunner):
+            n = int(getattr(self.options, "llm_expected_workers", 0) or 0) or int(
+                getattr(self.options, "expect_workers", 1) or 1)
+            return max(1, n)
+        return 1
+
+    def rate_per_user(self, user) -> float:
+        users = max(1, self.env.runner.user_count if self.env.runner else 1)
+        return self.rate / self.workers() / users
+
+    def max_concurrency_per_user(self) -> int:
+        if not self.max_concurrency:
+            return 0
+        users = max(1, self.env.runner.user_count if self.env.runner else 1)
+        return max(1, self.max_concurrency // (self.workers() * users))
+
+    def _start_quota(self) -> None:
+        if not self.num_requests:
+            self.quota = None
+            return
+        runner = self.env.runner
+        w = self.workers()
+        idx = getattr(runner, "worker_index", 0) if isinstance(runner, WorkerRunner) else 0
+        idx = max(0, idx) % w
+        self.quota = self.num_requests // w + (1 if idx < self.num_requests % w else 0)
+
+    def take_quota(self) -> bool:
+        if self.quota is None:
+            return True
+        if self.quota <= 0:
+            return False
+        self.quota -= 1
+        return True
+
+    def wait_finished(self) -> None:
+        """A user with nothing left to send parks here until the run ends."""
+        self.check_finished()
+        self.finished_event.wait(timeout=1.0)
+
+    def check_finished(self) -> None:
+        if self.quota == 0 and self.inflight == 0 and not self.done_sent:
+            self.done_sent = True
+            runner = self.env.runner
+            if isinstance(runner, WorkerRunner):
+                runner.send_message("llm_done", {"worker_index": getattr(runner, "worker_index", -1)})
+            elif runner is not None:
+                gevent.spawn_later(0.1, runner.quit)
+
+    # -- model and prompts ---------------------------------------------------------
+    def resolve_model(self, base: str, conn_factory: Callable) -> str:
+        opt = getattr(self.options, "llm_model", "") or ""
+        if opt:
+            return opt
+        if base not in self._models:
+            conn = conn_factory()
+            status, _, body = conn.request("GET", "/v1/models")
+            if status != 200:
+                raise RuntimeError(f"GET {base}/v1/models answered {status}; pass --llm-model")
+            self._models[base] = json.loads(body)["data"][0]["id"]
+        return self._models[base]
+
+    def workload_for(self, base: str, model: str, chat: bool, conn_factory: Callable) -> Workload:
+        key = (base, model, chat)
+        with self._prep_lock:   # the first user calibrates; the others wait for it
+            if key not in self._workloads:
+                counter = server_token_counter(conn_factory, model)
+                wl = Workload(self.spec, counter, chat)
+                wl.prepare()
+                self._workloads[key] = wl
+        return self._workloads[key]
+
+    # -- recording -----------------------------------------------------------------
+    def in_window(self, rec) -> bool:
+        if self.started_at is None:
+            return True
+        if self.warmup and (rec.sent_at or 0) < self.started_at + self.warmup:
+            return False
+        if self.cooldown and self.run_time and (rec.finished_at or 0) > self.started_at + self.run_time - self.cooldown:
+            return False
+        return True
+
+    def record(self, rec, user_class: str, name: str) -> None:
+        if self.log is not None:
+            self.log.write(rec.to_json_line())
+        d = {f: getattr(rec, f) for f in RECORD_FIELDS}
+        self.window.add_record(d)
+        self.window_counters.add(d, self.slos)
+        if not self.in_window(rec):
+            return
+        self.pending.add_record(d)
+        self.pending_counters.add(d, self.slos)
+        hs = self.pending_by_name.get(name)
+        if hs is None:
+            hs = self.pending_by_name[name] = HistogramSet()
+        hs.add_record(d)
+
+    def sample_cpu(self) -> float:
+        pct = self._proc.cpu_percent(None)
+        self.cpu_samples.append(pct)
+        return pct
+
+    def take_report(self) -> dict[str, Any]:
+        """Everything measured since the last report, encoded for the master."""
+        rep = {"hist": self.pending.encode(), "counters": self.pending_counters.to_dict(),
+               "by_name": {k: v.encode() for k, v in self.pending_by_name.items()},
+               "win": self.window.encode(), "win_counters": self.window_counters.to_dict(),
+               "cpu": self.sample_cpu()}
+        self.pending = HistogramSet()
+        self.pending_counters = Counters()
+        self.pending_by_name = {}
+        self.window = HistogramSet()
+        self.window_counters = Counters()
+        return rep
+
+
+class Aggregate:
+    """The master's (or the local runner's) merged view of the whole run."""
+
+    def __init__(self, state: LLMState) -> None:
+        self.state = state
+        self.hist = HistogramSet()
+        self.counters = Counters()
+        self.by_name: dict[str, HistogramSet] = {}
+        self.window = HistogramSet()
+        self.window_counters = Counters()
+        self.cpu: dict[str, list[float]] = {}
+        self.done_workers: set[str] = set()
+        self.ts_file = None
+        self.last_window = time.time()
+
+    def merge_report(self, client_id: str, rep: dict[str, Any]) -> None:
+        self.hist.merge(HistogramSet.decode(rep["hist"]))
+        self.counters.merge(Counters.from_dict(rep["counters"]))
+        for name, enc in rep.get("by_name", {}).items():
+            self.by_name.setdefault(name, HistogramSet()).merge(HistogramSet.decode(enc))
+        self.window.merge(HistogramSet.decode(rep["win"]))
+        self.window_counters.merge(Counters.from_dict(rep["win_counters"]))
+        self.cpu.setdefault(client_id, []).append(float(rep.get("cpu", 0.0)))
+
+    def flush_window(self, users: int) -> None:
+        now = time.time()
+        span = max(1e-9, now - self.last_window)
+        self.last_window = now
+        c = self.window_counters
+        line = {"t": now, "window_s": span, "users": users, "target_rate": self.state.rate,
+                "completed": c.completed, "failed": c.failed, "errors_by_kind": c.errors_by_kind,
+                "output_tokens_per_s": c.output_tokens / span, "requests_per_s": c.completed / span,
+                "goodput_rps": c.good / span}
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "schedule_lag_ms"):
+            s = self.window.summary(key)
+            line[key] = {k: s.get(k) for k in ("p50", "p90", "p99", "mean", "count")}
+        self.window = HistogramSet()
+        self.window_counters = Counters()
+        if self.ts_file is not None:
+            self.ts_file.write(json.dumps(line) + "\n")
+            self.ts_file.flush()
+
+    def generator(self) -> dict[str, Any]:
+        st = self.state
+        reasons = []
+        cpu_max = 0.0
+        per_worker = {}
+        for wid, samples in self.cpu.items():
+            if not samples:
+                continue
+            s = sorted(samples)
+            median = s[len(s) // 2]
+            cpu_max = max(cpu_max, s[-1])
+            per_worker[wid] = {"median": median, "max": s[-1]}
+            if median > float(getattr(st.options, "llm_cpu_limit", 90.0)):
+                reasons.append(f"worker {wid} CPU median {median:.0f}% > limit; add workers (--workers)")
+        lag = self.hist.summary("schedule_lag_ms")
+        lag_limit = float(getattr(st.options, "llm_lag_limit_ms", 10.0))
+        if st.rate > 0 and lag.get("p99") is not None and lag["p99"] > lag_limit:
+            reasons.append(f"schedule lag p99 {lag['p99']:.1f} ms > {lag_limit:g} ms: the load generator "
+                           f"cannot keep the schedule; add workers (--workers)")
+        return {"valid": not reasons, "reasons": reasons, "cpu_max_pct": cpu_max,
+                "cpu_by_worker": per_worker, "workers": max(1, len(self.cpu))}
+
+
+def _duration(state: LLMState, agg: Aggregate, stopped_at: float) -> float:
+    c = agg.counters
+    if c.first_sent is None:
+        return 0.0
+    start = c.first_sent
+    if state.started_at is not None and state.warmup:
+        start = max(start, state.started_at + state.warmup)
+    end = min(stopped_at, c.last_finished or stopped_at)
+    if state.cooldown and state.run_time and state.started_at is not None:
+        end = min(end, state.started_at + state.run_time - state.cooldown)
+    return max(0.0, end - start)
+
+
+@events.init.add_listener
+def _on_init(environment, **_kw) -> None:
+    if environment.parsed_options is None:
+        return
+    state = LLMState(environment)
+    environment.llm = state
+    runner = environment.runner
+    if isinstance(runner, (MasterRunner, LocalRunner)):
+        environment.llm_aggregate = Aggregate(state)
+    if isinstance(runner, MasterRunner):
+        def on_done(msg, **_):
+            agg = environment.llm_aggregate
+            agg.done_workers.add(str(msg.node_id))
+            if len(agg.done_workers) >= max(1, len(runner.clients)):
+                gevent.spawn_later(0.1, runner.quit)
+        runner.register_message("llm_done", on_done)
+    if isinstance(runner, WorkerRunner):
+        def on_set_rate(msg, **_):
+            state.rate = float(msg.data["rate"])
+        runner.register_message("llm_set_rate", on_set_rate)
+
+
+def set_rate(environment, rate: float) -> None:
+    """Change the open-loop rate of a running test (all workers)."""
+    environment.llm.rate = rate
+    runner = environment.runner
+    if isinstance(runner, MasterRunner):
+        runner.send_message("llm_set_rate", {"rate": rate})
+
+
+@events.test_start.add_listener
+def _on_test_start(environment, **_kw) -> None:
+    state: LLMState = environment.llm
+    state.started_at = time.time()
+    state.started_perf = time.perf_counter()
+    state.done_sent = False
+    state.finished_event.clear()
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner):
+        # The master's options arrive with the spawn message; re-read what can change.
+        state.rate = float(getattr(environment.parsed_options, "llm_rate", state.rate) or 0.0)
+    state._start_quota()
+    if state.out and not isinstance(runner, MasterRunner):
+        state.log = RequestLog(pathlib.Path(state.out) / "requests.jsonl")
+    if isinstance(runner, (MasterRunner, LocalRunner)):
+        agg: Aggregate = environment.llm_aggregate
+        if state.out:
+            pathlib.Path(state.out).mkdir(parents=True, exist_ok=True)
+            agg.ts_file = open(pathlib.Path(state.out) / "timeseries.jsonl", "a")
+        agg.last_window = time.time()
+
+        def windows():
+            while True:
+                gevent.sleep(float(getattr(state.options, "llm_window", 5.0)))
+                if isinstance(runner, LocalRunner):
+                    agg.merge_report("local", state.take_report())
+                agg.flush_window(runner.user_count)
+        environment.llm_window_greenlet = gevent.spawn(windows)
+
+
+@events.report_to_master.add_listener
+def _on_report_to_master(client_id, data, **_kw) -> None:
+    from locust.env import Environment  # noqa: F401  (keeps the import cheap at module load)
+    env = _ENV.get("env")
+    if env is None:
+        return
+    data["llm"] = env.llm.take_report()
+
+
+@events.worker_report.add_listener
+def _on_worker_report(client_id, data, **_kw) -> None:
+    env = _ENV.get("env")
+    if env is None or "llm" not in data:
+        return
+    env.llm_aggregate.merge_report(str(client_id), data["llm"])
+
+
+_ENV: dict[str, Any] = {}
+
+
+@events.init.add_listener
+def _remember_env(environment, **_kw) -> None:
+    _ENV["env"] = environment
+
+
+@events.test_stop.add_listener
+def _on_test_stop(environment, **_kw) -> None:
+    state: LLMState = environment.llm
+    state.finished_event.set()
+    if state.log is not None and not isinstance(environment.runner, MasterRunner):
+        pass  # kept open: requests finishing during shutdown still get their line
+
+
+@events.quitting.add_listener
+def _on_quitting(environment, **_kw) -> None:
+    state: LLMState | None = getattr(environment, "llm", None)
+    if state is None:
+        return
+    if state.log is not None:
+        state.log.close()
+    runner = environment.runner
+    if not isinstance(runner, (MasterRunner, LocalRunner)):
+        return
+    agg: Aggregate = environment.llm_aggregate
+    g = getattr(environment, "llm_window_greenlet", None)
+    if g is not None:
+        g.kill(block=False)
+    if isinstance(runner, LocalRunner):
+        agg.merge_report("local", state.take_report())
+    stopped = time.time()
+    summary = build_summary(
+        hist=agg.hist, counters=agg.counters, duration_s=_duration(state, agg, stopped),
+        started_at=state.started_at or stopped,
+        target={"url": environment.host, "model": getattr(state.options, "llm_model", "") or
+                (next(iter(state._models.values()), None))},
+        workload={"input_len": state.spec.input_len, "output_len": state.spec.output_len,
+                  "dataset": state.spec.dataset, "soak_mix": state.spec.soak_mix,
+                  "rate": state.rate, "arrival": state.arrival if state.rate else None,
+                  "burstiness": state.burstiness if state.rate else None,
+                  "users": getattr(state.options, "num_users", None),
+                  "num_requests": state.num_requests or None, "warmup_s": state.warmup,
+                  "cooldown_s": state.cooldown, "seed": state.seed},
+        slos=state.slos, generator=agg.generator(), by_name=agg.by_name)
+    environment.llm_summary = summary
+    if state.out:
+        if agg.ts_file is not None:
+            agg.flush_window(0)
+            agg.ts_file.close()
+        write_json(pathlib.Path(state.out) / "summary.json", summary)
+    code = 0
+    if agg.counters.failed and not any(s.metric == "error_rate" for s in state.slos):
+        code = EXIT_REQUEST_ERRORS
+    if not summary["generator"]["valid"]:
+        code = EXIT_GENERATOR_INVALID
+    if not summary["slo"]["passed"]:
+        code = EXIT_SLO_BREACH
+    if agg.counters.completed == 0 and agg.counters.failed == 0:
+        code = code or EXIT_REQUEST_ERRORS
+    # Always set: Locust's own rule (exit 1 on any failure) does not know our SLOs.
+    environment.process_exit_code = code

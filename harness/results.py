@@ -1,0 +1,200 @@
+"""The results directory: requests.jsonl appended per request, timeseries.jsonl per
+window, summary.json at the end. Plain data; the summary can be recomputed from
+requests.jsonl (`summary_from_requests`), which is how tests check the live path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from harness.histograms import HistogramSet
+from harness.slo import Slo, request_is_good
+
+SCHEMA = 1
+LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "icl_ms", "e2e_ms", "schedule_lag_ms",
+                "ttft_from_schedule_ms")
+
+
+class RequestLog:
+    """Append-only requests.jsonl: one write() per line, so a run killed at any moment
+    leaves only whole lines, and several worker processes can share the file."""
+
+    def __init__(self, path: str | os.PathLike):
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def write(self, line: bytes) -> None:
+        os.write(self.fd, line)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class Counters:
+    """Everything besides latency that a summary needs; additive across workers."""
+
+    completed: int = 0
+    failed: int = 0
+    good: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    estimated: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    first_sent: float | None = None      # epoch seconds, measured requests only
+    last_finished: float | None = None
+
+    def add(self, rec: dict[str, Any], slos: list[Slo]) -> None:
+        if rec["ok"]:
+            self.completed += 1
+            self.input_tokens += rec.get("input_tokens") or 0
+            self.output_tokens += rec.get("output_tokens") or 0
+            if rec.get("tokens_estimated"):
+                self.estimated += 1
+            if request_is_good(slos, rec):
+                self.good += 1
+        else:
+            self.failed += 1
+            kind = rec.get("error_kind") or "error"
+            self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
+        sent, fin = rec.get("sent_at"), rec.get("finished_at")
+        if sent is not None and (self.first_sent is None or sent < self.first_sent):
+            self.first_sent = sent
+        if fin is not None and (self.last_finished is None or fin > self.last_finished):
+            self.last_finished = fin
+
+    def merge(self, other: "Counters") -> None:
+        for name in ("completed", "failed", "good", "input_tokens", "output_tokens", "estimated"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for k, v in other.errors_by_kind.items():
+            self.errors_by_kind[k] = self.errors_by_kind.get(k, 0) + v
+        if other.first_sent is not None and (self.first_sent is None or other.first_sent < self.first_sent):
+            self.first_sent = other.first_sent
+        if other.last_finished is not None and (self.last_finished is None
+                                                or other.last_finished > self.last_finished):
+            self.last_finished = other.last_finished
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Counters":
+        c = cls()
+        c.__dict__.update(d)
+        c.errors_by_kind = dict(d.get("errors_by_kind") or {})
+        return c
+
+
+def rates(counters: Counters, duration_s: float) -> dict[str, float | None]:
+    if duration_s <= 0:
+        return {"output_tokens_per_s": None, "total_tokens_per_s": None,
+                "requests_per_s": None, "goodput_rps": None}
+    return {
+        "output_tokens_per_s": counters.output_tokens / duration_s,
+        "total_tokens_per_s": (counters.output_tokens + counters.input_tokens) / duration_s,
+        "requests_per_s": counters.completed / duration_s,
+        "goodput_rps": counters.good / duration_s,
+    }
+
+
+def build_summary(*, hist: HistogramSet, counters: Counters, duration_s: float,
+                  started_at: float, target: dict, workload: dict, slos: list[Slo],
+                  generator: dict, by_name: dict[str, HistogramSet] | None = None,
+                  extra: dict | None = None) -> dict[str, Any]:
+    total = counters.completed + counters.failed
+    summary: dict[str, Any] = {
+        "schema": SCHEMA,
+        "started_at": started_at,
+        "duration_s": duration_s,
+        "target": target,
+        "workload": workload,
+        "requests": {"completed": counters.completed, "failed": counters.failed,
+                     "errors_by_kind": counters.errors_by_kind,
+                     "tokens_estimated": counters.estimated},
+        "input_tokens": counters.input_tokens,
+        "output_tokens": counters.output_tokens,
+        "error_rate": counters.failed / total if total else 0.0,
+    }
+    for key in LATENCY_KEYS:
+        summary[key] = hist.summary(key)
+    summary.update(rates(counters, duration_s))
+    summary["goodput_ratio"] = counters.good / total if total else None
+    checks = [s.check(summary) for s in slos]
+    summary["slo"] = {"passed": all(c["passed"] for c in checks), "checks": checks}
+    summary["generator"] = generator
+    if by_name:
+        summary["by_name"] = {name: {k: h.summary(k) for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")}
+                              for name, h in by_name.items()}
+    if extra:
+        summary.update(extra)
+    return summary
+
+
+def read_requests(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every whole line of a requests.jsonl (a torn last line from a kill is skipped)."""
+    out = []
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            out.append(json.loads(line))
+    return out
+
+
+def summary_from_requests(records: Iterable[dict[str, Any]], slos: list[Slo] | None = None) -> dict[str, Any]:
+    """Recompute the latency and count parts of a summary from requests.jsonl alone."""
+    slos = slos or []
+    hist = HistogramSet()
+    counters = Counters()
+    for rec in records:
+        counters.add(rec, slos)
+        hist.add_record(rec)
+    duration = ((counters.last_finished or 0) - (counters.first_sent or 0)) if counters.first_sent else 0.0
+    return build_summary(hist=hist, counters=counters, duration_s=duration, started_at=counters.first_sent or 0,
+                         target={}, workload={}, slos=slos, generator={})
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def now() -> float:
+    return time.time()
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The human summary `harness load` and `make demo` print."""
+    rows = [("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E", "e2e_ms")]
+    if (summary.get("schedule_lag_ms") or {}).get("count"):
+        rows += [("TTFT from schedule", "ttft_from_schedule_ms"), ("schedule lag", "schedule_lag_ms")]
+    cols = ("p50", "p90", "p99", "p99_9", "mean", "max")
+    fmt = lambda v: "-" if v is None else f"{v:,.1f}"  # noqa: E731
+    lines = [f"{'ms':<20}" + "".join(f"{c:>10}" for c in cols) + f"{'count':>10}"]
+    for label, key in rows:
+        s = summary.get(key) or {}
+        lines.append(f"{label:<20}" + "".join(f"{fmt(s.get(c)):>10}" for c in cols)
+                     + f"{s.get('count') or 0:>10}")
+    req = summary.get("requests", {})
+    rate = lambda k: fmt(summary.get(k))  # noqa: E731
+    lines.append("")
+    lines.append(f"requests: {req.get('completed', 0)} ok, {req.get('failed', 0)} failed "
+                 f"{req.get('errors_by_kind') or ''} over {summary.get('duration_s', 0):.1f} s")
+    lines.append(f"throughput: {rate('output_tokens_per_s')} output tok/s, {rate('total_tokens_per_s')} "
+                 f"total tok/s, {rate('requests_per_s')} req/s, goodput {rate('goodput_rps')} req/s")
+    slo = summary.get("slo") or {}
+    for c in slo.get("checks", []):
+        lines.append(f"SLO {c['slo']}: {'pass' if c['passed'] else 'FAIL'} (measured {fmt(c['value'])})")
+    gen = summary.get("generator") or {}
+    if gen and not gen.get("valid", True):
+        lines.append("generator INVALID: " + "; ".join(gen.get("reasons", [])))
+    return "\n".join(lines)
