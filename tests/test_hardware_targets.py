@@ -95,13 +95,15 @@ def test_l40s_seed_thresholds_pass_and_fail_with_remedy():
 
 
 def test_recorded_h100_runs_pass_and_a_degraded_card_fails():
-    for name in ("hardware-h100x1.json", "hardware-h100x2.json", "hardware-h100x4.json"):
+    for name in ("hardware-h100x1.json", "hardware-h100x2.json", "hardware-h100x4.json",
+                 "hardware-h200x2.json"):
         report = H.rejudge(H.load_report(DATA / "hw" / name))
         assert report.status == "pass", H.format_summary(report)
         assert report.schema == 1
+        assert {g.target for g in report.gpus} <= {"H100-SXM5-80GB", "H200-SXM-141GB"}
     report = H.load_report(DATA / "hw" / "hardware-h100x4.json")
     report.hbm[2].tbs = 2.5  # 75% of 3.35
-    report.gemm[3].tflops = 600.0
+    report.gemm[3].tflops = 550.0  # a throttled card
     report = H.rejudge(report)
     assert report.status == "fail"
     assert by(report.checks, "hbm_bandwidth", 2)[0].status == "fail"
@@ -277,3 +279,50 @@ def test_cli_arguments():
     args = parser.parse_args(["hw", "--out", "x", "--gpus", "0,1", "--quick"])
     assert (args.out, args.gpus, args.quick, args.func) == ("x", "0,1", True, hw_cmd.handle)
     assert hw_cmd.main(["--checks", "nope"]) == 2
+
+
+# -- power sampling through NVML (fake pynvml) -----------------------------------------------
+
+
+class FakePowerNvml:
+    NVML_CLOCK_SM = 0
+    NVML_TEMPERATURE_GPU = 0
+    NVML_FI_DEV_POWER_INSTANT = 186
+
+    def __init__(self, instant):
+        self.instant, self.k = instant, 0
+
+    def nvmlDeviceGetFieldValues(self, h, ids):
+        from types import SimpleNamespace
+
+        if not self.instant:
+            return [SimpleNamespace(nvmlReturn=2, value=SimpleNamespace(uiVal=0))]
+        self.k += 1
+        return [SimpleNamespace(nvmlReturn=0, value=SimpleNamespace(uiVal=300_000 + 100_000 * (self.k % 2)))]
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        return 250_000
+
+    def nvmlDeviceGetClockInfo(self, h, clk):
+        return 1500
+
+    def nvmlDeviceGetTemperature(self, h, kind):
+        return 50
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        return 0x4 | 0x1
+
+
+@pytest.mark.parametrize("instant", [True, False])
+def test_power_sampler(instant):
+    s = H.PowerSampler(FakePowerNvml(instant), {0: "h0"}, interval_s=0.001)
+    for _ in range(4):
+        s._sample()
+    st = s.stats(0)
+    assert st.samples == 4 and st.sm_clock_avg_mhz == 1500 and st.temp_max_c == 50
+    assert st.clock_event_reasons == ["sw_power_cap"]  # gpu_idle dropped
+    if instant:
+        assert (st.avg_w, st.peak_w, st.power_reading) == (350.0, 400.0, "instant")
+    else:
+        assert (st.avg_w, st.peak_w, st.power_reading) == (250.0, 250.0, "1s-average")
+    assert s.stats(1) is None

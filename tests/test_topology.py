@@ -74,12 +74,13 @@ def test_real_h100x2_sample():
 
 
 def test_recorded_runs_with_ansi_header():
-    # Captured by this project on the lent machines (nvidia-h100-x1, -x2, -x4), 2026-11-26.
+    # Captured by this project on the lent machines (H100 x1, x2, x4; H200 x2), 2026-11-26.
     one = T.parse_topo_matrix((DATA / "nvidia-smi-topo-h100x1.txt").read_text())
     assert one.gpus == [0] and one.link(0, 0) == "X" and one.cpu_affinity_text(0) == "0-15"
     assert one.best_pairs() == []
-    two = T.parse_topo_matrix((DATA / "nvidia-smi-topo-h100x2-run.txt").read_text())
-    assert two.matrix == [["X", "NV18"], ["NV18", "X"]]
+    for name in ("nvidia-smi-topo-h100x2-run.txt", "nvidia-smi-topo-h200x2.txt"):
+        two = T.parse_topo_matrix((DATA / name).read_text())
+        assert two.matrix == [["X", "NV18"], ["NV18", "X"]] and two.numa(1) == 0
     four = T.parse_topo_matrix((DATA / "nvidia-smi-topo-h100x4.txt").read_text())
     assert four.gpus == [0, 1, 2, 3]
     assert all(four.link(i, j) == "NV18" for i in range(4) for j in range(4) if i != j)
