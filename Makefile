@@ -1,9 +1,15 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
+#   make demo  - the simulator (L40S Llama-3-8B BF16), a short Locust load, the latency table
+#   make test  - builds everything the tests need from scratch, then runs every test:
+#                the harness venv, Debian's prometheus/chromium/chromium-driver/docker-compose,
+#                and real vLLM's CPU build in .venv-vllm (about 3 minutes the first time)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+VLLM_VENV ?= .venv-vllm
+SYSTEM_PACKAGES := prometheus chromium chromium-driver docker-compose
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv system-deps vllm-env clean
 
 $(BIN)/harness: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +22,22 @@ venv: $(BIN)/harness
 demo: venv
 	$(BIN)/harness demo
 
-test: venv
-	$(BIN)/python -m pytest
+# Real tools the tests start themselves (Prometheus, a headless browser, compose's validator).
+system-deps:
+	@missing=""; for c in prometheus promtool chromium chromedriver docker-compose; do \
+	  command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	fi
+
+vllm-env:
+	HARNESS_VLLM_VENV=$(VLLM_VENV) bash tests/vllm_env.sh $(VLLM_VENV)
+
+test: venv system-deps vllm-env
+	HARNESS_VLLM_VENV=$(CURDIR)/$(VLLM_VENV) $(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)
