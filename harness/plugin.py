@@ -10,6 +10,7 @@ of every worker's samples, not an average of averages or Locust's rounded bucket
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import time
@@ -88,30 +89,8 @@ class LLMState:
 
     def __init__(self, environment) -> None:
         self.env = environment
-        o = environment.parsed_options
-        self.options = o
-        self.rate = float(getattr(o, "llm_rate", 0.0) or 0.0)
-        self.arrival = getattr(o, "llm_arrival", "poisson")
-        self.burstiness = float(getattr(o, "llm_burstiness", 1.0))
-        self.max_concurrency = int(getattr(o, "llm_max_concurrency", 0) or 0)
-        self.timeout = float(getattr(o, "llm_timeout", 600.0))
-        self.seed = int(getattr(o, "llm_seed", 0))
-        self.api_key_env = getattr(o, "llm_api_key_env", "OPENAI_API_KEY")
         self.extra_body: dict | None = None
-        self.slos: list[Slo] = [parse_slo(s) for s in (getattr(o, "llm_slo", "") or "").split(",") if s.strip()]
-        self.spec = WorkloadSpec(
-            input_len=int(getattr(o, "llm_input_len", 512)), output_len=int(getattr(o, "llm_output_len", 128)),
-            dataset=getattr(o, "llm_dataset", "") or None, soak_mix=bool(getattr(o, "llm_soak_mix", False)),
-            input_len_range=float(getattr(o, "llm_input_len_range", 0.0)),
-            output_len_range=float(getattr(o, "llm_output_len_range", 0.0)),
-            shared_prefix_len=int(getattr(o, "llm_shared_prefix_len", 0)), seed=self.seed)
-        if self.spec.soak_mix:
-            self.spec.output_len = int(getattr(o, "llm_output_len", 128))
-        self.warmup = float(getattr(o, "llm_warmup", 0.0))
-        self.cooldown = float(getattr(o, "llm_cooldown", 0.0))
-        self.run_time = getattr(o, "run_time", None)
-        self.out = getattr(o, "llm_out", "") or ""
-        self.num_requests = int(getattr(o, "llm_num_requests", 0) or 0)
+        self._read_options(environment.parsed_options)
         self.quota: int | None = None
         self.inflight = 0
         self.finished_event = gevent.event.Event()
@@ -131,6 +110,39 @@ class LLMState:
         self.cpu_samples: list[float] = []
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)
+
+    def _read_options(self, o) -> None:
+        self.options = o
+        self.rate = float(getattr(o, "llm_rate", 0.0) or 0.0)
+        self.arrival = getattr(o, "llm_arrival", "poisson")
+        self.burstiness = float(getattr(o, "llm_burstiness", 1.0))
+        self.max_concurrency = int(getattr(o, "llm_max_concurrency", 0) or 0)
+        self.timeout = float(getattr(o, "llm_timeout", 600.0))
+        self.seed = int(getattr(o, "llm_seed", 0))
+        self.api_key_env = getattr(o, "llm_api_key_env", "OPENAI_API_KEY")
+        self.slos: list[Slo] = [parse_slo(s) for s in (getattr(o, "llm_slo", "") or "").split(",") if s.strip()]
+        self.spec = WorkloadSpec(
+            input_len=int(getattr(o, "llm_input_len", 512)), output_len=int(getattr(o, "llm_output_len", 128)),
+            dataset=getattr(o, "llm_dataset", "") or None, soak_mix=bool(getattr(o, "llm_soak_mix", False)),
+            input_len_range=float(getattr(o, "llm_input_len_range", 0.0)),
+            output_len_range=float(getattr(o, "llm_output_len_range", 0.0)),
+            shared_prefix_len=int(getattr(o, "llm_shared_prefix_len", 0)), seed=self.seed)
+        if self.spec.soak_mix:
+            self.spec.output_len = int(getattr(o, "llm_output_len", 128))
+        self.warmup = float(getattr(o, "llm_warmup", 0.0))
+        self.cooldown = float(getattr(o, "llm_cooldown", 0.0))
+        self.run_time = getattr(o, "run_time", None)
+        self.out = getattr(o, "llm_out", "") or ""
+        self.num_requests = int(getattr(o, "llm_num_requests", 0) or 0)
+
+    def reload_options(self) -> None:
+        """Re-read the options at each test start: the web UI's start form (and a master's
+        spawn message) may have changed them since init. Prompts are recalibrated only
+        when the workload changed."""
+        old_spec = self.spec
+        self._read_options(self.env.parsed_options)
+        if self.spec != old_spec:
+            self._workloads.clear()
 
     # -- workers and rates ------------------------------------------------------
     def workers(self) -> int:
@@ -236,12 +248,14 @@ class LLMState:
         self.cpu_samples.append(pct)
         return pct
 
-    def take_report(self) -> dict[str, Any]:
-        """Everything measured since the last report, encoded for the master."""
+    def take_report(self, sample_cpu: bool = True) -> dict[str, Any]:
+        """Everything measured since the last report, encoded for the master
+        (`sample_cpu=False`: a live refresh between reports, no CPU sample)."""
         rep = {"hist": self.pending.encode(), "counters": self.pending_counters.to_dict(),
                "by_name": {k: v.encode() for k, v in self.pending_by_name.items()},
-               "win": self.window.encode(), "win_counters": self.window_counters.to_dict(),
-               "cpu": self.sample_cpu()}
+               "win": self.window.encode(), "win_counters": self.window_counters.to_dict()}
+        if sample_cpu:
+            rep["cpu"] = self.sample_cpu()
         self.pending = HistogramSet()
         self.pending_counters = Counters()
         self.pending_by_name = {}
@@ -264,6 +278,9 @@ class Aggregate:
         self.done_workers: set[str] = set()
         self.ts_file = None
         self.last_window = time.time()
+        # Called with each timeseries line before it is written (may add keys to it):
+        # harness.server_metrics adds the server's state, harness.webui keeps it for charts.
+        self.window_hooks: list[Callable[[dict], None]] = []
 
     def merge_report(self, client_id: str, rep: dict[str, Any]) -> None:
         self.hist.merge(HistogramSet.decode(rep["hist"]))
@@ -272,7 +289,14 @@ class Aggregate:
             self.by_name.setdefault(name, HistogramSet()).merge(HistogramSet.decode(enc))
         self.window.merge(HistogramSet.decode(rep["win"]))
         self.window_counters.merge(Counters.from_dict(rep["win_counters"]))
-        self.cpu.setdefault(client_id, []).append(float(rep.get("cpu", 0.0)))
+        if "cpu" in rep:
+            self.cpu.setdefault(client_id, []).append(float(rep["cpu"]))
+
+    def refresh(self) -> None:
+        """Bring a local runner's view up to date now (exact: the same merge as the window
+        greenlet's). A master's view is as fresh as the workers' last reports (3 s)."""
+        if isinstance(self.state.env.runner, LocalRunner):
+            self.merge_report("local", self.state.take_report(sample_cpu=False))
 
     def flush_window(self, users: int) -> None:
         now = time.time()
@@ -288,6 +312,11 @@ class Aggregate:
             line[key] = {k: s.get(k) for k in ("p50", "p90", "p99", "mean", "count")}
         self.window = HistogramSet()
         self.window_counters = Counters()
+        for hook in self.window_hooks:
+            try:
+                hook(line)
+            except Exception:  # an observer must never cost the run its timeseries
+                logging.getLogger(__name__).exception("timeseries hook %r failed", hook)
         if self.ts_file is not None:
             self.ts_file.write(json.dumps(line) + "\n")
             self.ts_file.flush()
@@ -366,9 +395,9 @@ def _on_test_start(environment, **_kw) -> None:
     state.done_sent = False
     state.finished_event.clear()
     runner = environment.runner
-    if isinstance(runner, WorkerRunner):
-        # The master's options arrive with the spawn message; re-read what can change.
-        state.rate = float(getattr(environment.parsed_options, "llm_rate", state.rate) or 0.0)
+    # The web UI's start form (local/master) and the master's spawn message (workers)
+    # update parsed_options after init; re-read what can change.
+    state.reload_options()
     state._start_quota()
     if state.out and not isinstance(runner, MasterRunner):
         state.log = RequestLog(pathlib.Path(state.out) / "requests.jsonl")
@@ -385,6 +414,9 @@ def _on_test_start(environment, **_kw) -> None:
                 if isinstance(runner, LocalRunner):
                     agg.merge_report("local", state.take_report())
                 agg.flush_window(runner.user_count)
+        old = getattr(environment, "llm_window_greenlet", None)
+        if old is not None:   # a second run started from the web UI
+            old.kill(block=False)
         environment.llm_window_greenlet = gevent.spawn(windows)
 
 
@@ -468,3 +500,7 @@ def _on_quitting(environment, **_kw) -> None:
         code = code or EXIT_REQUEST_ERRORS
     # Always set: Locust's own rule (exit 1 on any failure) does not know our SLOs.
     environment.process_exit_code = code
+
+
+# Live observability (web UI tab and charts, Prometheus exporter, server /metrics scraping).
+from harness import exporter, server_metrics, webui  # noqa: E402,F401  (registers their listeners)

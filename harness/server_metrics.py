@@ -1,0 +1,148 @@
+"""The server's side of each timeseries window: scrape vLLM's (or the simulator's)
+Prometheus `/metrics` when a window closes and put its engine state into that
+`timeseries.jsonl` line, next to the client-side latency of the same window:
+
+    "server": {"num_requests_running": 7, "num_requests_waiting": 2,
+               "kv_cache_usage_perc": 0.41, "num_preemptions_total": 0,
+               "scrape_ms": 1.8, "error": null}
+
+Values come from `vllm:num_requests_running`, `vllm:num_requests_waiting`,
+`vllm:kv_cache_usage_perc` (vLLM before V1: `vllm:gpu_cache_usage_perc`; a fraction,
+1 = full) and `vllm:num_preemptions_total`. Several label sets (models, engines) and
+several servers (user classes with their own `host`) are added up; KV-cache usage is
+the highest of them. A server that does not answer gives `null` values and the error.
+
+`--llm-server-metrics auto` (default) scrapes `<host>/metrics` of every host the users
+target; `off` disables it; a comma-separated list of URLs scrapes those instead.
+Runs on the master (or the local runner) only.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Iterable
+
+from locust import events
+from locust.runners import LocalRunner, MasterRunner
+from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger(__name__)
+
+#: timeseries key -> vLLM sample names, first found wins (newer names first).
+SERVER_METRICS: dict[str, tuple[str, ...]] = {
+    "num_requests_running": ("vllm:num_requests_running",),
+    "num_requests_waiting": ("vllm:num_requests_waiting",),
+    "kv_cache_usage_perc": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+    "num_preemptions_total": ("vllm:num_preemptions_total", "vllm:num_preemptions"),
+}
+_MAX_KEYS = frozenset({"kv_cache_usage_perc"})   # combined by max, the others by sum
+
+
+def parse_server_metrics(text: str) -> dict[str, float | None]:
+    """The four engine-state values from a Prometheus text exposition (None when absent)."""
+    samples: dict[str, list[float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            samples.setdefault(s.name, []).append(float(s.value))
+    out: dict[str, float | None] = {}
+    for key, names in SERVER_METRICS.items():
+        vals = next((samples[n] for n in names if n in samples), None)
+        if not vals:
+            out[key] = None
+        else:
+            out[key] = max(vals) if key in _MAX_KEYS else sum(vals)
+    return out
+
+
+def scrape(url: str, timeout: float = 1.0) -> dict[str, Any]:
+    """GET one `/metrics` URL; the parsed values plus `scrape_ms` and `error`."""
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (our target)
+            text = resp.read().decode("utf-8", errors="replace")
+        out: dict[str, Any] = dict(parse_server_metrics(text))
+        out["error"] = None
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        out = {k: None for k in SERVER_METRICS}
+        out["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    out["scrape_ms"] = round((time.perf_counter() - t0) * 1000.0, 3)
+    return out
+
+
+def combine(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Several servers' values -> one (sums; KV usage: the highest)."""
+    if len(results) == 1:
+        return dict(next(iter(results.values())))
+    out: dict[str, Any] = {}
+    for key in SERVER_METRICS:
+        vals = [r[key] for r in results.values() if r.get(key) is not None]
+        out[key] = (max(vals) if key in _MAX_KEYS else sum(vals)) if vals else None
+    errors = {u: r["error"] for u, r in results.items() if r.get("error")}
+    out["error"] = "; ".join(f"{u}: {e}" for u, e in errors.items()) or None
+    out["scrape_ms"] = max((r.get("scrape_ms") or 0.0) for r in results.values())
+    out["servers"] = len(results)
+    return out
+
+
+def _base(url: str | None) -> str | None:
+    if not url:
+        return None
+    return url.rstrip("/")
+
+
+def metrics_urls(environment) -> list[str]:
+    """What to scrape now, from `--llm-server-metrics` and the hosts the users target."""
+    opt = (getattr(environment.parsed_options, "llm_server_metrics", "auto") or "auto").strip()
+    if opt == "off":
+        return []
+    if opt != "auto":
+        return [u.strip() for u in opt.split(",") if u.strip()]
+    # --host (or the web UI's host field) overrides every user class's own host.
+    candidates: Iterable[str | None] = ([environment.host] if environment.host else
+                                        [getattr(c, "host", None) for c in (environment.user_classes or [])])
+    hosts: list[str] = []
+    for h in candidates:
+        b = _base(h)
+        if b and b.startswith("http") and b not in hosts:
+            hosts.append(b)
+    return [h + "/metrics" for h in hosts]
+
+
+class ServerScraper:
+    """A timeseries hook: adds `server` to each window line."""
+
+    def __init__(self, environment, timeout: float = 1.0) -> None:
+        self.env = environment
+        self.timeout = timeout
+        self._warned: set[str] = set()
+
+    def __call__(self, line: dict[str, Any]) -> None:
+        urls = metrics_urls(self.env)
+        if not urls:
+            return
+        results = {u: scrape(u, self.timeout) for u in urls}
+        for u, r in results.items():
+            if r["error"] and u not in self._warned:
+                self._warned.add(u)
+                log.warning("server metrics: %s: %s (recorded as null; --llm-server-metrics off "
+                            "to stop trying)", u, r["error"])
+        line["server"] = combine(results)
+
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser) -> None:
+    parser.add_argument("--llm-server-metrics", default="auto", include_in_web_ui=False,
+                        help="server state in timeseries.jsonl: 'auto' scrapes <host>/metrics, "
+                             "'off', or comma-separated /metrics URLs")
+
+
+@events.init.add_listener
+def _on_init(environment, **_kw) -> None:
+    agg = getattr(environment, "llm_aggregate", None)
+    if agg is None or not isinstance(environment.runner, (MasterRunner, LocalRunner)):
+        return
+    scraper = ServerScraper(environment)
+    environment.llm_server_scraper = scraper
+    agg.window_hooks.insert(0, scraper)   # before the hooks that read the line

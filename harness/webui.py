@@ -1,0 +1,212 @@
+"""An "LLM" tab in Locust's own web UI, a live charts page, and a rate control.
+
+Built on Locust's extension points (no JavaScript build): the tab and its table come
+from the web UI's template args (`extended_tabs`, `extended_tables`) and an
+`extended_stats` key this module adds to every `/stats/requests` answer; the numbers
+come from the run's merged HDR histograms and counters (`environment.llm_aggregate`),
+never from Locust's rounded response-time buckets. On a local runner the aggregate is
+refreshed on each request (the same exact merge the window greenlet does); on a master
+it is as fresh as the workers' last reports (every 3 s).
+
+Routes (under `--web-base-path` when set):
+
+- `GET  /llm/charts`      the charts page: TTFT and TPOT p50/p99, tokens/s and the
+                          server's running/waiting requests and KV-cache use over time,
+                          one point per timeseries window (`--llm-window`), plus a form
+                          that changes the open-loop rate; drawn with uPlot, vendored
+                          in `harness/static/` (works offline).
+- `GET  /llm/timeseries`  the windows so far as JSON (`?since=<epoch s>` for new ones).
+- `GET  /llm/stats`       the tab's numbers as JSON.
+- `POST /llm/rate`        `rate=<requests/s>` (form or JSON): the open-loop rate of the
+                          running test on every worker; 0 switches to closed loop.
+- `GET  /llm/static/...`  the page's scripts.
+
+The tab links to the charts page (a small script injected into Locust's index page shows
+the link while the LLM tab is open), and so does the Reports tab.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+from flask import Response, jsonify, request, send_from_directory
+from locust import events
+from locust.runners import LocalRunner, MasterRunner
+
+log = logging.getLogger(__name__)
+
+STATIC = pathlib.Path(__file__).resolve().parent / "static"
+TAB_KEY = "llm"
+TIMELINE_MAX = 20_000           # windows kept for the charts (5 s windows: about a day)
+AGGREGATE_ROW = "All (merged)"
+
+_LAT = (("ttft", "ttft_ms", "TTFT"), ("tpot", "tpot_ms", "TPOT"), ("itl", "itl_ms", "ITL"),
+        ("e2e", "e2e_ms", "E2E"))
+_PCTS = ("p50", "p90", "p99")
+
+TABLE_STRUCTURE: list[dict[str, str]] = (
+    [{"key": "name", "title": "Endpoint [model]"}, {"key": "ok", "title": "OK"},
+     {"key": "failed", "title": "Failed"}]
+    + [{"key": f"{short}_{p}", "title": f"{label} {p} ms"} for short, _m, label in _LAT for p in _PCTS]
+    + [{"key": "out_tok_s", "title": "Output tok/s"}, {"key": "req_s", "title": "Req/s"},
+       {"key": "goodput_rps", "title": "Goodput req/s"}, {"key": "errors", "title": "Errors by kind"}]
+)
+
+
+def _r(v: float | None, nd: int = 1) -> float | None:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return None
+    return round(float(v), nd)
+
+
+def live_stats(environment) -> dict[str, Any]:
+    """The numbers the LLM tab shows (and `/llm/stats` returns), from the merged data."""
+    from harness.plugin import _duration
+
+    agg = environment.llm_aggregate
+    state = environment.llm
+    agg.refresh()
+    c = agg.counters
+    duration = _duration(state, agg, time.time())
+    rows: list[dict[str, Any]] = []
+    for name in sorted(agg.by_name):
+        hs = agg.by_name[name]
+        row: dict[str, Any] = {"name": name, "ok": hs["e2e_ms"].count, "failed": None}
+        for short, metric, _label in _LAT:
+            s = hs.summary(metric)
+            for p in _PCTS:
+                row[f"{short}_{p}"] = _r(s[p])
+        row.update(out_tok_s=None, req_s=None, goodput_rps=None, errors="")
+        rows.append(row)
+    total: dict[str, Any] = {"name": AGGREGATE_ROW, "ok": c.completed, "failed": c.failed}
+    for short, metric, _label in _LAT:
+        s = agg.hist.summary(metric)
+        for p in _PCTS:
+            total[f"{short}_{p}"] = _r(s[p])
+    total["out_tok_s"] = _r(c.output_tokens / duration, 1) if duration > 0 else None
+    total["req_s"] = _r(c.completed / duration, 2) if duration > 0 else None
+    total["goodput_rps"] = _r(c.good / duration, 2) if duration > 0 else None
+    total["errors"] = ", ".join(f"{k}: {v}" for k, v in sorted(c.errors_by_kind.items()))
+    rows.append(total)
+    runner = environment.runner
+    return {"rows": rows, "rate": state.rate, "slos": [s.text for s in state.slos],
+            "state": getattr(runner, "state", None), "user_count": getattr(runner, "user_count", 0),
+            "duration_s": duration, "input_tokens": c.input_tokens, "output_tokens": c.output_tokens,
+            "good": c.good}
+
+
+class Timeline:
+    """The timeseries windows kept in memory for the charts page (a window hook)."""
+
+    def __init__(self, maxlen: int = TIMELINE_MAX) -> None:
+        self.lines: collections.deque[dict[str, Any]] = collections.deque(maxlen=maxlen)
+
+    def __call__(self, line: dict[str, Any]) -> None:
+        self.lines.append(json.loads(json.dumps(line, default=str)))   # a frozen copy
+
+    def since(self, t: float) -> list[dict[str, Any]]:
+        return [ln for ln in self.lines if ln.get("t", 0) > t]
+
+
+def parse_rate(value: Any) -> float:
+    rate = float(value)
+    if not math.isfinite(rate) or rate < 0:
+        raise ValueError("rate must be a finite number >= 0 (requests/s; 0 = closed loop)")
+    return rate
+
+
+def _tab_link_script(prefix: str) -> str:
+    return f'<script src="{prefix}/llm/static/llm-tab.js" defer></script>'
+
+
+def install(environment, web_ui) -> None:
+    """Add the tab, the routes and the hooks to a running web UI (master or local runner)."""
+    from harness.plugin import set_rate
+
+    app = web_ui.app
+    prefix = (getattr(environment.parsed_options, "web_base_path", "") or "").rstrip("/")
+    timeline = Timeline()
+    environment.llm_timeline = timeline
+    environment.llm_aggregate.window_hooks.append(timeline)
+
+    web_ui.template_args.update({
+        "extended_tabs": [{"title": "LLM", "key": TAB_KEY}],
+        "extended_tables": [{"key": TAB_KEY, "structure": TABLE_STRUCTURE}],
+        "extended_csv_files": [{"href": f"{prefix}/llm/charts", "title": "LLM charts and rate control (live)"},
+                               {"href": f"{prefix}/llm/stats", "title": "LLM statistics (JSON)"},
+                               {"href": f"{prefix}/metrics", "title": "Prometheus metrics"}],
+    })
+
+    @app.after_request
+    def _extend(response: Response) -> Response:
+        path = request.path
+        try:
+            if path == f"{prefix}/stats/requests" and response.is_json and response.status_code == 200:
+                data = response.get_json()
+                data["extended_stats"] = [{"key": TAB_KEY, "data": live_stats(environment)["rows"]}]
+                response.set_data(json.dumps(data))
+            elif path in (f"{prefix}/", prefix or "/") and response.mimetype == "text/html" \
+                    and response.status_code == 200 and not response.direct_passthrough:
+                html = response.get_data(as_text=True)
+                if "llm-tab.js" not in html and "</body>" in html:
+                    response.set_data(html.replace("</body>", _tab_link_script(prefix) + "</body>", 1))
+        except Exception:  # the UI must keep working even if our part fails
+            log.exception("LLM web UI extension failed for %s", path)
+        return response
+
+    auth = web_ui.auth_required_if_enabled
+
+    @app.route(f"{prefix}/llm/charts")
+    @auth
+    def llm_charts():
+        return send_from_directory(STATIC, "llm-charts.html")
+
+    @app.route(f"{prefix}/llm/static/<path:name>")
+    @auth
+    def llm_static(name: str):
+        return send_from_directory(STATIC, name)
+
+    @app.route(f"{prefix}/llm/stats")
+    @auth
+    def llm_stats():
+        return jsonify(live_stats(environment))
+
+    @app.route(f"{prefix}/llm/timeseries")
+    @auth
+    def llm_timeseries():
+        try:
+            since = float(request.args.get("since", "0") or 0)
+        except ValueError:
+            since = 0.0
+        runner = environment.runner
+        return jsonify({"lines": timeline.since(since), "rate": environment.llm.rate,
+                        "state": getattr(runner, "state", None),
+                        "user_count": getattr(runner, "user_count", 0),
+                        "window_s": float(getattr(environment.parsed_options, "llm_window", 5.0)),
+                        "now": time.time()})
+
+    @app.route(f"{prefix}/llm/rate", methods=["POST"])
+    @auth
+    def llm_rate():
+        payload = request.get_json(silent=True) if request.is_json else request.form
+        try:
+            rate = parse_rate((payload or {}).get("rate"))
+        except (TypeError, ValueError) as exc:
+            return jsonify({"ok": False, "message": str(exc)}), 400
+        set_rate(environment, rate)
+        log.info("open-loop rate set to %g requests/s from the web UI", rate)
+        return jsonify({"ok": True, "rate": rate})
+
+
+@events.init.add_listener
+def _on_init(environment, web_ui=None, **_kw) -> None:
+    if web_ui is None or getattr(environment, "llm_aggregate", None) is None:
+        return
+    if not isinstance(environment.runner, (MasterRunner, LocalRunner)):
+        return
+    install(environment, web_ui)
