@@ -174,10 +174,15 @@ except (OSError, AttributeError):  # pragma: no cover - not Linux
 _PR_SET_PDEATHSIG = 1
 
 
-def _make_preexec(cpus: Sequence[int]) -> Callable[[], None]:
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+
+
+def _make_preexec(cpus: Sequence[int], sigmask: set | None = None) -> Callable[[], None]:
     cpu_set = set(cpus)
 
     def preexec() -> None:  # runs in the child between fork and exec: syscalls only
+        if sigmask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)  # as the parent had it
         if _PRCTL is not None:
             _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if cpu_set:
@@ -212,16 +217,28 @@ class ManagedServer:
         self._log = open(spec.log_path, "ab", buffering=0)
         env = dict(os.environ)
         env.update(spec.env)
+        self._log.write(
+            f"=== harness: starting {spec.name} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            f"{' '.join(spec.argv)}\n".encode())
+        # Block stop signals while the child is forked, so a Ctrl-C or SIGTERM cannot land
+        # between fork and `self.popen = ...` (a server nobody would stop). The child gets the
+        # old mask back before exec; a pending signal is delivered here right after.
+        old_mask = None
+        if threading.current_thread() is threading.main_thread():
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             self.popen = subprocess.Popen(
                 spec.argv, env=env, cwd=spec.cwd, stdin=subprocess.DEVNULL,
                 stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_make_preexec(spec.cpus), close_fds=True,
+                preexec_fn=_make_preexec(spec.cpus, old_mask), close_fds=True,
             )
         except OSError as exc:
             self._log.close()
             raise ServerStartError(f"{spec.name}: cannot start {spec.argv[0]}: {exc.strerror}",
                                    name=spec.name, log_path=spec.log_path) from None
+        finally:
+            if old_mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         self.started_at = time.monotonic()
 
     def exited(self) -> int | None:
