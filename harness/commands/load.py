@@ -56,6 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request read timeout, s")
     p.add_argument("--out", required=True, help="results directory")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus /metrics on 127.0.0.1:PORT during the run (0 = off)")
+    p.add_argument("--metrics-linger", type=float, default=0.0,
+                   help="keep /metrics up this many seconds after the run (>= the scrape interval)")
     p.add_argument("--quiet", action="store_true", help="do not print the summary table")
     p.set_defaults(func=run)
 
@@ -116,6 +120,9 @@ def locust_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--llm-slo", ",".join(args.slo)]
     if args.workers > 1:
         cmd += ["--processes", str(args.workers), "--llm-expected-workers", str(args.workers)]
+    if args.metrics_port:
+        cmd += ["--llm-metrics-port", str(args.metrics_port),
+                "--llm-metrics-linger", str(args.metrics_linger)]
     if not args.locustfile:
         cmd.append("Chat" if args.endpoint == "chat" else "Completions")
     return cmd
