@@ -1,6 +1,6 @@
 """Prometheus `/metrics` for a load run, served by the Locust master (or local runner).
 
-Two ways to reach it:
+Hooked up by `harness.live` (this module does not import Locust). Two ways to reach it:
 
 - the web UI's own server: `http://<web-host>:<web-port>/metrics` whenever the UI runs;
 - a server of its own, for headless runs (`harness load --metrics-port P`, or Locust's
@@ -34,12 +34,9 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterator
+from typing import Iterator
 
-import gevent
 from flask import Response
-from locust import events
-from locust.runners import STATE_RUNNING, STATE_SPAWNING, LocalRunner, MasterRunner
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -104,6 +101,8 @@ class LLMCollector:
         return []   # built at scrape time; nothing to check at registration
 
     def collect(self) -> Iterator:
+        from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner
+
         env = self.env
         agg = getattr(env, "llm_aggregate", None)
         state = getattr(env, "llm", None)
@@ -199,50 +198,11 @@ def serve(environment, host: str, port: int):
     return server
 
 
-@events.init_command_line_parser.add_listener
-def _add_options(parser) -> None:
-    parser.add_argument("--llm-metrics-port", type=int, default=0, include_in_web_ui=False,
-                        help="serve Prometheus /metrics on this port (0 = off; the web UI "
-                             "always serves /metrics too)")
-    parser.add_argument("--llm-metrics-host", default=DEFAULT_HOST, include_in_web_ui=False,
-                        help="address the /metrics server binds (default 127.0.0.1)")
-    parser.add_argument("--llm-metrics-linger", type=float, default=0.0, include_in_web_ui=False,
-                        help="keep /metrics up this many seconds after the run, for a last scrape")
+def add_routes(environment, web_ui) -> None:
+    """`/metrics` on the web UI's own server (under `--web-base-path`)."""
+    prefix = (getattr(environment.parsed_options, "web_base_path", "") or "").rstrip("/")
 
-
-@events.init.add_listener
-def _on_init(environment, web_ui=None, **_kw) -> None:
-    if getattr(environment, "llm_aggregate", None) is None:
-        return
-    if not isinstance(environment.runner, (MasterRunner, LocalRunner)):
-        return
-    environment.llm_last_window = None
-    environment.llm_aggregate.window_hooks.append(
-        lambda line: setattr(environment, "llm_last_window", line))
-    if web_ui is not None:
-        prefix = (getattr(environment.parsed_options, "web_base_path", "") or "").rstrip("/")
-
-        @web_ui.app.route(f"{prefix}/metrics")
-        @web_ui.auth_required_if_enabled
-        def _metrics() -> Response:
-            return Response(render(environment), mimetype=CONTENT_TYPE_LATEST)
-    o = environment.parsed_options
-    port = int(getattr(o, "llm_metrics_port", 0) or 0)
-    if port:
-        host = getattr(o, "llm_metrics_host", DEFAULT_HOST) or DEFAULT_HOST
-        environment.llm_metrics_server = serve(environment, host, port)
-        log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
-
-
-@events.quit.add_listener
-def _on_quit(**_kw) -> None:
-    from harness import plugin
-
-    env = plugin._ENV.get("env")
-    server = getattr(env, "llm_metrics_server", None) if env is not None else None
-    if server is None:
-        return
-    linger = float(getattr(env.parsed_options, "llm_metrics_linger", 0.0) or 0.0)
-    if linger > 0:
-        gevent.sleep(linger)   # the server greenlet keeps answering meanwhile
-    server.stop(timeout=1)
+    @web_ui.app.route(f"{prefix}/metrics")
+    @web_ui.auth_required_if_enabled
+    def _metrics() -> Response:
+        return Response(render(environment), mimetype=CONTENT_TYPE_LATEST)

@@ -503,4 +503,4 @@ def _on_quitting(environment, **_kw) -> None:
 
 
 # Live observability (web UI tab and charts, Prometheus exporter, server /metrics scraping).
-from harness import exporter, server_metrics, webui  # noqa: E402,F401  (registers their listeners)
+from harness import live  # noqa: E402,F401  (registers its listeners)

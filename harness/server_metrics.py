@@ -14,7 +14,7 @@ the highest of them. A server that does not answer gives `null` values and the e
 
 `--llm-server-metrics auto` (default) scrapes `<host>/metrics` of every host the users
 target; `off` disables it; a comma-separated list of URLs scrapes those instead.
-Runs on the master (or the local runner) only.
+Runs on the master (or the local runner) only (hooked up by `harness.live`).
 """
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ import urllib.error
 import urllib.request
 from typing import Any, Iterable
 
-from locust import events
-from locust.runners import LocalRunner, MasterRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger(__name__)
@@ -129,20 +127,3 @@ class ServerScraper:
                 log.warning("server metrics: %s: %s (recorded as null; --llm-server-metrics off "
                             "to stop trying)", u, r["error"])
         line["server"] = combine(results)
-
-
-@events.init_command_line_parser.add_listener
-def _add_options(parser) -> None:
-    parser.add_argument("--llm-server-metrics", default="auto", include_in_web_ui=False,
-                        help="server state in timeseries.jsonl: 'auto' scrapes <host>/metrics, "
-                             "'off', or comma-separated /metrics URLs")
-
-
-@events.init.add_listener
-def _on_init(environment, **_kw) -> None:
-    agg = getattr(environment, "llm_aggregate", None)
-    if agg is None or not isinstance(environment.runner, (MasterRunner, LocalRunner)):
-        return
-    scraper = ServerScraper(environment)
-    environment.llm_server_scraper = scraper
-    agg.window_hooks.insert(0, scraper)   # before the hooks that read the line

@@ -35,8 +35,6 @@ import time
 from typing import Any
 
 from flask import Response, jsonify, request, send_from_directory
-from locust import events
-from locust.runners import LocalRunner, MasterRunner
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +199,3 @@ def install(environment, web_ui) -> None:
         set_rate(environment, rate)
         log.info("open-loop rate set to %g requests/s from the web UI", rate)
         return jsonify({"ok": True, "rate": rate})
-
-
-@events.init.add_listener
-def _on_init(environment, web_ui=None, **_kw) -> None:
-    if web_ui is None or getattr(environment, "llm_aggregate", None) is None:
-        return
-    if not isinstance(environment.runner, (MasterRunner, LocalRunner)):
-        return
-    install(environment, web_ui)

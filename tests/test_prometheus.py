@@ -122,6 +122,14 @@ def test_prometheus_scrapes_ttft_histogram_with_the_right_count(prometheus, star
     ok = [r for r in records if r["ok"]]
     assert len(records) == N_REQUESTS and len(ok) == N_REQUESTS, output[-2000:]
     summary = json.loads((out / "summary.json").read_text())
+    # The server's state (scraped from the simulator's /metrics) is in every window line.
+    windows = [json.loads(line) for line in (out / "timeseries.jsonl").read_text().splitlines()]
+    assert windows
+    for w in windows:
+        s = w["server"]
+        assert s["error"] is None, s
+        assert s["num_requests_running"] is not None and s["num_requests_waiting"] is not None, s
+        assert 0.0 <= s["kv_cache_usage_perc"] <= 1.0 and s["num_preemptions_total"] >= 0, s
 
     # Prometheus saw the target up, and its last stored values are the run's final ones
     # (range functions skip the staleness markers written once the target went away).
