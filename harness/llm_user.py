@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -29,9 +30,22 @@ from locust.user.users import LOCUST_STATE_STOPPING
 from harness.arrivals import ArrivalSchedule
 from harness.http_stream import HTTPClientError, StreamingConnection
 from harness.sse import SSEParser
-from harness.timing import StreamTimer, exception_error_kind, failed_record, http_error_kind
+from harness.timing import CONNECT, StreamTimer, exception_error_kind, failed_record, http_error_kind
 
 _user_ids = itertools.count()
+
+# Pause after a request that could not even connect (closed loop only): a closed loop
+# against a dead port would otherwise spin, writing thousands of identical failures a second.
+CONNECT_BACKOFF_S = 0.1
+
+# The last-resort tokenizer for servers that send no usage and have no /tokenize: words,
+# numbers and single punctuation marks, a little below what BPE tokenizers count.
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def regex_token_count(text: str) -> int:
+    """Estimated tokens of generated text when the server gives no usage and no /tokenize."""
+    return len(_TOKEN_RE.findall(text))
 
 
 class LLMRequestError(Exception):
@@ -42,6 +56,7 @@ class LLMUser(User):
     abstract = True
     endpoint = "/v1/chat/completions"
     chat = True
+    replica: str | None = None     # endpoint name when a layout has several replicas
     model: str | None = None       # None: --llm-model, else the server's first model
     wait_time = constant(0)
 
@@ -57,6 +72,9 @@ class LLMUser(User):
         self._uid = next(_user_ids)
         self._inflight = gevent.pool.Group()
         self._model: str | None = None
+        self._workload = None
+        self._tokenize_ok = False       # the server has /tokenize (output-token fallback)
+        self._tok_conn: StreamingConnection | None = None
         self._stats_name = self.endpoint
         self._headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.state.api_key_env) if self.state.api_key_env else None
@@ -70,15 +88,30 @@ class LLMUser(User):
         return StreamingConnection(*self._addr, timeout=self.state.timeout, connect_timeout=10.0)
 
     def on_start(self) -> None:
-        self._model = self.model or self.state.resolve_model(self._base, self._conn)
-        self._stats_name = f"{self.endpoint} [{self._model}]"
-        self._workload = self.state.workload_for(self._base, self._model, self.chat, self._conn)
+        self._workload = None
+        try:
+            self._prepare()
+        except HTTPClientError:
+            # The server is not reachable (yet): every request this user would have sent is
+            # recorded as failed with its error kind (`connect`, ...) until it is.
+            pass
+
+    def _prepare(self) -> None:
+        """Resolve the model and build the prompts (calibrated against the server)."""
+        if self._model is None:
+            self._model = self.model or self.state.resolve_model(self._base, self._conn)
+            self._stats_name = f"{self.endpoint} [{self._model}]" + (f" @{self.replica}" if self.replica else "")
+        if self._workload is None:
+            self._workload = self.state.workload_for(self._base, self._model, self.chat, self._conn)
+            self._tokenize_ok = self._workload.count is not None
 
     def on_stop(self) -> None:
         self._inflight.kill(block=True, timeout=5)
         for c in self._idle:
             c.close()
         self._idle.clear()
+        if self._tok_conn is not None:
+            self._tok_conn.close()
 
     # -- the loop ----------------------------------------------------------------
     @task
@@ -90,21 +123,34 @@ class LLMUser(User):
         if not st.take_quota():
             st.wait_finished()
             return
-        self.send(None)
+        rec = self.send(None)
+        if rec.error_kind == CONNECT:
+            gevent.sleep(CONNECT_BACKOFF_S)
 
     def _dispatch(self) -> None:
         """Open loop: start requests at scheduled times, never waiting for answers."""
         st = self.state
         cap = st.max_concurrency_per_user()
         pool = gevent.pool.Pool(cap) if cap else self._inflight
+        # Seeded per worker and per user: workers must not replay one another's arrivals.
         sched = ArrivalSchedule(st.rate_per_user(self), st.arrival, st.burstiness,
-                                seed=st.seed * 1000003 + self._uid, start=time.perf_counter())
+                                seed=f"{st.seed}:{st.worker_index()}:{self._uid}",
+                                start=time.perf_counter())
         while st.rate > 0 and self._state != LOCUST_STATE_STOPPING:
+            prev = sched.next_at
             sched.rate = st.rate_per_user(self)
+            version = st.rate_version
             t = sched.advance()
-            delay = t - time.perf_counter()
-            if delay > 0:
-                gevent.sleep(delay)
+            # Sleep until the arrival, in short naps so that a rate change (set_rate) takes
+            # effect now instead of after a gap drawn for the old rate.
+            while True:
+                delay = t - time.perf_counter()
+                if delay <= 0 or st.rate_version != version:
+                    break
+                gevent.sleep(min(delay, 0.1))
+            if st.rate_version != version:
+                sched.next_at = max(prev, time.perf_counter() - 1e-3) if st.rate > 0 else prev
+                continue
             if self._state == LOCUST_STATE_STOPPING or not st.take_quota():
                 break
             if cap:
@@ -115,7 +161,8 @@ class LLMUser(User):
         self._inflight.join()
         st.wait_finished()
 
-    def send(self, scheduled_ns: int | None) -> None:
+    def send(self, scheduled_ns: int | None):
+        """Send one request, record it (requests.jsonl, histograms, one Locust stats entry)."""
         st = self.state
         st.inflight += 1
         try:
@@ -132,11 +179,41 @@ class LLMUser(User):
             context={"ttft_ms": rec.ttft_ms, "tpot_ms": rec.tpot_ms, "user_class": self.__class__.__name__},
         )
         st.check_finished()
+        return rec
+
+    def _count_output_tokens(self, text: str) -> int:
+        """Tokenizer fallback for servers that send no usage (the record says `tokens_estimated`).
+
+        The server's own /tokenize when it has one (the same tokenizer, though re-tokenizing
+        decoded text can differ by a token or so), else `regex_token_count`.
+        """
+        if self._tokenize_ok and text:
+            try:
+                if self._tok_conn is None:
+                    self._tok_conn = StreamingConnection(*self._addr, timeout=10.0)
+                body = orjson.dumps({"model": self._model, "prompt": text, "add_special_tokens": False})
+                status, _, payload = self._tok_conn.request(
+                    "POST", "/tokenize", body, {"Content-Type": "application/json"})
+                if status == 200:
+                    return int(orjson.loads(payload)["count"])
+            except (HTTPClientError, ValueError, KeyError, TypeError):
+                pass
+            self._tokenize_ok = False   # do not ask again
+        return regex_token_count(text)
 
     def _one_request(self, scheduled_ns: int | None):
+        url = self._base + self.endpoint
+        if self._workload is None:
+            try:
+                self._prepare()
+            except HTTPClientError as exc:
+                now = time.perf_counter_ns()
+                return failed_record(error_kind=exception_error_kind(exc), url=url,
+                                     model=self._model or self.model or "",
+                                     user_class=self.__class__.__name__, sent_ns=now,
+                                     scheduled_ns=scheduled_ns, finished_ns=now)
         prompt = self._workload.next()
         body = orjson.dumps(prompt.body(self._model, self.chat, self.state.extra_body))
-        url = self._base + self.endpoint
         common = dict(url=url, model=self._model, user_class=self.__class__.__name__,
                       id=uuid.uuid4().hex)
         conn = self._conn()
@@ -151,13 +228,18 @@ class LLMUser(User):
                                     status=resp.status, sent_ns=sent_ns, scheduled_ns=scheduled_ns,
                                     input_tokens=prompt.input_tokens, **common)
             else:
-                timer = StreamTimer(sent_ns, scheduled_ns)
+                timer = StreamTimer(sent_ns, scheduled_ns, count_tokens=self._count_output_tokens)
                 parser = SSEParser()
                 feed = timer.feed
+                t_ns = sent_ns
                 for chunk, t_ns in resp:
                     for payload, t in parser.feed(chunk, t_ns):
                         feed(payload, t)
-                rec = timer.finish(status=200, input_tokens=prompt.input_tokens, **common)
+                for payload, t in parser.finish(t_ns):   # a last event missing its blank line
+                    feed(payload, t)
+                end_ns = time.perf_counter_ns()
+                rec = timer.finish(status=200, input_tokens=prompt.input_tokens, end_ns=end_ns,
+                                   **common)
                 if not rec.ok:
                     conn.close()
             self._idle.append(conn)

@@ -198,3 +198,28 @@ def format_table(summary: dict[str, Any]) -> str:
     if gen and not gen.get("valid", True):
         lines.append("generator INVALID: " + "; ".join(gen.get("reasons", [])))
     return "\n".join(lines)
+
+
+def endpoint_breakdown(records: Iterable[dict[str, Any]], duration_s: float
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Requests, tokens and throughput per endpoint URL and per model, over the
+    run's measured duration (so replicas' throughputs sum to the aggregate)."""
+    by_endpoint: dict[str, dict[str, Any]] = {}
+    by_model: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        base = rec.get("url", "").rsplit("/v1/", 1)[0]
+        for key, table in ((base, by_endpoint), (rec.get("model") or "", by_model)):
+            row = table.setdefault(key, {"completed": 0, "failed": 0, "output_tokens": 0,
+                                         "endpoints": set()})
+            row["completed" if rec.get("ok") else "failed"] += 1
+            row["output_tokens"] += (rec.get("output_tokens") or 0) if rec.get("ok") else 0
+            row["endpoints"].add(base)
+            if table is by_endpoint:
+                row["model"] = rec.get("model")
+    for table in (by_endpoint, by_model):
+        for row in table.values():
+            row["replicas"] = len(row.pop("endpoints"))
+            row["output_tokens_per_s"] = row["output_tokens"] / duration_s if duration_s else None
+    for row in by_endpoint.values():
+        row.pop("replicas")
+    return by_endpoint, by_model

@@ -30,7 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("load", help="one headless load run through Locust",
                        description="Stream chat/completions at a server with Locust users and "
                                    "write summary.json, requests.jsonl, timeseries.jsonl.")
-    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="server base URL, e.g. http://127.0.0.1:8000")
+    target.add_argument("--endpoints", help="endpoints.json from `harness serve`: users spread "
+                                            "evenly over every replica, reported per replica")
     p.add_argument("--model", default="", help="served model name (default: the server's first)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--rate", type=float, help="open loop: requests/s (Poisson unless --arrival)")
@@ -47,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shared-prefix-len", type=int, default=0)
     p.add_argument("--dataset", default="", help="ShareGPT JSON or JSONL prompts")
     p.add_argument("--soak-mix", action="store_true", help="the seed plan's three prompts")
+    p.add_argument("--soak", action="store_true",
+                   help="soak run: drift analysis after the run (implies --soak-mix unless a workload is given)")
+    p.add_argument("--window", type=float, default=None, help="timeseries window, s (default 5)")
     p.add_argument("--endpoint", default="chat", choices=["chat", "completions"])
     p.add_argument("--locustfile", default=None, help="your own locustfile (its user classes run)")
     p.add_argument("--workers", type=int, default=1, help="Locust worker processes")
@@ -68,6 +74,8 @@ def locust_command(args: argparse.Namespace) -> list[str]:
     from harness.slo import parse_slo
     from harness.workload import WorkloadSpec
 
+    if args.endpoints:
+        args.url = _first_endpoint_url(args.endpoints)
     parts = urlsplit(args.url)
     if parts.scheme != "http" or not parts.hostname:
         raise UsageError(f"--url {args.url!r} must be http://HOST:PORT (https is not supported yet)")
@@ -84,6 +92,8 @@ def locust_command(args: argparse.Namespace) -> list[str]:
     if not args.duration and not args.num_requests:
         raise UsageError("give --duration or --num-requests: every run is bounded")
     run_time = _duration(args.duration) if args.duration else 3600
+    from harness.soak import apply_defaults
+    apply_defaults(args, _duration(args.duration) if args.duration else None)
     if args.cooldown and not args.duration:
         raise UsageError("--cooldown needs --duration (the end must be known in advance)")
     users = args.workers if args.rate else (args.users or 8)
@@ -91,7 +101,7 @@ def locust_command(args: argparse.Namespace) -> list[str]:
         raise UsageError("--users must be at least 1")
     out = pathlib.Path(args.out)
     cmd = [sys.executable, "-m", "locust", "-f", args.locustfile or str(LOCUSTFILE), "--headless",
-           "--host", f"http://{parts.hostname}:{parts.port or 80}", "-u", str(users), "-r", str(users),
+           "-u", str(users), "-r", str(users),
            "--run-time", f"{run_time}s", "--only-summary",
            "--csv", str(out / "locust"), "--html", str(out / "locust.html"), "--loglevel", "WARNING",
            "--llm-out", str(out), "--llm-input-len", str(args.input_len),
@@ -116,6 +126,8 @@ def locust_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--llm-dataset", args.dataset]
     if args.soak_mix:
         cmd += ["--llm-soak-mix"]
+    if getattr(args, "window", None):
+        cmd += ["--llm-window", str(args.window)]
     if args.slo:
         cmd += ["--llm-slo", ",".join(args.slo)]
     if args.workers > 1:
@@ -123,9 +135,24 @@ def locust_command(args: argparse.Namespace) -> list[str]:
     if args.metrics_port:
         cmd += ["--llm-metrics-port", str(args.metrics_port),
                 "--llm-metrics-linger", str(args.metrics_linger)]
-    if not args.locustfile:
+    if not args.endpoints:   # Locust's --host would override every replica's own host
+        cmd += ["--host", f"http://{parts.hostname}:{parts.port or 80}"]
+    if not args.locustfile and not args.endpoints:
         cmd.append("Chat" if args.endpoint == "chat" else "Completions")
     return cmd
+
+
+def _first_endpoint_url(path: str) -> str:
+    from servers.launcher import read_endpoints
+
+    try:
+        eps = read_endpoints(path).endpoints
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--endpoints {path!r} is not a readable endpoint list ({e}); "
+                         f"write one with `harness serve --out DIR`") from None
+    if not eps:
+        raise UsageError(f"--endpoints {path!r} lists no endpoints")
+    return eps[0].url
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if args.endpoints:
+        env["HARNESS_ENDPOINTS"] = str(pathlib.Path(args.endpoints).resolve())
+        env["HARNESS_ENDPOINT_KIND"] = args.endpoint
     proc = subprocess.Popen(cmd, env=env)
     try:
         code = proc.wait()
@@ -143,10 +173,31 @@ def run(args: argparse.Namespace) -> int:
         # Locust got the same SIGINT; let it write its results.
         code = proc.wait()
     summary_path = out / "summary.json"
+    if summary_path.exists() and (out / "requests.jsonl").exists():
+        add_breakdowns(out)
+    from harness import soak
+    if summary_path.exists() and soak.wants_drift(args):
+        code = soak.finish_run(out, code)
     if summary_path.exists() and not args.quiet:
-        print(format_table(json.loads(summary_path.read_text())))
+        summary = json.loads(summary_path.read_text())
+        print(format_table(summary))
+        if summary.get("drift"):
+            from harness.drift import describe
+            print(describe(summary["drift"]))
         print(f"results: {out}/")
     elif not summary_path.exists():
         print(f"harness load: no summary was written (locust exited with {code}); "
               f"see the output above", file=sys.stderr)
     return code
+
+
+def add_breakdowns(out: pathlib.Path) -> None:
+    """Per-endpoint and per-model figures (the seed's cluster table), recomputed from
+    requests.jsonl so they add up to the aggregate by construction."""
+    from harness.results import endpoint_breakdown, read_requests, write_json
+
+    summary = json.loads((out / "summary.json").read_text())
+    by_endpoint, by_model = endpoint_breakdown(read_requests(out / "requests.jsonl"),
+                                               summary.get("duration_s") or 0.0)
+    summary["by_endpoint"], summary["by_model"] = by_endpoint, by_model
+    write_json(out / "summary.json", summary)
