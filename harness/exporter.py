@@ -24,8 +24,8 @@ and counters `harness.plugin` merges across workers), never from Locust's rounde
   (met every SLO), `llm_harness_request_errors_total{kind}`,
   `llm_harness_{input,output}_tokens_total`.
 - `llm_harness_active_users`, `llm_harness_target_rate_rps` (0 = closed loop),
-  `llm_harness_generator_cpu_percent{worker}` (last sample), `llm_harness_workers`,
-  `llm_harness_running` (1 while a test runs).
+  `llm_harness_generator_cpu_percent{worker}` (last sample), `llm_harness_workers`
+  (connected now; 1 for a local runner), `llm_harness_running` (1 while a test runs).
 
 Counters and histograms cover the measured window: requests inside `--llm-warmup` and
 `--llm-cooldown` are left out, as in `summary.json`.
@@ -171,7 +171,8 @@ class LLMCollector:
                 cpu.add_metric([wid], agg.cpu[wid][-1])
         yield cpu
         workers = len(runner.clients) if isinstance(runner, MasterRunner) else 1
-        yield GaugeMetricFamily(f"{PREFIX}workers", "Locust worker processes generating load.", value=workers)
+        yield GaugeMetricFamily(f"{PREFIX}workers", "Locust worker processes connected (1 for a local runner).",
+                                value=workers)
 
 
 def registry_for(environment) -> CollectorRegistry:
