@@ -30,12 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.commands import demo as demo_cmd
     from harness.commands import hw as hw_cmd
     from harness.commands import serve as serve_cmd
+    from harness.commands import compare as compare_cmd
 
     sim_cmd.add_parser(sub)
     load_cmd.add_parser(sub)
     demo_cmd.add_parser(sub)
     hw_cmd.add_parser(sub)
     serve_cmd.add_parser(sub)
+    compare_cmd.add_parser(sub)
     return parser
 
 
