@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -31,21 +30,13 @@ from harness.arrivals import ArrivalSchedule
 from harness.http_stream import HTTPClientError, StreamingConnection
 from harness.sse import SSEParser
 from harness.timing import CONNECT, StreamTimer, exception_error_kind, failed_record, http_error_kind
+from harness.workload import regex_token_count
 
 _user_ids = itertools.count()
 
 # Pause after a request that could not even connect (closed loop only): a closed loop
 # against a dead port would otherwise spin, writing thousands of identical failures a second.
 CONNECT_BACKOFF_S = 0.1
-
-# The last-resort tokenizer for servers that send no usage and have no /tokenize: words,
-# numbers and single punctuation marks, a little below what BPE tokenizers count.
-_TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
-
-
-def regex_token_count(text: str) -> int:
-    """Estimated tokens of generated text when the server gives no usage and no /tokenize."""
-    return len(_TOKEN_RE.findall(text))
 
 
 class LLMRequestError(Exception):

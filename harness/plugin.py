@@ -21,10 +21,11 @@ import gevent.event
 import gevent.lock
 import psutil
 from locust import events
-from locust.runners import LocalRunner, MasterRunner, WorkerRunner
+from locust.runners import (STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, STATE_STOPPED, LocalRunner,
+                            MasterRunner, WorkerRunner)
 
 from harness.histograms import HistogramSet
-from harness.results import Counters, RequestLog, build_summary, write_json
+from harness.results import Counters, RequestLog, build_summary, read_requests, write_json
 from harness.slo import Slo, parse_slo
 from harness.workload import Workload, WorkloadSpec, server_token_counter
 
@@ -114,6 +115,9 @@ class LLMState:
     def _read_options(self, o) -> None:
         self.options = o
         self.rate = float(getattr(o, "llm_rate", 0.0) or 0.0)
+        # bumped whenever the rate may have changed (set_rate, options re-read at a test
+        # start): open-loop dispatchers then re-plan their next arrival at once
+        self.rate_version = getattr(self, "rate_version", 0) + 1
         self.arrival = getattr(o, "llm_arrival", "poisson")
         self.burstiness = float(getattr(o, "llm_burstiness", 1.0))
         self.max_concurrency = int(getattr(o, "llm_max_concurrency", 0) or 0)
@@ -145,6 +149,16 @@ class LLMState:
             self._workloads.clear()
 
     # -- workers and rates ------------------------------------------------------
+    def worker_index(self) -> int:
+        runner = self.env.runner
+        if isinstance(runner, WorkerRunner):
+            return max(0, int(getattr(runner, "worker_index", 0) or 0))
+        return 0
+
+    def change_rate(self, rate: float) -> None:
+        self.rate = float(rate)
+        self.rate_version += 1
+
     def workers(self) -> int:
         runner = self.env.runner
         if isinstance(runner, WorkerRunner):
@@ -154,6 +168,7 @@ class LLMState:
         return 1
 
     def rate_per_user(self, user) -> float:
+        """This user's share of the total rate (each worker runs rate / workers)."""
         users = max(1, self.env.runner.user_count if self.env.runner else 1)
         return self.rate / self.workers() / users
 
@@ -213,7 +228,7 @@ class LLMState:
         with self._prep_lock:   # the first user calibrates; the others wait for it
             if key not in self._workloads:
                 counter = server_token_counter(conn_factory, model)
-                wl = Workload(self.spec, counter, chat)
+                wl = Workload(self.spec, counter, chat, stream=self.worker_index())
                 wl.prepare()
                 self._workloads[key] = wl
         return self._workloads[key]
@@ -275,6 +290,7 @@ class Aggregate:
         self.window = HistogramSet()
         self.window_counters = Counters()
         self.cpu: dict[str, list[float]] = {}
+        self.requests_by_worker: dict[str, int] = {}   # every recorded request, warm-up included
         self.done_workers: set[str] = set()
         self.ts_file = None
         self.last_window = time.time()
@@ -289,6 +305,9 @@ class Aggregate:
             self.by_name.setdefault(name, HistogramSet()).merge(HistogramSet.decode(enc))
         self.window.merge(HistogramSet.decode(rep["win"]))
         self.window_counters.merge(Counters.from_dict(rep["win_counters"]))
+        wc = rep["win_counters"]
+        self.requests_by_worker[client_id] = (self.requests_by_worker.get(client_id, 0)
+                                              + int(wc.get("completed", 0)) + int(wc.get("failed", 0)))
         if "cpu" in rep:
             self.cpu.setdefault(client_id, []).append(float(rep["cpu"]))
 
@@ -341,7 +360,8 @@ class Aggregate:
             reasons.append(f"schedule lag p99 {lag['p99']:.1f} ms > {lag_limit:g} ms: the load generator "
                            f"cannot keep the schedule; add workers (--workers)")
         return {"valid": not reasons, "reasons": reasons, "cpu_max_pct": cpu_max,
-                "cpu_by_worker": per_worker, "workers": max(1, len(self.cpu))}
+                "cpu_by_worker": per_worker, "workers": max(1, len(self.cpu)),
+                "requests_by_worker": dict(self.requests_by_worker)}
 
 
 def _duration(state: LLMState, agg: Aggregate, stopped_at: float) -> float:
@@ -375,13 +395,26 @@ def _on_init(environment, **_kw) -> None:
         runner.register_message("llm_done", on_done)
     if isinstance(runner, WorkerRunner):
         def on_set_rate(msg, **_):
-            state.rate = float(msg.data["rate"])
+            state.change_rate(float(msg.data["rate"]))
         runner.register_message("llm_set_rate", on_set_rate)
 
 
 def set_rate(environment, rate: float) -> None:
-    """Change the open-loop rate of a running test (all workers)."""
-    environment.llm.rate = rate
+    """Change the open-loop rate (requests/s over all workers) of a running test.
+
+    Works on a local runner and on the master (which tells every worker with an
+    `llm_set_rate` message; each worker runs its share, rate / workers). Dispatchers
+    re-plan their next arrival at once. 0 turns the users back into closed loops.
+    Locust load shapes (locustfiles/shapes.py) and web routes call this.
+    """
+    rate = float(rate)
+    if rate < 0:
+        raise ValueError("rate must be >= 0 requests/s")
+    state: LLMState = environment.llm
+    state.change_rate(rate)
+    if environment.parsed_options is not None:
+        # Workers that start (or restart) later read the rate from the master's options.
+        environment.parsed_options.llm_rate = rate
     runner = environment.runner
     if isinstance(runner, MasterRunner):
         runner.send_message("llm_set_rate", {"rate": rate})
@@ -398,8 +431,25 @@ def _on_test_start(environment, **_kw) -> None:
     # The web UI's start form (local/master) and the master's spawn message (workers)
     # update parsed_options after init; re-read what can change.
     state.reload_options()
+    if isinstance(runner, MasterRunner):
+        # test_start fires before the spawn messages (which carry the master's options):
+        # tell the workers how many they are, so that each runs its share of the rate and
+        # of --llm-num-requests, however they were started (--processes or remote).
+        n = len(runner.clients.ready) + len(runner.clients.running) + len(runner.clients.spawning)
+        if n:
+            environment.parsed_options.llm_expected_workers = n
     state._start_quota()
-    if state.out and not isinstance(runner, MasterRunner):
+    if state.out and isinstance(runner, (MasterRunner, LocalRunner)) and not getattr(state, "_files_fresh", False):
+        # A results directory holds one run: start its append-only files empty (the master
+        # does it before it sends the spawn messages, so before any worker appends).
+        state._files_fresh = True
+        pathlib.Path(state.out).mkdir(parents=True, exist_ok=True)
+        for name in ("requests.jsonl", "timeseries.jsonl"):
+            try:
+                os.unlink(pathlib.Path(state.out) / name)
+            except FileNotFoundError:
+                pass
+    if state.out and not isinstance(runner, MasterRunner) and state.log is None:
         state.log = RequestLog(pathlib.Path(state.out) / "requests.jsonl")
     if isinstance(runner, (MasterRunner, LocalRunner)):
         agg: Aggregate = environment.llm_aggregate
@@ -453,14 +503,126 @@ def _on_test_stop(environment, **_kw) -> None:
         pass  # kept open: requests finishing during shutdown still get their line
 
 
+def _write_final_locust_csv(environment) -> None:
+    """Rewrite Locust's own `--csv` request, failure and exception tables with the final stats.
+
+    Locust rewrites them only once a second while running and not at the end, so the
+    requests of the last second would be missing; the tables must hold exactly one entry
+    per LLM request. (The history file is left alone: Locust appends to it.)
+    """
+    prefix = getattr(environment.parsed_options, "csv_prefix", None)
+    if not prefix:
+        return
+    import csv
+
+    from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
+
+    writer = StatsCSV(environment, PERCENTILES_TO_REPORT)
+    for suffix, fill in (("_stats.csv", writer.requests_csv), ("_failures.csv", writer.failures_csv),
+                         ("_exceptions.csv", writer.exceptions_csv)):
+        path = f"{prefix}{suffix}"
+        try:
+            with open(path + ".tmp", "w", newline="") as f:
+                fill(csv.writer(f))
+            os.replace(path + ".tmp", path)   # Locust's open handle keeps the old file
+        except OSError:
+            pass
+
+
+def _die_with_parent() -> None:
+    """A worker forked by `--processes` gets SIGTERM (a clean shutdown) when its master
+    dies, even by SIGKILL, instead of loading the server on its own until heartbeats
+    time out. Linux only; elsewhere nothing changes."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        parent = os.getppid()
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:   # the master died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_last_report(environment, **_kw) -> None:
+    """A worker interrupted itself (SIGINT/SIGTERM, e.g. Ctrl-C reaching the whole process
+    group) rather than being told to quit by the master: stop the users and ship what was
+    measured since the last report. Registered after the runner's own quitting listener,
+    so that (quitting listeners run in reverse) it goes out before the worker's "quit"
+    message, after which a master whose last worker left stops listening."""
+    runner = environment.runner
+    try:
+        if runner.state not in (STATE_STOPPED, STATE_CLEANUP):
+            runner.stop()
+        runner._send_stats()   # fires report_to_master: our histograms ride along
+    except Exception:  # the master may be gone already; requests.jsonl still has it all
+        pass
+
+
+@events.init.add_listener
+def _worker_init(environment, **_kw) -> None:
+    if isinstance(environment.runner, WorkerRunner):
+        environment.events.quitting.add_listener(_worker_last_report)
+        if getattr(environment.parsed_options, "processes", None):
+            _die_with_parent()
+
+
+def _count_lines(path: pathlib.Path) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            n += block.count(b"\n")
+    return n
+
+
+def _recover_from_log(state: LLMState, agg: Aggregate):
+    """The run's numbers from requests.jsonl, when it holds requests the master never got
+    in a report (a worker killed, or interrupted before its last report); else None.
+
+    The same HDR bucketing as the live path, so nothing is approximated; only the
+    warm-up/cool-down cut uses the master's clock instead of each worker's."""
+    if not state.out:
+        return None
+    path = pathlib.Path(state.out) / "requests.jsonl"
+    if not path.exists() or _count_lines(path) <= sum(agg.requests_by_worker.values()):
+        return None
+    from urllib.parse import urlsplit
+
+    hist, counters, by_name = HistogramSet(), Counters(), {}
+    since = (state.started_at or 0) - 1.0
+    for d in read_requests(path):
+        if (d.get("sent_at") or d.get("finished_at") or 0) < since:
+            continue   # an earlier run's line
+        rec = _RecordView(d)
+        if not state.in_window(rec):
+            continue
+        counters.add(d, state.slos)
+        hist.add_record(d)
+        name = f"{urlsplit(d.get('url') or '').path} [{d.get('model')}]"
+        by_name.setdefault(name, HistogramSet()).add_record(d)
+    return hist, counters, by_name
+
+
+class _RecordView:
+    def __init__(self, d: dict) -> None:
+        self.sent_at = d.get("sent_at")
+        self.finished_at = d.get("finished_at")
+
+
 @events.quitting.add_listener
 def _on_quitting(environment, **_kw) -> None:
     state: LLMState | None = getattr(environment, "llm", None)
     if state is None:
         return
+    runner = environment.runner
+    if isinstance(runner, LocalRunner) and runner.state in (STATE_RUNNING, STATE_SPAWNING):
+        runner.stop()   # interrupted: stop the users first, so the summary has all they did
     if state.log is not None:
         state.log.close()
-    runner = environment.runner
+        state.log = None
     if not isinstance(runner, (MasterRunner, LocalRunner)):
         return
     agg: Aggregate = environment.llm_aggregate
@@ -470,7 +632,14 @@ def _on_quitting(environment, **_kw) -> None:
     if isinstance(runner, LocalRunner):
         agg.merge_report("local", state.take_report())
     stopped = time.time()
+    recovered = _recover_from_log(state, agg)
+    extra = None
+    if recovered is not None:
+        agg.hist, agg.counters, agg.by_name = recovered
+        extra = {"recovered": "requests.jsonl held requests no worker report carried (a worker "
+                              "was interrupted or killed); this summary was rebuilt from it"}
     summary = build_summary(
+        extra=extra,
         hist=agg.hist, counters=agg.counters, duration_s=_duration(state, agg, stopped),
         started_at=state.started_at or stopped,
         target={"url": environment.host, "model": getattr(state.options, "llm_model", "") or
@@ -484,6 +653,7 @@ def _on_quitting(environment, **_kw) -> None:
                   "cooldown_s": state.cooldown, "seed": state.seed},
         slos=state.slos, generator=agg.generator(), by_name=agg.by_name)
     environment.llm_summary = summary
+    _write_final_locust_csv(environment)
     if state.out:
         if agg.ts_file is not None:
             agg.flush_window(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pathlib
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -59,6 +60,15 @@ class Prompt:
 
 
 TokenCounter = Callable[[str, bool], int]   # (text, chat) -> tokens as the server counts
+
+# The last-resort tokenizer, for output when a server sends no usage and has no /tokenize:
+# words, numbers and single punctuation marks (a little below what BPE tokenizers count).
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+
+
+def regex_token_count(text: str) -> int:
+    """Estimated tokens of `text` without the server's tokenizer."""
+    return len(_TOKEN_RE.findall(text))
 
 
 @dataclass
@@ -157,11 +167,12 @@ class Workload:
     spec: WorkloadSpec
     count: TokenCounter | None = None
     chat: bool = True
+    stream: int = 0     # e.g. the Locust worker index: the same prompt pool, its own pick sequence
     _pool: list[Prompt] = field(default_factory=list)
     _rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
-        self._rng = random.Random(self.spec.seed)
+        self._rng = random.Random(self.spec.seed if not self.stream else f"{self.spec.seed}:{self.stream}")
 
     def _out_len(self) -> int:
         s = self.spec

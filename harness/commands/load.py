@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 from urllib.parse import urlsplit
@@ -61,6 +62,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cooldown", type=float, default=0.0, help="seconds excluded at the end")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request read timeout, s")
+    p.add_argument("--cpu-limit", type=float, default=None,
+                   help="generator invalid when a worker's median CPU %% exceeds this (default 90)")
+    p.add_argument("--lag-limit-ms", type=float, default=None,
+                   help="generator invalid when open-loop schedule lag p99 exceeds this (default 10)")
     p.add_argument("--out", required=True, help="results directory")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus /metrics on 127.0.0.1:PORT during the run (0 = off)")
@@ -130,6 +135,10 @@ def locust_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--llm-window", str(args.window)]
     if args.slo:
         cmd += ["--llm-slo", ",".join(args.slo)]
+    if getattr(args, "cpu_limit", None) is not None:
+        cmd += ["--llm-cpu-limit", str(args.cpu_limit)]
+    if getattr(args, "lag_limit_ms", None) is not None:
+        cmd += ["--llm-lag-limit-ms", str(args.lag_limit_ms)]
     if args.workers > 1:
         cmd += ["--processes", str(args.workers), "--llm-expected-workers", str(args.workers)]
     if args.metrics_port:
@@ -155,6 +164,16 @@ def _first_endpoint_url(path: str) -> str:
     return eps[0].url
 
 
+def _die_with_parent() -> None:
+    """In the Locust child: SIGTERM it (a clean shutdown, results written) if `harness load`
+    dies, even by SIGKILL. Linux only."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
     from harness.results import format_table
 
@@ -166,12 +185,24 @@ def run(args: argparse.Namespace) -> int:
     if args.endpoints:
         env["HARNESS_ENDPOINTS"] = str(pathlib.Path(args.endpoints).resolve())
         env["HARNESS_ENDPOINT_KIND"] = args.endpoint
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+
+    def forward(signum, _frame):
+        # SIGTERM (a CI job cancelled, `kill`): Locust shuts down cleanly on it and writes
+        # its results; Ctrl-C's SIGINT already reaches the whole process group.
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        # Locust got the same SIGINT; let it write its results.
-        code = proc.wait()
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:
+                continue   # Locust got the same SIGINT; let it write its results
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     summary_path = out / "summary.json"
     if summary_path.exists() and (out / "requests.jsonl").exists():
         add_breakdowns(out)

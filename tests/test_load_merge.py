@@ -1,0 +1,35 @@
+"""The master's percentiles with several Locust worker processes are exact: the same as
+recomputing them from every request line the workers wrote (same HDR bucketing)."""
+from __future__ import annotations
+
+from harness.results import summary_from_requests
+from loadrun import harness_load, locust_aggregated, read_jsonl, summary
+
+STATS = ("p50", "p90", "p95", "p99", "p99_9", "mean", "min", "max", "count")
+
+
+def test_two_worker_summary_equals_percentiles_recomputed_from_requests_jsonl(start_sim, tmp_path):
+    url, _ = start_sim()
+    out = tmp_path / "run"
+    n = 31   # odd: the workers' shares differ (16 + 15)
+    rc, log = harness_load("--url", url, "--users", "6", "--workers", "2", "--num-requests", str(n),
+                           "--input-len", "64", "--output-len", "12", "--output-len-range", "0.5",
+                           "--out", str(out), "--quiet", timeout=90)
+    assert rc == 0, log
+    records = read_jsonl(out / "requests.jsonl")
+    assert len(records) == n and all(r["ok"] for r in records)
+    s = summary(out)
+    # both worker processes sent requests, and together exactly the requested number
+    by_worker = s["generator"]["requests_by_worker"]
+    assert len(by_worker) == 2 and sorted(by_worker.values()) == [15, 16], by_worker
+    assert s["generator"]["workers"] == 2
+
+    again = summary_from_requests(records)
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "icl_ms", "e2e_ms"):
+        for stat in STATS:
+            assert s[key][stat] == again[key][stat], (key, stat, s[key], again[key])
+    assert s["itl_ms"]["count"] == sum(len(r["itl_ms"]) for r in records)
+    assert s["requests"]["completed"] == n
+    assert s["output_tokens"] == sum(r["output_tokens"] for r in records)
+    # Locust's own table: exactly one entry per LLM request
+    assert int(locust_aggregated(out)["Request Count"]) == n
