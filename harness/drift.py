@@ -230,9 +230,12 @@ def analyze(lines: Iterable[dict[str, Any]], *, start: float | None = None, end:
     result["detected"] = any(series[n]["significant"] and (series[n]["per_h"] or 0) > 0
                              for n in ("ttft_p99", "tpot_p99"))
 
-    # Server state (memory, KV cache, queues) when the timeseries carries it.
+    # Server state (memory, KV cache, queues) when the timeseries carries it; not from the
+    # window flushed at shutdown (users 0), whose scrape sees the server already idle.
     per_name: dict[str, tuple[list[float], list[float]]] = {}
     for line in windows:
+        if line.get("users") == 0:
+            continue
         mid = _mid_time(line)
         for k, v in server_values(line).items():
             xs, ys = per_name.setdefault(k, ([], []))

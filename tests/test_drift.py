@@ -92,12 +92,17 @@ def test_server_kv_cache_trend_from_timeseries_server_block():
     def server(i):
         return {"num_requests_running": 8, "num_requests_waiting": 0, "kv_cache_usage_perc": float(kv[i]),
                 "num_preemptions_total": 0, "scrape_ms": 1.5, "error": None}
-    d = drift.analyze(windows([100.0] * n, [20.0] * n, server=server))
+    lines = windows([100.0] * n, [20.0] * n, server=server)
+    # the window flushed at shutdown scrapes an idle server: left out of server trends
+    lines.append({**lines[-1], "t": lines[-1]["t"] + 1, "window_s": 1.0, "users": 0,
+                  "server": {"kv_cache_usage_perc": 0.0, "num_requests_running": 0}})
+    d = drift.analyze(lines)
     s = d["server"]
     assert "server.scrape_ms" not in s and "server.error" not in s
     kvs = s["server.kv_cache_usage_perc"]
     assert kvs["significant"] and kvs["per_h"] == pytest.approx(0.5 * 60 / 40, rel=0.1)
     assert not s["server.num_requests_running"]["significant"]
+    assert s["server.num_requests_running"]["windows"] == n and kvs["last"] == pytest.approx(kv[-1])
     assert "kv_cache_usage_perc" in drift.describe(d)
 
 
