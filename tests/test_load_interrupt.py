@@ -90,3 +90,23 @@ def test_sigkill_of_harness_load_lets_locust_finish_and_write_the_summary(start_
     records = read_jsonl(out / "requests.jsonl")
     s = summary(out)
     assert s["requests"]["completed"] + s["requests"]["failed"] == len(records) >= 8
+
+
+def test_summary_is_rebuilt_from_requests_jsonl_when_a_worker_is_killed(start_sim, tmp_path):
+    """A worker killed outright never sends its last report; the master notices that
+    requests.jsonl holds more requests than the reports carried and rebuilds from it."""
+    url, _ = start_sim()
+    out = tmp_path / "run"
+    run = start_load("--url", url, "--users", "4", "--workers", "2", "--duration", "7",
+                     "--input-len", "32", "--output-len", "16", "--out", str(out), "--quiet")
+    try:
+        assert wait_for(lambda: _lines(out / "requests.jsonl") >= 6, 30), run.output()
+        worker = _locust_master(run).children()[0]
+        worker.kill()
+        rc, log = run.wait(40)
+    finally:
+        run.cleanup()
+    records = read_jsonl(out / "requests.jsonl")
+    s = summary(out)
+    assert "recovered" in s, s.get("generator")
+    assert s["requests"]["completed"] + s["requests"]["failed"] == len(records)

@@ -83,6 +83,7 @@ def test_rate_shape_changes_the_open_loop_rate_on_every_worker(start_sim, tmp_pa
     out = tmp_path / "run"
     rc, log = locust("-f", "locustfiles/chat.py,locustfiles/shapes.py", "--headless", "--host", url,
                      "--processes", "2", "--llm-arrival", "constant", "--llm-window", "1",
+                     "--llm-lag-limit-ms", "250",
                      "--llm-out", str(out), "--llm-input-len", "32", "--llm-output-len", "8",
                      "--only-summary", timeout=60,
                      env={"LLM_SHAPE": "step", "LLM_SHAPE_UNIT": "rate", "LLM_SHAPE_LEVELS": "4,16",
