@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.commands import demo as demo_cmd
     from harness.commands import hw as hw_cmd
     from harness.commands import serve as serve_cmd
+    from harness.commands import run as run_cmd
+    from harness.commands import throughput as throughput_cmd
+    from harness.commands import perplexity as perplexity_cmd
     from harness.commands import compare as compare_cmd
 
     sim_cmd.add_parser(sub)
@@ -37,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_parser(sub)
     hw_cmd.add_parser(sub)
     serve_cmd.add_parser(sub)
+    run_cmd.add_parser(sub)
+    throughput_cmd.add_parser(sub)
+    perplexity_cmd.add_parser(sub)
     compare_cmd.add_parser(sub)
     return parser
 

