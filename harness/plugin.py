@@ -26,13 +26,9 @@ from locust.runners import (STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, STATE_
 
 from harness.histograms import HistogramSet
 from harness.results import Counters, RequestLog, build_summary, read_requests, write_json
-from harness.slo import Slo, parse_slo
+from harness.slo import Slo, parse_slo, run_exit_code
 from harness.workload import Workload, WorkloadSpec, server_token_counter
 
-# Exit codes (README, "Exit codes").
-EXIT_SLO_BREACH = 1
-EXIT_GENERATOR_INVALID = 3
-EXIT_REQUEST_ERRORS = 4
 
 RECORD_FIELDS = ("id", "user_class", "url", "model", "scheduled_at", "sent_at", "ok", "status",
                  "error_kind", "input_tokens", "output_tokens", "tokens_estimated", "ttft_ms",
@@ -659,17 +655,8 @@ def _on_quitting(environment, **_kw) -> None:
             agg.flush_window(0)
             agg.ts_file.close()
         write_json(pathlib.Path(state.out) / "summary.json", summary)
-    code = 0
-    if agg.counters.failed and not any(s.metric == "error_rate" for s in state.slos):
-        code = EXIT_REQUEST_ERRORS
-    if not summary["generator"]["valid"]:
-        code = EXIT_GENERATOR_INVALID
-    if not summary["slo"]["passed"]:
-        code = EXIT_SLO_BREACH
-    if agg.counters.completed == 0 and agg.counters.failed == 0:
-        code = code or EXIT_REQUEST_ERRORS
     # Always set: Locust's own rule (exit 1 on any failure) does not know our SLOs.
-    environment.process_exit_code = code
+    environment.process_exit_code = run_exit_code(summary)
 
 
 # Live observability (web UI tab and charts, Prometheus exporter, server /metrics scraping).

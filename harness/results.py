@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from harness.histograms import HistogramSet
-from harness.slo import Slo, request_is_good
+from harness.slo import Slo, evaluate, request_is_good
 
 SCHEMA = 1
 LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "icl_ms", "e2e_ms", "schedule_lag_ms",
@@ -125,8 +125,7 @@ def build_summary(*, hist: HistogramSet, counters: Counters, duration_s: float,
         summary[key] = hist.summary(key)
     summary.update(rates(counters, duration_s))
     summary["goodput_ratio"] = counters.good / total if total else None
-    checks = [s.check(summary) for s in slos]
-    summary["slo"] = {"passed": all(c["passed"] for c in checks), "checks": checks}
+    summary["slo"] = evaluate(slos, summary)
     summary["generator"] = generator
     if by_name:
         summary["by_name"] = {name: {k: h.summary(k) for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")}

@@ -86,8 +86,8 @@ def parse_slo(text: str) -> Slo:
     return Slo(text.strip(), metric, op, threshold)
 
 
-# Exit codes of a load run (README, "SLOs, soak and CI gates"); harness/plugin.py uses the same
-# numbers, and 2 (bad input) comes from harness/cli.py.
+# Exit codes of a load run (README, "SLOs, soak and CI gates"); the Locust plugin and the
+# post-run soak step both decide with run_exit_code; 2 (bad input) comes from harness/cli.py.
 EXIT_OK = 0
 EXIT_SLO_BREACH = 1
 EXIT_GENERATOR_INVALID = 3
