@@ -20,6 +20,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="first port (default 8000)")
     p.add_argument("--replicas", type=int, default=1, help="replicas on consecutive ports")
+    p.add_argument("--layout", default=None,
+                   help="serve a launcher layout (single, tp2, mixed12 or FILE.yaml) as simulated "
+                        "replicas on consecutive ports; writes OUT/endpoints.json")
+    p.add_argument("--gpu", default="l40s", help="with --layout: the GPU the replicas simulate")
+    p.add_argument("--gpus", type=int, default=12, help="with --layout: GPUs in the simulated machine")
+    p.add_argument("--out", default=None, help="with --layout: where endpoints.json goes")
     p.add_argument("--served-model-name", default=None, help="model name the API answers to")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
@@ -70,11 +76,49 @@ def build_replicas(args: argparse.Namespace):
         v = getattr(faults, name)
         if not 0.0 <= v <= 1.0:
             raise UsageError(f"--fault-{name.replace('_', '-')} is a probability; give 0..1, not {v}")
-    return profile, [Replica(profile, args.port + i, host=args.host, faults=faults,
+    if args.layout:
+        profiles = _layout_profiles(args)
+    else:
+        profiles = [profile] * args.replicas
+    return profile, [Replica(p, args.port + i, host=args.host, faults=faults,
                              truth_log=args.truth_log, seed=args.seed + i,
                              slowdown_per_hour=args.slowdown_per_hour,
                              kv_capacity_tokens=args.kv_cache_tokens)
-                     for i in range(args.replicas)]
+                     for i, p in enumerate(profiles)]
+
+
+def _layout_profiles(args: argparse.Namespace) -> list:
+    from servers.launcher.errors import LayoutError
+    from servers.launcher.layouts import load_layout
+    from servers.simulator.gpus import GPUS
+    from servers.simulator.layout import replicas_for_layout
+
+    if args.gpu not in GPUS:
+        raise UsageError(f"--gpu {args.gpu!r} is not one of {', '.join(GPUS)}")
+    if not args.out:
+        raise UsageError("--layout needs --out DIR (where endpoints.json is written)")
+    try:
+        replicas = replicas_for_layout(load_layout(args.layout), args.gpu, args.gpus)
+    except (LayoutError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    args.layout_replicas = replicas
+    return [r.profile for r in replicas]
+
+
+def _write_endpoints(args: argparse.Namespace) -> None:
+    import os
+
+    from servers.launcher.endpoints import Endpoint, write_endpoints
+
+    eps = [Endpoint(name=r.name, role=r.role, url=f"http://{args.host}:{args.port + i}",
+                    model=r.profile.served_model_name, gpus=r.gpus, port=args.port + i,
+                    pid=os.getpid(), precision=r.profile.deployment.precision.name,
+                    tensor_parallel_size=r.profile.deployment.tp)
+           for i, r in enumerate(args.layout_replicas)]
+    os.makedirs(args.out, exist_ok=True)
+    path = write_endpoints(os.path.join(args.out, "endpoints.json"), eps, layout=args.layout,
+                           layout_source="simulator", extra={"simulated_gpu": args.gpu})
+    print(f"harness sim: {len(eps)} replicas of layout {args.layout}; endpoint list {path}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
                                      return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             task.result()  # raises the bind error
+        if args.layout:
+            _write_endpoints(args)
+            return await task
         ports = ", ".join(str(r.port) for r in replicas)
         print(f"harness sim: {profile.name} serving {profile.served_model_name!r} on "
               f"http://{args.host}:{ports}", flush=True)
