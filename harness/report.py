@@ -97,8 +97,15 @@ def _cls(text: str) -> str:
             "measurement error": "measurement-error", "ok": "ok"}.get(text, "")
 
 
-def physics_index(results: dict[str, dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+def physics_index(results: dict[str, dict[str, Any]], plan: dict[str, Any] | None = None
+                  ) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(stage, metric, source) -> physics mark: the plan's targets (judged from the plan alone,
+    so a stage that never ran still shows them), then what each stage recorded."""
     idx = {}
+    if plan is not None:
+        for name, marks in plan_marks(plan).items():
+            for ph in marks:
+                idx[(name, ph["metric"], ph["source"])] = ph
     for name, r in results.items():
         for ph in r.get("physics") or []:
             idx[(name, ph["metric"], ph["source"])] = ph
@@ -136,7 +143,7 @@ def stage_rows(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[
 def plan_tables(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[tuple[str, list[list[str]]]]:
     """[(table name, rows)] rows: row, metric, expected, measured, result, physics of target,
     physics of measurement, stage."""
-    ph = physics_index(results)
+    ph = physics_index(results, run["plan"])
     tables: dict[str, list[list[str]]] = {}
     for s in run["plan"]["stages"]:
         table = s.get("table")
@@ -164,12 +171,20 @@ def plan_tables(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> list
     return list(tables.items())
 
 
-def physics_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
+def plan_marks(plan: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    from harness.stages.physics import plan_marks as marks
+
+    try:
+        return marks(plan)
+    except Exception:  # a plan from an older harness: no target marks rather than no report
+        return {}
+
+
+def physics_rows(results: dict[str, dict[str, Any]], plan: dict[str, Any] | None = None) -> list[list[str]]:
     rows = []
-    for name, r in results.items():
-        for p in r.get("physics") or []:
-            rows.append([name, p["metric"], p["source"], fmt(p.get("value")), fmt(p.get("bound")),
-                         p["mark"], p.get("detail") or ""])
+    for (name, _metric, _source), p in physics_index(results, plan).items():
+        rows.append([name, p["metric"], p["source"], fmt(p.get("value")), fmt(p.get("bound")),
+                     p["mark"], p.get("detail") or ""])
     order = {"impossible": 0, "measurement error": 1, "ok": 2}
     rows.sort(key=lambda x: (order.get(x[5], 3), x[0]))
     return rows
@@ -374,7 +389,7 @@ def render_html(run_dir: Path) -> str:
     for name, r in results.items():
         if r.get("status") == "error":
             parts.append(f"<h3>{escape(name)}: error</h3><pre>{escape(r.get('detail') or '')}</pre>")
-    phys = physics_rows(results)
+    phys = physics_rows(results, run["plan"])
     sysrows = system_rows(run)
     if phys or sysrows:
         parts.append('<h2 id="physics">Physics check</h2><p class="muted">Targets and measurements held '
@@ -419,7 +434,7 @@ def render_md(run_dir: Path) -> str:
             "## Stages", "", _md_table(STAGE_HEAD, stage_rows(run, results)), ""]
     for name, rows in plan_tables(run, results):
         out += [f"## {name}", "", _md_table(TABLE_HEAD, rows), ""]
-    phys = physics_rows(results)
+    phys = physics_rows(results, run["plan"])
     if phys:
         out += ["## Physics check", "", _md_table(PHYS_HEAD, phys), ""]
     sysrows = system_rows(run)

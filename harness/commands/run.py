@@ -38,8 +38,21 @@ def handle(args: argparse.Namespace) -> int:
     except plan_mod.PlanError as exc:
         raise UsageError(str(exc)) from None
     if args.validate:
+        from harness.stages.physics import plan_marks
+
         print(f"{args.plan}: plan {plan['name']} is valid ({len(plan['stages'])} stages: "
               f"{', '.join(s['name'] for s in plan['stages'])})")
+        bad = [(n, m) for n, marks in plan_marks(plan).items() for m in marks if m["mark"] != "ok"]
+        for n, m in bad:
+            print(f"physics: {n}: target {m['metric']} {m['value']:g} is {m['mark']}: {m['detail']}")
+        if bad:
+            print(f"physics: {len(bad)} target(s) no hardware can meet (they stay in the plan, marked)")
+        from harness.stages.cost import compute
+
+        for c in compute(plan, {}):
+            if c.get("cost_per_million_tokens") is not None:
+                print(f"cost: {c['layout']}: {c['cost_per_million_tokens']:.4f} {c['currency']} per million "
+                      f"output tokens at the expected {c['output_tokens_per_s']:,.0f} tok/s ({c['basis']})")
         return 0
     out = Path(args.out or f"runs/{plan['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.report_only:

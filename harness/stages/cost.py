@@ -114,8 +114,8 @@ def compute(plan: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[di
             "layout": layout["name"], "gpus": g, "output_tokens_per_s": tps,
             "throughput_source": tps_source, "stage": layout.get("stage"),
             "watts_per_gpu": round(watts_per_gpu, 1) if watts_per_gpu is not None else None,
-            "power_source": power_source, "cost_per_hour": round(per_hour, 4), "basis": basis,
-            "cost_per_million_tokens": round(per_m, 4) if per_m is not None else None,
+            "power_source": power_source, "cost_per_hour": round(per_hour, 6), "basis": basis,
+            "cost_per_million_tokens": per_m,
             "currency": cost.get("currency", "USD"),
             "tokens_per_joule": (tps / (g * watts_per_gpu)) if tps and watts_per_gpu else None,
         })

@@ -1,0 +1,124 @@
+"""The hardware stage as a plan step: runs ``harness hw`` (:mod:`harness.stages.hardware`) or
+reuses a ``hardware.json`` it wrote (``result: PATH``), and adds the plan's targets.
+
+Figures (the worst GPU or pair, since a plan's target must hold for every card):
+``hbm_tbs`` (device copy, read + write), ``gemm_tflops`` (dense BF16), ``p2p_gbs`` (the slowest
+measured directed pair) and ``p2p_best_pairs_gbs`` (the slowest pair the launcher would use for
+TP=2). ``hardware.json`` is copied into the stage's folder (the report draws its P2P heat map).
+Without a GPU the stage is ``skipped``, as ``harness hw`` is.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from harness.stages.base import Field, StageContext, StageResult, StageSkipped
+
+PARAMS: dict[str, Field] = {
+    "quick": Field("bool", False),
+    "gpus": Field("str", None, help="CUDA indices, e.g. 0-3"),
+    "target": Field("str", None, help="judge against this GPU model's targets"),
+    "checks": Field("list", ["hbm", "gemm", "p2p"]),
+    "result": Field("str", None, help="reuse this hardware.json instead of measuring"),
+}
+METRICS = {"hbm_tbs": ">=", "gemm_tflops": ">=", "p2p_gbs": ">=", "p2p_best_pairs_gbs": ">="}
+_GPU_KEYS = (("L40S", "l40s"), ("H200", "h200"), ("H100", "h100"), ("A100", "a100"))
+
+
+def figures(hw: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    hbm = [r["tbs"] for r in hw.get("hbm") or [] if r.get("tbs") is not None]
+    gemm = [r["tflops"] for r in hw.get("gemm") or [] if r.get("tflops") is not None]
+    if hbm:
+        out["hbm_tbs"] = min(hbm)
+    if gemm:
+        out["gemm_tflops"] = min(gemm)
+    p2p = hw.get("p2p") or {}
+    vals = [v for row in p2p.get("gbs") or [] for v in row if v is not None]
+    if vals:
+        out["p2p_gbs"] = min(vals)
+        topo = hw.get("topology")
+        try:
+            from servers import topology as topo_mod
+
+            if topo:
+                t = topo_mod.Topology.from_dict(topo)
+                gpus = p2p["gpus"]
+                best = []
+                for a, b in t.best_pairs():
+                    if a in gpus and b in gpus:
+                        i, j = gpus.index(a), gpus.index(b)
+                        best += [v for v in (p2p["gbs"][i][j], p2p["gbs"][j][i]) if v is not None]
+                if best:
+                    out["p2p_best_pairs_gbs"] = min(best)
+        except Exception:
+            pass
+    return out
+
+
+def gpu_key(hw: dict[str, Any], plan: dict[str, Any]) -> str | None:
+    if plan.get("gpu"):
+        return str(plan["gpu"]).lower()
+    names = [g.get("name", "") for g in hw.get("gpus") or []]
+    for needle, key in _GPU_KEYS:
+        if names and needle in names[0].upper():
+            return key
+    return None
+
+
+def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
+    from harness.stages import expect as expect_mod
+    from harness.stages import hardware, physics
+
+    p = {k: params.get(k, f.default) for k, f in PARAMS.items()}
+    expected = dict(params.get("expect") or {})
+    dest = ctx.out_dir / "hardware.json"
+    if p.get("result"):
+        src = Path(p["result"])
+        if not src.is_file():
+            raise FileNotFoundError(f"result: {src} does not exist")
+        shutil.copyfile(src, dest)
+        ctx.log(f"hardware: reusing {src}")
+    else:
+        from harness.commands.hw import parse_gpus
+
+        report = hardware.run(str(ctx.out_dir), gpus=parse_gpus(p.get("gpus")), quick=bool(p["quick"]),
+                              target=p.get("target"), checks=list(p["checks"]), log=ctx.log)
+        if report.status != "skipped":
+            ctx.log(hardware.format_summary(report))
+    hw = json.loads(dest.read_text())
+    if hw.get("status") == "skipped":
+        raise StageSkipped(f"hardware: {hw.get('skipped_reason')}")
+    measured = figures(hw)
+    tol = float((ctx.plan or {}).get("tolerance") or 0.0)
+    checks = expect_mod.check_all(expected, measured, tol)
+    for c in hw.get("checks") or []:
+        if c.get("name") in ("hbm_bandwidth", "gemm_bf16", "p2p") and c.get("status") in ("fail", "error"):
+            checks.append({"metric": f"hw.{c['name']}" + (f".gpu{c['gpu']}" if c.get("gpu") is not None else ""),
+                           "op": "pass", "target": None, "upper": None, "target_text": "datasheet target",
+                           "measured": c.get("value"), "passed": False, "remedy": c.get("remedy"),
+                           "tolerance": 0.0})
+    key = gpu_key(hw, ctx.plan or {})
+    spec = None
+    if key:
+        try:
+            spec = physics.gpu_spec(key, (ctx.plan or {}).get("gpu_overrides"))
+        except KeyError:
+            spec = None
+    phys = []
+    for metric, value, source in ([(k, physics.target_number(v), "target") for k, v in expected.items()]
+                                  + [(k, v, "measured") for k, v in measured.items()]):
+        r = physics.check_hardware_value(metric, value, source, spec)
+        if r:
+            phys.append(r)
+    host = hw.get("host") or {}
+    return StageResult(
+        name=ctx.name, stage="hardware", status=expect_mod.status_from(checks) if checks else hw.get("status", "pass"),
+        measured=measured, expected=expected, checks=checks, physics=phys, params=p,
+        detail=f"{len(hw.get('gpus') or [])} GPU(s) {', '.join(sorted({g.get('name', '?') for g in hw.get('gpus') or []}))}; "
+               f"driver {host.get('driver')}; hw status {hw.get('status')}",
+        data={"hardware_json": "hardware.json", "gpus": [g.get("name") for g in hw.get("gpus") or []],
+              "driver": host.get("driver"), "torch": host.get("torch")},
+    )

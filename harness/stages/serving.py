@@ -1,0 +1,276 @@
+"""The serving stage: the seed's latency benchmark through ``harness load`` against one server.
+
+Defaults are the seed's "Latency Benchmark - Online Serving Mode": Poisson arrivals at 20
+requests/s, 500 prompts, 512 tokens in, 128 out. The stage's ``expect:`` latency targets (the
+seed's TTFT p50 < 80 ms, p99 < 200 ms, TPOT p50 < 15 ms, p99 < 30 ms) are also handed to the load
+run as SLOs, so its goodput counts the requests that met them. ``sweep_rates`` adds runs at other
+rates before the main one (the report plots latency percentiles against rate).
+
+This module also holds what the cluster and soak stages share: one ``harness load`` run
+(:func:`run_load`, a subprocess, with a progress line as requests finish) and the flat figures of
+its ``summary.json`` (:func:`flatten`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.stages.base import Field, StageContext, StageResult
+
+PCTS = ("p50", "p90", "p95", "p99", "p99_9", "mean", "max")
+LATENCIES = ("ttft", "tpot", "itl", "e2e", "ttft_from_schedule", "schedule_lag")
+SCALARS = ("output_tokens_per_s", "total_tokens_per_s", "requests_per_s", "goodput_rps",
+           "goodput_ratio", "error_rate", "ttft_drift_ms_per_h", "tpot_drift_ms_per_h")
+METRICS = {f"{lat}_{p}_ms": "<=" for lat in LATENCIES for p in PCTS}
+METRICS.update({k: ">=" for k in SCALARS[:5]})
+METRICS.update({"error_rate": "<=", "ttft_drift_ms_per_h": "<=", "tpot_drift_ms_per_h": "<=",
+                "tokens_per_joule": ">="})
+_SLO_METRIC = re.compile(r"^(ttft|tpot|itl|icl|e2e|ttft_from_schedule)_(p50|p90|p95|p99|p99_9|mean|max)_ms$")
+
+LOAD_PARAMS: dict[str, Field] = {
+    "target": Field("dict", required=True, help="url | endpoints | simulator | layout"),
+    "rate": Field("float", 20.0, minimum=0, help="requests/s, Poisson (0: closed loop with users)"),
+    "users": Field("int", None, minimum=1, help="closed loop: concurrent users instead of a rate"),
+    "num_requests": Field("int", 500, minimum=1),
+    "duration": Field("str", None, help="bound the run by time instead: 60s, 15m"),
+    "input_len": Field("int", 512, minimum=1),
+    "output_len": Field("int", 128, minimum=1),
+    "workers": Field("int", 1, minimum=1),
+    "max_concurrency": Field("int", None, minimum=1),
+    "warmup": Field("float", 0.0, minimum=0),
+    "slo": Field("list", [], help="extra SLOs, e.g. 'error_rate<=0.01'"),
+    "seed": Field("int", 0),
+    "endpoint": Field("str", "chat", choices=("chat", "completions")),
+    "request_timeout": Field("float", 600.0, minimum=1),
+    "timeout_s": Field("float", 7200.0, minimum=1, help="the stage's own bound"),
+    "physics": Field("dict", None, help="{gpu, model, precision, tp}; simulator targets know theirs"),
+}
+PARAMS: dict[str, Field] = {**LOAD_PARAMS, "sweep_rates": Field("list", [])}
+
+
+def validate_params(p: dict[str, Any]) -> None:
+    from harness.slo import parse_slo
+    from harness.errors import UsageError
+    from harness.stages import targets
+
+    targets.validate(p.get("target") or {})
+    for i, s in enumerate(p.get("slo") or []):
+        try:
+            parse_slo(str(s))
+        except UsageError as exc:
+            raise ValueError(f"slo[{i}]: {exc}") from None
+    for i, r in enumerate(p.get("sweep_rates") or []):
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or r <= 0:
+            raise ValueError(f"sweep_rates[{i}]: a rate > 0, got {r!r}")
+    if not p.get("rate") and not p.get("users"):
+        raise ValueError("rate: give a rate > 0 or users:")
+
+
+def slos_from_expect(expected: dict[str, Any], extra: list[str]) -> list[str]:
+    """The latency targets the load run should count goodput against, as --slo strings."""
+    from harness.stages.expect import parse_target
+
+    out = [str(s) for s in extra]
+    for metric, target in expected.items():
+        if "." in metric or not _SLO_METRIC.match(metric):
+            continue
+        op, value, _ = parse_target(metric, target)
+        if op in ("<=", "<"):
+            out.append(f"{metric}{op}{value:g}")
+    return out
+
+
+def flatten(summary: dict[str, Any]) -> dict[str, float | None]:
+    """summary.json -> {"ttft_p50_ms": ..., "output_tokens_per_s": ..., ...}."""
+    out: dict[str, float | None] = {}
+    for lat in LATENCIES:
+        block = summary.get(f"{lat}_ms") or {}
+        if not block.get("count"):
+            continue
+        for p in PCTS:
+            if block.get(p) is not None:
+                out[f"{lat}_{p}_ms"] = block[p]
+    for k in SCALARS:
+        if summary.get(k) is not None:
+            out[k] = summary[k]
+    return out
+
+
+def load_argv(p: dict[str, Any], url: str, model: str, out: Path, slos: list[str],
+              rate: float | None, extra: list[str] | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "harness.cli", "load", "--url", url, "--out", str(out), "--quiet",
+            "--input-len", str(p["input_len"]), "--output-len", str(p["output_len"]),
+            "--workers", str(p["workers"]), "--seed", str(p["seed"]),
+            "--timeout", str(p["request_timeout"]), "--endpoint", p["endpoint"]]
+    if model:
+        argv += ["--model", model]
+    if rate:
+        argv += ["--rate", f"{rate:g}"]
+    else:
+        argv += ["--users", str(p.get("users") or 8)]
+    if p.get("num_requests") and not p.get("duration"):
+        argv += ["--num-requests", str(p["num_requests"])]
+    if p.get("duration"):
+        argv += ["--duration", str(p["duration"])]
+    if p.get("max_concurrency"):
+        argv += ["--max-concurrency", str(p["max_concurrency"])]
+    if p.get("warmup"):
+        argv += ["--warmup", f"{p['warmup']:g}"]
+    for s in slos:
+        argv += ["--slo", s]
+    return argv + list(extra or [])
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def run_loads(jobs: list[tuple[str, list[str], Path]], timeout_s: float,
+              log: Callable[[str], None], total: int | None = None) -> dict[str, dict[str, Any]]:
+    """Run several ``harness load`` commands at once; label -> summary (or {"error": ...}).
+
+    Prints a progress line about every 5 s: requests finished (all jobs) of ``total``.
+    """
+    procs = []
+    for label, argv, out in jobs:
+        out.mkdir(parents=True, exist_ok=True)
+        logf = open(out / "load.log", "wb")
+        procs.append((label, subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
+                                              env=dict(os.environ, PYTHONUNBUFFERED="1")), out, logf))
+    t0 = time.monotonic()
+    last = t0
+    try:
+        while any(p.poll() is None for _, p, _, _ in procs):
+            time.sleep(0.2)
+            now = time.monotonic()
+            if now - t0 > timeout_s:
+                for _, p, _, _ in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGINT)  # Locust writes its results on SIGINT
+                deadline = time.monotonic() + 30
+                for _, p, _, _ in procs:
+                    try:
+                        p.wait(max(0.1, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                log(f"load: stopped at the stage's bound of {timeout_s:.0f} s")
+                break
+            if now - last >= 5.0:
+                last = now
+                done = sum(_count_lines(out / "requests.jsonl") for _, _, out, _ in procs)
+                of = f"/{total}" if total else ""
+                bar = ""
+                if total:
+                    filled = int(20 * min(1.0, done / total))
+                    bar = "[" + "#" * filled + "." * (20 - filled) + "] "
+                log(f"load: {bar}{done}{of} requests, {now - t0:.0f} s")
+    except BaseException:
+        for _, p, _, _ in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for _, p, _, _ in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    finally:
+        for _, _, _, logf in procs:
+            logf.close()
+    results: dict[str, dict[str, Any]] = {}
+    for label, p, out, _ in procs:
+        path = out / "summary.json"
+        if path.exists():
+            results[label] = json.loads(path.read_text())
+            results[label]["_exit_code"] = p.returncode
+        else:
+            tail = "\n".join((out / "load.log").read_text(errors="replace").strip().splitlines()[-5:])
+            results[label] = {"error": f"harness load exited with {p.returncode} and wrote no "
+                                       f"summary; {out}/load.log ends:\n{tail}"}
+    return results
+
+
+def endpoint_hardware(p: dict[str, Any], endpoint: Any, plan: dict[str, Any], replicas: int = 1):
+    from harness.stages import physics
+
+    spec = dict(p.get("physics") or {})
+    if not spec and getattr(endpoint, "profile", None):
+        spec = {"profile": endpoint.profile}
+    if spec and all(isinstance(v, dict) for v in spec.values()):  # per role (cluster)
+        spec = dict(spec.get(getattr(endpoint, "role", ""), {}) or {})
+    return physics.hardware_from(spec, plan, replicas=replicas, input_len=int(p["input_len"]),
+                                 output_len=int(p["output_len"]))
+
+
+def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
+    from harness.stages import expect as expect_mod
+    from harness.stages import physics
+    from harness.stages.power import power_sampling, tokens_per_joule
+    from harness.stages.targets import open_targets
+
+    p = {k: params.get(k, f.default) for k, f in PARAMS.items()}
+    expected = dict(params.get("expect") or {})
+    slos = slos_from_expect(expected, p.get("slo") or [])
+    rates = [float(r) for r in p.get("sweep_rates") or []]
+    main_rate = float(p["rate"]) if p.get("rate") and not p.get("users") else None
+    sweep: list[dict[str, Any]] = []
+    with open_targets(p["target"], ctx.out_dir, ctx.log) as endpoints:
+        ep = endpoints[0]
+        if len(endpoints) > 1:
+            ctx.log(f"serving: the target has {len(endpoints)} endpoints; loading {ep.name} "
+                    f"({ep.url}) only (a cluster stage loads them all)")
+        runs = [(r, ctx.out_dir / f"rate-{r:g}") for r in rates if r != main_rate]
+        runs.append((main_rate, ctx.out_dir / "load"))
+        main_summary: dict[str, Any] = {}
+        power = None
+        for r, out in runs:
+            what = f"{r:g} req/s" if r else f"{p.get('users') or 8} users"
+            ctx.log(f"load: {what}, {p['num_requests']} requests, {p['input_len']} in, "
+                    f"{p['output_len']} out -> {ep.url}")
+            argv = load_argv(p, ep.url, ep.model, out, slos, r)
+            with power_sampling() as pw:
+                res = run_loads([("main", argv, out)], float(p["timeout_s"]), ctx.log,
+                                total=None if p.get("duration") else int(p["num_requests"]))["main"]
+            if "error" in res:
+                raise RuntimeError(res["error"])
+            flat = flatten(res)
+            sweep.append({"rate": r, "dir": str(out.relative_to(ctx.run_dir)), **flat})
+            if out.name == "load":
+                main_summary, power = res, pw.summary()
+    measured = flatten(main_summary)
+    if power:
+        measured["tokens_per_joule"] = tokens_per_joule(power, measured.get("output_tokens_per_s"))
+    tol = float((ctx.plan or {}).get("tolerance") or 0.0)
+    checks = expect_mod.check_all(expected, measured, tol)
+    hw = endpoint_hardware(p, ep, ctx.plan)
+    figs = [(k, physics.target_number(v), "target") for k, v in expected.items()]
+    figs += [(k, v, "measured") for k, v in measured.items()
+             if isinstance(v, (int, float)) and (k.startswith(("ttft_p", "tpot_p")) or k == "output_tokens_per_s")]
+    phys = physics.check_all(figs, hw)
+    gen = main_summary.get("generator") or {}
+    status = expect_mod.status_from(checks) if checks else "pass"
+    ctx.log("serving: " + ", ".join(f"{k} {measured[k]:,.1f}" for k in
+                                    ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
+                                     "output_tokens_per_s") if measured.get(k) is not None))
+    return StageResult(
+        name=ctx.name, stage="serving", status=status, measured=measured, expected=expected,
+        checks=checks, physics=phys, params=p, power=power,
+        detail=f"{ep.url} ({ep.model}), " + (f"{main_rate:g} req/s" if main_rate else
+                                             f"{p.get('users') or 8} users")
+               + (" - load generator INVALID: " + "; ".join(gen.get("reasons", []))
+                  if gen and not gen.get("valid", True) else ""),
+        data={"endpoint": ep.__dict__, "sweep": sweep, "load_dir": "load",
+              "requests": main_summary.get("requests"), "generator": gen,
+              "slo": main_summary.get("slo")},
+    )

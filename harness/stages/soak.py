@@ -1,0 +1,90 @@
+"""The soak stage: the seed's continuous load test (50 requests/s, 60 s, any duration).
+
+One ``harness load`` bounded by time, with the seed's three-prompt mix (``--soak-mix``) unless
+``input_len`` is given, and with ``harness load --soak`` (its drift analysis: TTFT/TPOT drift per
+hour) where this harness's load command has it. Figures are the serving stage's plus the drift
+keys; the report plots TTFT/TPOT over time from its ``timeseries.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from harness.stages.base import Field, StageContext, StageResult
+from harness.stages.serving import LOAD_PARAMS, METRICS  # noqa: F401  (METRICS: same figures)
+
+PARAMS: dict[str, Field] = {
+    **LOAD_PARAMS,
+    "rate": Field("float", 50.0, minimum=0),
+    "duration": Field("str", "60s"),
+    "num_requests": Field("int", None, minimum=1, help="optional second bound"),
+    "input_len": Field("int", None, minimum=1, help="default: the seed's three-prompt mix"),
+    "output_len": Field("int", 128, minimum=1),
+}
+
+
+def validate_params(p: dict[str, Any]) -> None:
+    from harness.commands.load import _duration
+    from harness.errors import UsageError
+    from harness.stages import targets
+
+    targets.validate(p.get("target") or {})
+    try:
+        _duration(str(p.get("duration") or "60s"))
+    except UsageError as exc:
+        raise ValueError(f"duration: {exc}") from None
+
+
+def load_has_soak() -> bool:
+    from harness.commands import load
+
+    parser = argparse.ArgumentParser()
+    load.add_parser(parser.add_subparsers())
+    sub = parser._subparsers._group_actions[0].choices["load"]  # type: ignore[union-attr]
+    return any("--soak" in a.option_strings for a in sub._actions)
+
+
+def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
+    from harness.stages import expect as expect_mod
+    from harness.stages.power import power_sampling, tokens_per_joule
+    from harness.stages.serving import flatten, load_argv, run_loads, slos_from_expect
+    from harness.stages.targets import open_targets
+    from harness.commands.load import _duration
+
+    p = {k: params.get(k, f.default) for k, f in PARAMS.items()}
+    expected = dict(params.get("expect") or {})
+    slos = slos_from_expect(expected, p.get("slo") or [])
+    mix = p.get("input_len") is None
+    lp = dict(p, input_len=p.get("input_len") or 512)
+    extra = ["--soak"] if load_has_soak() else (["--soak-mix"] if mix else [])
+    if mix and "--soak" in extra:
+        extra.append("--soak-mix")
+    if p.get("num_requests"):
+        extra += ["--num-requests", str(p["num_requests"])]
+    seconds = _duration(str(p["duration"]))
+    with open_targets(p["target"], ctx.out_dir, ctx.log) as endpoints:
+        ep = endpoints[0]
+        ctx.log(f"soak: {p['rate']:g} req/s for {p['duration']} -> {ep.url}"
+                + (" (the seed's three-prompt mix)" if mix else ""))
+        argv = load_argv(lp, ep.url, ep.model, ctx.out_dir / "load", slos, p["rate"] or None, extra)
+        with power_sampling() as pw:
+            res = run_loads([("main", argv, ctx.out_dir / "load")],
+                            min(float(p["timeout_s"]), seconds * 3 + 120), ctx.log)["main"]
+    if "error" in res:
+        raise RuntimeError(res["error"])
+    measured = flatten(res)
+    power = pw.summary()
+    if power:
+        measured["tokens_per_joule"] = tokens_per_joule(power, measured.get("output_tokens_per_s"))
+    tol = float((ctx.plan or {}).get("tolerance") or 0.0)
+    checks = expect_mod.check_all(expected, measured, tol)
+    ctx.log("soak: " + ", ".join(f"{k} {measured[k]:,.2f}" for k in
+                                 ("requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "error_rate",
+                                  "ttft_drift_ms_per_h") if measured.get(k) is not None))
+    return StageResult(
+        name=ctx.name, stage="soak", status=expect_mod.status_from(checks) if checks else "pass",
+        measured=measured, expected=expected, checks=checks, params=p, power=power,
+        detail=f"{p['rate']:g} req/s for {p['duration']} against {ep.url}",
+        data={"load_dir": "load", "drift": res.get("drift"), "requests": res.get("requests"),
+              "generator": res.get("generator")},
+    )
