@@ -7,6 +7,7 @@ check the same engine behind the real-time server (`harness sim` as a subprocess
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -227,6 +228,10 @@ def test_truth_log_has_one_line_per_request_with_its_event_times(start_sim, tmp_
         ids[chunks[0].id] = n
     plain = c.completions.create(model=MODEL, prompt="plain", max_tokens=4,
                                  extra_body={"ignore_eos": True})
+    # Lines are written in the gaps between engine steps: wait for them briefly.
+    deadline = time.monotonic() + 5
+    while len(log.read_text().splitlines()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(lines) == 4
     by_id = {rec["id"]: rec for rec in lines}

@@ -130,11 +130,9 @@ def run(args: argparse.Namespace) -> int:
     from servers.simulator.server import serve
 
     profile, replicas = build_replicas(args)
-    try:
-        import uvloop  # type: ignore[import-not-found]
-        uvloop.install()
-    except ImportError:
-        pass
+    # The standard asyncio loop on purpose, not uvloop: uvloop queues a small transport.write
+    # until the end of the loop iteration (MagicStack/uvloop#619, #631), so a step's events
+    # left later than the truth log said and all at once; asyncio sends inside write().
 
     async def main() -> None:
         stop = asyncio.Event()
