@@ -130,7 +130,7 @@ def heatmap(title: str, labels: Sequence[str], matrix: Sequence[Sequence[float |
     left, top = 70, 40
     w, h = left + n * cell + 170, top + n * cell + 40
     vals = [v for row in matrix for v in row if v is not None]
-    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    lo, hi = 0.0, (max(vals) if vals else 1.0)  # colour is the fraction of the best pair
     out = [f'<svg class="chart {cls}" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" '
            f'height="{h}" role="img" aria-label="{escape(title)}"><title>{escape(title)}</title>',
            f'<text x="{left}" y="18" class="ct">{escape(title)}</text>']
