@@ -23,10 +23,10 @@ COPY harness ./harness
 COPY servers ./servers
 RUN pip install . && rm -rf build ./*.egg-info
 
-# Locust runs `locust -f locustfiles/<file>.py` from /app; results go under /results
-# (docker-compose.yml bind-mounts ./runs there, so the container runs as root).
+# Locust runs `locust -f locustfiles/<file>.py` from /app, as from a checkout; results go
+# to runs/ (docker-compose.yml bind-mounts ./runs there, so the container runs as root).
 COPY locustfiles ./locustfiles
-RUN mkdir -p /results
+RUN mkdir -p runs
 
 # 8000 simulator, 8089 Locust web UI, 5557 Locust master, 9646 harness Prometheus /metrics
 EXPOSE 8000 8089 5557 9646

@@ -109,6 +109,14 @@ def published(service: dict) -> list[tuple[str, int, int]]:
     return out
 
 
+def image_workdir() -> str:
+    """The harness image's WORKDIR (the services' working folder, holding locustfiles/)."""
+    text = (REPO / "Dockerfile").read_text()
+    workdir = re.findall(r"^WORKDIR\s+(\S+)", text, re.M)[-1]
+    assert re.search(r"^COPY\s+locustfiles\s+\./locustfiles\s*$", text, re.M)
+    return workdir
+
+
 def flag_value(argv: list[str], flag: str) -> str | None:
     for i, a in enumerate(argv):
         if a == flag and i + 1 < len(argv):
@@ -246,7 +254,7 @@ def test_master_command_parses_headless_or_ui_by_variable(headless):
     assert o["host"] == "http://simulator:8000"
     assert o["llm_metrics_port"] == 9646 and o["llm_metrics_host"] == "0.0.0.0"
     assert o["llm_rate"] == 2.5 and o["llm_slo"] == "ttft_p99_ms<=200,error_rate<=0.01"
-    assert o["llm_model"] == "" and o["llm_out"] == "/results/compose"
+    assert o["llm_model"] == "" and o["llm_out"] == "runs/compose"
     assert o["expect_workers"] == 1 and o["num_users"] == 8
     worker = resolved()["services"]["locust-worker"]
     w = locust_parse(command_argv(worker["command"])[1:], {k: str(v) for k, v in worker.get("environment", {}).items()})
@@ -420,6 +428,12 @@ class Stack:
 
     def __init__(self, config: dict, prom_config: dict, tmp: Path):
         self.config, self.tmp = config, tmp
+        # the image's working folder: locustfiles/ (copied into the image) and the folders
+        # mounted below it (runs/), so relative paths in commands mean what they mean there
+        self.workdir = image_workdir()
+        self.app = tmp / "app"
+        self.app.mkdir()
+        (self.app / "locustfiles").symlink_to(REPO / "locustfiles")
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.logs: dict[str, Path] = {}
         # every port a service listens on (published ports, Prometheus targets) -> a free local port
@@ -479,6 +493,12 @@ class Stack:
 
     def start(self, service: str, argv: list[str], env: dict[str, str], tag: str = "") -> subprocess.Popen:
         name = service + tag
+        for cpath in mounts_of(self.config["services"][service]):
+            if cpath.startswith(self.workdir.rstrip("/") + "/"):
+                link = self.app / cpath[len(self.workdir):].lstrip("/")
+                if not link.exists():
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    link.symlink_to(self.local_path(service, cpath))
         log = self.tmp / f"{name}.log"
         self.logs[name] = log
         clean = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")}
@@ -486,7 +506,7 @@ class Stack:
         with open(log, "wb") as f:
             f.write(f"$ {shlex.join(argv)}\n".encode())   # the localized command, for failures
             f.flush()
-            proc = subprocess.Popen(argv, cwd=REPO, env={**clean, **env}, stdout=f, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(argv, cwd=self.app, env={**clean, **env}, stdout=f, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.procs.append((name, proc))
         return proc
@@ -620,7 +640,10 @@ def stack(tmp_path_factory):
                     p.wait(15)
                 except subprocess.TimeoutExpired:
                     raise AssertionError(f"{name} did not quit with the master:\n" + st.tails())
-        results = st.local_path("locust-master", "/results") / STACK_VARIABLES["RUN_NAME"]
+        out = flag_value(command_argv(master["command"]), "--llm-out")
+        assert not out.startswith("/"), out   # relative: a plain checkout on another host writes there too
+        results = (st.app / out).resolve()
+        assert results.is_relative_to(tmp / "volumes")   # into the mounted folder, not the image
         info["results"] = results
         yield info
     finally:
