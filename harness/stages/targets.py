@@ -196,10 +196,23 @@ def _layout(spec: dict[str, Any], out_dir: Path, log: Callable[[str], None]) -> 
         validate_layout(layout)
     else:
         layout = load_layout(str(lay), models or None)
+    from harness.stages.base import StageSkipped
+    from servers.launcher import LayoutError
+    from servers.launcher.plan import check_model, check_vllm
+
     topo = topology.detect() if layout.needs_gpus else None
+    if layout.needs_gpus and topo is None:
+        raise StageSkipped(f"layout {layout.name} needs GPUs and this machine shows none")
+    python = find_vllm_python(spec.get("python"))
+    try:  # what this machine lacks makes the stage skipped, not failed
+        check_vllm(python)
+        for server in layout.servers:
+            check_model(server)
+    except LayoutError as exc:
+        raise StageSkipped(str(exc)) from None
     gpus = spec.get("gpus")
     plan = make_plan(layout, topo, gpus=parse_gpus(str(gpus)) if gpus is not None else None,
-                     python=find_vllm_python(spec.get("python")), base_port=None if layout.needs_gpus else free_port_block(32))
+                     python=python, base_port=None if layout.needs_gpus else free_port_block(32))
     log(f"launching layout {layout.name}: {len(plan.servers)} server(s)")
     with launch(plan, str(out_dir / "serve"), health_timeout=float(spec.get("health_timeout") or 900),
                 handle_signals=False, on_progress=lambda m: log(f"serve: {m}")) as cluster:
