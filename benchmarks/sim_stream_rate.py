@@ -13,7 +13,14 @@ with `time.perf_counter_ns()`, and reads the simulator's `--truth-log` afterward
 
 Both clocks are CLOCK_MONOTONIC (`perf_counter_ns`), shared by every process on the machine.
 
-    .venv/bin/python benchmarks/sim_stream_rate.py --replicas 4 --concurrency 480 --duration 10
+    .venv/bin/python benchmarks/sim_stream_rate.py            # 6 replicas x 50 streams, 10 s
+    .venv/bin/python benchmarks/sim_stream_rate.py --replicas 1 --concurrency 768
+
+Why several replicas in the one process: a step's events are written one syscall each, and a
+loopback send costs ~6-10 us of kernel time on a small VM, so the last of B events in a step
+leaves B x that after the model time. One replica reaches 50,000 events/s only with batches of
+~500+ (no profile steps faster than ~9 ms at that batch), i.e. a write burst of several ms;
+six replicas of 50 streams make the same rate out of bursts of ~0.3 ms.
 
 Prints a table and, with --json FILE, writes the figures as JSON.
 """
@@ -65,9 +72,10 @@ def cpu_seconds(pid: int) -> float:
 class Stream(asyncio.Protocol):
     """One keep-alive connection sending the same streaming request again as each one ends."""
 
-    def __init__(self, bench: "Bench", request: bytes):
+    def __init__(self, bench: "Bench", requests: list[bytes], first: int):
         self.bench = bench
-        self.request = request
+        self.requests = requests
+        self.next = first
         self.transport: asyncio.Transport | None = None
         self.rid: bytes | None = None
         self.reads: list[tuple[int, int]] = []   # (read time ns, token events in the read)
@@ -80,7 +88,8 @@ class Stream(asyncio.Protocol):
         self.rid = None
         self.reads = []
         if not self.bench.stopping:
-            self.transport.write(self.request)
+            self.transport.write(self.requests[self.next % len(self.requests)])
+            self.next += 1
 
     def data_received(self, data: bytes) -> None:
         t = perf_ns()
@@ -111,6 +120,16 @@ class Bench:
         self.responses.append((s.rid, s.reads))
 
 
+def request_variants(model: str, prompt_words: int, max_tokens: int, spread: float) -> list[bytes]:
+    """Requests whose max_tokens cover max_tokens x (1 +- spread) evenly (one, without spread)."""
+    if spread <= 0:
+        return [request_bytes(model, prompt_words, max_tokens)]
+    n = 17
+    lo, hi = max_tokens * (1 - spread), max_tokens * (1 + spread)
+    return [request_bytes(model, prompt_words, max(1, round(lo + (hi - lo) * i / (n - 1))))
+            for i in (0, 9, 2, 11, 4, 13, 6, 15, 8, 1, 10, 3, 12, 5, 14, 7, 16)]
+
+
 def request_bytes(model: str, prompt_words: int, max_tokens: int) -> bytes:
     words = ("the river near the old mill runs cold in winter and warm in summer " * 100).split()
     body = json.dumps({"model": model, "stream": True, "max_tokens": max_tokens,
@@ -121,7 +140,7 @@ def request_bytes(model: str, prompt_words: int, max_tokens: int) -> bytes:
             b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
 
 
-async def drive(ports: list[int], concurrency: int, request: bytes, warmup: float,
+async def drive(ports: list[int], concurrency: int, requests: list[bytes], warmup: float,
                 duration: float, server_pid: int) -> dict:
     try:
         import uvloop  # noqa: F401
@@ -130,7 +149,7 @@ async def drive(ports: list[int], concurrency: int, request: bytes, warmup: floa
     bench = Bench()
     loop = asyncio.get_running_loop()
     for i in range(concurrency):
-        _, proto = await loop.create_connection(lambda: Stream(bench, request), "127.0.0.1",
+        _, proto = await loop.create_connection(lambda: Stream(bench, requests, i), "127.0.0.1",
                                                 ports[i % len(ports)])
         bench.live.append(proto)
     await asyncio.sleep(warmup)
@@ -219,10 +238,14 @@ def pin(cpu: int | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="h200-llama-3-8b-bf16-tp8")
-    ap.add_argument("--replicas", type=int, default=1)
-    ap.add_argument("--concurrency", type=int, default=512, help="streams open at once (all replicas)")
+    ap.add_argument("--replicas", type=int, default=6)
+    ap.add_argument("--concurrency", type=int, default=300,
+                    help="streams open at once, spread evenly over the replicas")
     ap.add_argument("--max-num-seqs", type=int, default=None)
-    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--max-tokens-spread", type=float, default=0.0,
+                    help="vary max_tokens over max_tokens x (1 +- this), e.g. 0.5; 0: all equal, "
+                         "so each replica's streams start and end in the same steps")
     ap.add_argument("--prompt-words", type=int, default=64)
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--duration", type=float, default=10.0)
@@ -275,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             runner = asyncio.run
         run = runner(drive(list(range(port, port + args.replicas)), args.concurrency,
-                           request_bytes(model, args.prompt_words, args.max_tokens),
+                           request_variants(model, args.prompt_words, args.max_tokens,
+                                            args.max_tokens_spread),
                            args.warmup, args.duration, server.pid))
     finally:
         server.send_signal(signal.SIGINT)  # harness sim and py-spy both stop cleanly on it
@@ -291,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update({
         "profile": args.profile, "replicas": args.replicas, "concurrency": args.concurrency,
         "max_num_seqs": args.max_num_seqs, "max_tokens": args.max_tokens,
+        "max_tokens_spread": args.max_tokens_spread,
         "prompt_words": args.prompt_words, "command": " ".join(sys.argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or ''}".strip(", "),
         "python": platform.python_version(),

@@ -247,3 +247,43 @@ def test_truth_log_has_one_line_per_request_with_its_event_times(start_sim, tmp_
     rec = by_id[plain.id]
     assert not rec["stream"] and len(rec["model_ns"]) == 4 and len(rec["event_ns"]) == 1
     assert rec["event_ns"][0] >= rec["model_ns"][-1] - 1_000
+
+
+# -- the step clock --------------------------------------------------------------------------------
+
+def test_step_timer_fires_at_its_instant_not_before_and_does_not_block_the_loop():
+    import asyncio
+
+    from servers.simulator.clock import StepTimer
+
+    async def run() -> tuple[list[float], int]:
+        loop = asyncio.get_running_loop()
+        fired: list[float] = []
+        done = loop.create_future()
+        ticks = 0
+
+        def on_fire() -> None:
+            fired.append(time.perf_counter())
+            if len(fired) < 5:
+                timer.arm(targets[len(fired)])
+            else:
+                done.set_result(None)
+
+        async def ticker() -> None:  # the loop stays free while the timer is armed
+            nonlocal ticks
+            while not done.done():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        timer = StepTimer(loop, on_fire)
+        start = time.perf_counter()
+        targets = [start + 0.004 * (i + 1) + 0.0003 * i for i in range(5)]
+        timer.arm(targets[0])
+        await asyncio.gather(done, ticker())
+        timer.close()
+        return [f - t for f, t in zip(fired, targets)], ticks
+
+    lateness, ticks = asyncio.run(run())
+    assert all(x >= 0 for x in lateness), lateness
+    assert max(lateness) < 0.05  # generous: a shared machine
+    assert ticks > 5
