@@ -106,3 +106,41 @@ stages:
     assert bf16["memory_x"] == pytest.approx(0.5, rel=0.01)
     assert bf16["word_perplexity"] == pytest.approx(fp32["word_perplexity"], rel=0.05)
     assert "Quality: perplexity" in (out / "report.md").read_text()
+
+
+@pytest.mark.skipif(not HAVE_LM_EVAL or not (VENV / ".harness-vllm-built").exists(),
+                    reason=f"needs vLLM's CPU build and lm-eval in {VENV}")
+@pytest.mark.timeout(600)
+def test_vllm_and_hf_backends_agree(tmp_path_factory, tmp_path):
+    """The seed's path (lm-eval's vLLM backend, here on vLLM's CPU build) and transformers give
+    the same perplexity on the same documents: two engines, one figure."""
+    model = tmp_path_factory.getbasetemp() / "tiny-model-shared"
+    r = subprocess.run([str(PY), str(REPO / "tests" / "tiny_model.py"), str(model)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    plan = tmp_path / "p.yaml"
+    plan.write_text(f"""
+name: backends
+stages:
+  - name: q
+    stage: perplexity
+    python: {PY}
+    text: {text}
+    doc_chars: 600
+    limit: 3
+    max_length: 512
+    device: cpu
+    dtype: float32
+    variants:
+      - {{name: hf, model: {model}, backend: hf}}
+      - {{name: vllm, model: {model}, backend: vllm}}
+""")
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(plan), "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, cwd=REPO, timeout=550)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {v["name"]: v for v in json.loads((tmp_path / "run" / "q" / "result.json").read_text())["data"]["variants"]}
+    assert rows["hf"]["backend"] == "hf" and rows["vllm"]["backend"] == "vllm"
+    assert rows["vllm"]["word_perplexity"] == pytest.approx(rows["hf"]["word_perplexity"], rel=0.01)
+    assert rows["vllm"]["lm_eval"] and rows["vllm"]["memory_source"] == "checkpoint on disk"

