@@ -61,7 +61,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     from harness.stages import physics
     from harness.stages.power import power_sampling, tokens_per_joule
     from harness.stages.serving import endpoint_hardware, load_argv, run_loads, slos_from_expect
-    from harness.stages.targets import open_targets
+    from harness.stages.targets import open_targets, sampled_gpus
 
     p = {k: params.get(k, f.default) for k, f in PARAMS.items()}
     expected = dict(params.get("expect") or {})
@@ -73,7 +73,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         what = f"{rate:g} req/s" if rate else f"{p['users']} users"
         ctx.log(f"cluster: {len(endpoints)} endpoint(s), {what} and {p['num_requests']} requests each")
         total = None if p.get("duration") else int(p["num_requests"]) * len(endpoints)
-        with power_sampling() as pw:
+        with power_sampling(gpus=sampled_gpus(endpoints)) as pw:
             summaries = run_loads(jobs, float(p["timeout_s"]), ctx.log, total=total)
         errors = {k: v["error"] for k, v in summaries.items() if "error" in v}
         if errors:

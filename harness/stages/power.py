@@ -4,7 +4,8 @@
         ...                     # the GPU work (a vLLM benchmark, a load run)
     p.summary()                 # None without NVML/GPUs; else {"avg_w", "peak_w", "per_gpu", ...}
 
-``avg_w`` is the sum over GPUs of each GPU's average draw (board power, GPUs only), the figure a
+Only the GPUs a stage uses are sampled where it knows them (an endpoint's GPUs, the first TP
+GPUs an offline benchmark sees). ``avg_w`` is the sum over those GPUs of each GPU's average draw (board power, GPUs only), the figure a
 cost per token and tokens per joule need.
 """
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Any
 
 
 class _Sampling:
-    def __init__(self, interval_s: float = 0.5) -> None:
+    def __init__(self, interval_s: float = 0.5, gpus: list[int] | None = None) -> None:
         self.interval_s = interval_s
+        self.gpus = gpus
         self.sampler = None
         self.nvml = None
         self.seconds = 0.0
@@ -30,7 +32,9 @@ class _Sampling:
             nvml = _import_nvml()
             if nvml is None:
                 return self
-            handles = {i: nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())}
+            count = nvml.nvmlDeviceGetCount()
+            wanted = [g for g in (self.gpus if self.gpus is not None else range(count)) if 0 <= g < count]
+            handles = {i: nvml.nvmlDeviceGetHandleByIndex(i) for i in wanted}
             if not handles:
                 return self
             self.nvml = nvml
@@ -67,8 +71,25 @@ class _Sampling:
                 "per_gpu": per_gpu}
 
 
-def power_sampling(interval_s: float = 0.5) -> _Sampling:
-    return _Sampling(interval_s)
+def power_sampling(interval_s: float = 0.5, gpus: list[int] | None = None) -> _Sampling:
+    """Sample ``gpus`` (NVML indices; default every GPU): the ones the stage's servers use, so
+    idle cards do not inflate the watts a cost per token is charged."""
+    return _Sampling(interval_s, gpus)
+
+
+def visible_gpus(env: dict[str, str] | None = None, count: int | None = None) -> list[int] | None:
+    """The GPU indices CUDA_VISIBLE_DEVICES names (in ``env``, else this process's), first
+    ``count`` of them; None when it is unset or names UUIDs (then: every GPU)."""
+    import os
+
+    cvd = (env or os.environ).get("CUDA_VISIBLE_DEVICES")
+    if cvd is None or not cvd.strip():
+        return list(range(count)) if count else None
+    try:
+        ids = [int(x) for x in cvd.split(",") if x.strip()]
+    except ValueError:
+        return None
+    return ids[:count] if count else ids
 
 
 def tokens_per_joule(power: dict[str, Any] | None, tokens_per_s: float | None) -> float | None:

@@ -217,7 +217,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     from harness.stages import expect as expect_mod
     from harness.stages import physics
     from harness.stages.power import power_sampling, tokens_per_joule
-    from harness.stages.targets import open_targets
+    from harness.stages.targets import open_targets, sampled_gpus
 
     p = {k: params.get(k, f.default) for k, f in PARAMS.items()}
     expected = dict(params.get("expect") or {})
@@ -239,7 +239,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
             ctx.log(f"load: {what}, {p['num_requests']} requests, {p['input_len']} in, "
                     f"{p['output_len']} out -> {ep.url}")
             argv = load_argv(p, ep.url, ep.model, out, slos, r)
-            with power_sampling() as pw:
+            with power_sampling(gpus=sampled_gpus([ep])) as pw:
                 res = run_loads([("main", argv, out)], float(p["timeout_s"]), ctx.log,
                                 total=None if p.get("duration") else int(p["num_requests"]))["main"]
             if "error" in res:

@@ -48,7 +48,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     from harness.stages import expect as expect_mod
     from harness.stages.power import power_sampling, tokens_per_joule
     from harness.stages.serving import flatten, load_argv, run_loads, slos_from_expect
-    from harness.stages.targets import open_targets
+    from harness.stages.targets import open_targets, sampled_gpus
     from harness.commands.load import _duration
 
     p = {k: params.get(k, f.default) for k, f in PARAMS.items()}
@@ -67,7 +67,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         ctx.log(f"soak: {p['rate']:g} req/s for {p['duration']} -> {ep.url}"
                 + (" (the seed's three-prompt mix)" if mix else ""))
         argv = load_argv(lp, ep.url, ep.model, ctx.out_dir / "load", slos, p["rate"] or None, extra)
-        with power_sampling() as pw:
+        with power_sampling(gpus=sampled_gpus([ep])) as pw:
             res = run_loads([("main", argv, ctx.out_dir / "load")],
                             min(float(p["timeout_s"]), seconds * 3 + 120), ctx.log)["main"]
     if "error" in res:

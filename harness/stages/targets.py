@@ -43,6 +43,15 @@ class TargetEndpoint:
     tensor_parallel_size: int = 1
 
 
+def sampled_gpus(endpoints: list[TargetEndpoint]) -> list[int] | None:
+    """Which GPUs to sample power on while loading ``endpoints``: none for simulated replicas,
+    the endpoints' own where the launcher says, else every GPU (a remote URL: None)."""
+    if any(e.profile for e in endpoints):
+        return []
+    used = sorted({g for e in endpoints for g in e.gpus})
+    return used or None
+
+
 def validate(spec: dict[str, Any]) -> None:
     """Raise ValueError('target.KEY: problem')."""
     for k in spec:

@@ -150,7 +150,7 @@ def physics_checks(p: dict[str, Any], expected: dict[str, Any], measured: dict[s
 
 def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     from harness.stages import expect as expect_mod
-    from harness.stages.power import power_sampling, tokens_per_joule
+    from harness.stages.power import power_sampling, tokens_per_joule, visible_gpus
 
     p = {k: (params.get(k, f.default)) for k, f in PARAMS.items()}
     expected = dict(params.get("expect") or {})
@@ -170,8 +170,10 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     ctx.log(f"vllm bench throughput: {p['num_prompts']} prompts, {p['input_len']} in, "
             f"{p['output_len']} out, {p['dtype']}, model {p['model']} (log: {log_path})")
     t0 = time.monotonic()
-    with open(log_path, "wb") as log, power_sampling() as pw:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=environment(p),
+    env = environment(p)
+    gpus = visible_gpus(env, int(p["tensor_parallel_size"])) if p.get("device") != "cpu" else []
+    with open(log_path, "wb") as log, power_sampling(gpus=gpus) as pw:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 cwd=str(repo_root()), start_new_session=True)
         try:
             code = proc.wait(timeout=float(p["timeout_s"]))
