@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import orjson
 from hdrh.histogram import HdrHistogram
 
@@ -48,10 +49,11 @@ _LIST_METRICS = frozenset({"itl_ms", "icl_ms"})
 class LatencyHistogram:
     """One latency distribution in milliseconds (stored as integer microseconds)."""
 
-    __slots__ = ("_h", "out_of_range", "_sum_us", "_min_us", "_max_us")
+    __slots__ = ("_h", "out_of_range", "_sum_us", "_min_us", "_max_us", "_view")
 
     def __init__(self) -> None:
         self._h = HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT_DIGITS)
+        self._view = None  # (the HdrHistogram, a numpy view of its counts) for record_many
         self.out_of_range = 0
         self._sum_us = 0
         self._min_us: int | None = None
@@ -82,9 +84,53 @@ class LatencyHistogram:
             self._max_us = v
 
     def record_many(self, values: Iterable[float]) -> None:
-        """Record several durations in milliseconds (e.g. a request's ITL list)."""
-        for ms in values:
-            self.record(ms)
+        """Record several durations in milliseconds (e.g. a request's ITL list).
+
+        Same result as ``record`` on each value, computed for the whole list at once: the load
+        generator records every token's ITL and ICL (into three sets per request), and one
+        ``HdrHistogram.record_value`` call per value was the largest CPU cost per token.
+        """
+        if not isinstance(values, (list, tuple)):
+            values = list(values)
+        n = len(values)
+        if n < 16:
+            for ms in values:
+                self.record(ms)
+            return
+        us = np.asarray(values, dtype=np.float64) * 1000.0
+        bad = ~((us >= 0.0) & (us <= HIGHEST_US))   # NaN, negative, above the range
+        if bad.any():
+            self.out_of_range += int(bad.sum())
+            us = np.clip(us[~np.isnan(us)], 0.0, float(HIGHEST_US))
+            if not us.size:
+                return
+        v = np.minimum((us + 0.5).astype(np.int64), HIGHEST_US)
+        h = self._h
+        view = self._view
+        if view is None or view[0] is not h:
+            view = self._view = (h, np.ctypeslib.as_array(h.counts))
+        if view[1].size < h.counts_len:   # a decoded histogram with a short counts array
+            for ms in values:
+                self.record(ms)
+            return
+        # HdrHistogram._counts_index_for, vectorised (bit_length via frexp: exact below 2**53).
+        bucket = (np.frexp((v | h.sub_bucket_mask).astype(np.float64))[1]
+                  - (h.unit_magnitude + h.sub_bucket_half_count_magnitude + 1))
+        index = (((bucket + 1) << h.sub_bucket_half_count_magnitude)
+                 + (v >> (bucket + h.unit_magnitude)) - h.sub_bucket_half_count)
+        np.add.at(view[1], index, 1)
+        count = int(v.size)
+        lo, hi = int(v.min()), int(v.max())
+        h.total_count += count
+        if lo < h.min_value:
+            h.min_value = lo
+        if hi > h.max_value:
+            h.max_value = hi
+        self._sum_us += int(v.sum())
+        if self._min_us is None or lo < self._min_us:
+            self._min_us = lo
+        if self._max_us is None or hi > self._max_us:
+            self._max_us = hi
 
     def merge(self, other: "LatencyHistogram") -> None:
         """Add ``other``'s samples into this histogram (exact: same buckets)."""

@@ -9,6 +9,10 @@ read's stamp travels with exactly the body bytes that read delivered.
 
 It uses the ``socket`` module at call time, so it cooperates with gevent when the process is
 monkey-patched (Locust) and works with plain blocking sockets in threads (scripts, tests).
+Under gevent each read is one wait on the connection's own io watcher followed by one ``recv``
+that finds the bytes there (no failed ``recv``, no exception, no timer per read), and the read
+timeout is one timer per request that fires only if a single wait outlasts it: a load generator
+does this for every streamed token, so the per-read cost is the client's cost per token.
 
 Retry rule: a keep-alive connection that the server has closed while idle is replaced before the
 request is written (or when writing fails because the peer had already closed it). Once a request
@@ -43,6 +47,7 @@ __all__ = [
 ]
 
 _RECV_SIZE = 65536
+_NS = 1_000_000_000
 _MAX_HEAD = 65536
 _perf_ns = time.perf_counter_ns
 
@@ -162,6 +167,7 @@ class StreamingConnection:
         self._active: StreamResponse | None = None
         self._body_open = False  # a response body is unfinished: the socket is mid-message
         self.connects = 0  # connections opened so far (for tests and diagnostics)
+        self._coop: _CooperativeReads | None = None  # set while a gevent socket is open
 
     @classmethod
     def from_url(cls, url: str, timeout: float | None = 60.0,
@@ -213,10 +219,16 @@ class StreamingConnection:
             t0 = _perf_ns()
             sock = self._connect()
             connect_ns = _perf_ns() - t0
+        coop = self._coop
+        if coop is not None:
+            coop.arm()
         sent_ns = _perf_ns()
         try:
-            sock.sendall(request)
-        except socket.timeout as e:
+            if coop is not None:
+                coop.sendall(sock, request)
+            else:
+                sock.sendall(request)
+        except (socket.timeout, _ReadWatchdog) as e:
             self._drop()
             raise ReadTimeout(f"timed out writing request to {self._host_header}") from e
         except OSError as e:
@@ -229,10 +241,16 @@ class StreamingConnection:
             sock = self._connect()
             connect_ns = _perf_ns() - t0
             reused = False
+            coop = self._coop
+            if coop is not None:
+                coop.arm()
             sent_ns = _perf_ns()
             try:
-                sock.sendall(request)
-            except socket.timeout as e2:
+                if coop is not None:
+                    coop.sendall(sock, request)
+                else:
+                    sock.sendall(request)
+            except (socket.timeout, _ReadWatchdog) as e2:
                 self._drop()
                 raise ReadTimeout(f"timed out writing request to {self._host_header}") from e2
             except OSError as e2:
@@ -295,7 +313,12 @@ class StreamingConnection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        sock.settimeout(self.read_timeout)
+        if type(sock).__module__.startswith("gevent"):
+            # Cooperative reads (see _CooperativeReads): the socket itself never times out.
+            sock.settimeout(None)
+            self._coop = _CooperativeReads(sock, self.read_timeout)
+        else:
+            sock.settimeout(self.read_timeout)
         self._sock = sock
         self.connects += 1
         return sock
@@ -308,6 +331,9 @@ class StreamingConnection:
 
     def _drop(self) -> None:
         sock, self._sock = self._sock, None
+        coop, self._coop = self._coop, None
+        if coop is not None:
+            coop.close()
         if sock is not None:
             try:
                 sock.close()
@@ -321,7 +347,7 @@ class StreamingConnection:
             try:
                 data = sock.recv(1)
             finally:
-                sock.settimeout(self.read_timeout)
+                sock.settimeout(None if self._coop is not None else self.read_timeout)
         except (BlockingIOError, InterruptedError):
             return True  # nothing to read: still open
         except OSError:
@@ -331,9 +357,13 @@ class StreamingConnection:
         return False
 
     def _recv(self, sock: socket.socket) -> tuple[bytes, int]:
+        coop = self._coop
         try:
-            data = sock.recv(_RECV_SIZE)
-        except socket.timeout as e:
+            if coop is not None:
+                data = coop.recv(sock)
+            else:
+                data = sock.recv(_RECV_SIZE)
+        except (socket.timeout, _ReadWatchdog) as e:
             self._drop()
             raise ReadTimeout(f"no data from {self._host_header} for {self.read_timeout}s") from e
         except OSError as e:
@@ -451,8 +481,106 @@ class StreamingConnection:
         finally:
             if self._sock is sock:
                 self._body_open = False
+                if self._coop is not None:
+                    self._coop.disarm()
                 if not (complete and keep_alive):
                     self._drop()
+
+
+class _ReadWatchdog(Exception):
+    """Thrown into a greenlet whose wait for bytes outlasted the read timeout (gevent only)."""
+
+
+class _CooperativeReads:
+    """Reads of one gevent socket: one io-watcher wait, then one ``recv`` that finds the bytes.
+
+    gevent's own ``socket.recv`` first calls ``recv`` on the non-blocking socket, catches the
+    ``EWOULDBLOCK`` exception, and waits with a new ``gevent.Timeout`` per wait when the socket
+    has a timeout; for a client that reads one small event per wake-up that is most of its cost
+    per token. Here the connection keeps one io watcher, and the read timeout is one timer per
+    request: when it fires it checks whether the current wait (``recv`` or ``sendall``) has
+    lasted ``timeout`` seconds, throws ``_ReadWatchdog`` into the waiting greenlet if so, and
+    otherwise re-arms for the rest. Same semantics as a socket timeout: the longest single wait.
+    """
+
+    __slots__ = ("hub", "watcher", "timeout", "timer", "extra", "greenlet", "waiting", "since",
+                 "_wait")
+
+    def __init__(self, sock: socket.socket, timeout: float | None) -> None:
+        from gevent import get_hub
+
+        self.hub = get_hub()
+        self.watcher = self.hub.loop.io(sock.fileno(), 1)
+        self._wait = self.hub.wait
+        self.timeout = timeout
+        self.timer = self.hub.loop.timer(timeout, ref=False) if timeout is not None else None
+        self.extra = None  # a re-armed timer for the rest of a wait that began late
+        self.greenlet = None
+        self.waiting = False
+        self.since = 0
+
+    def arm(self) -> None:
+        """Start watching this request's waits (called before the request is written)."""
+        timer = self.timer
+        if timer is None:
+            return
+        from greenlet import getcurrent
+
+        self.greenlet = getcurrent()
+        self._stop_extra()
+        timer.stop()
+        timer.start(self._fire)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.stop()
+            self._stop_extra()
+
+    def close(self) -> None:
+        self.disarm()
+        self.watcher.close()
+        if self.timer is not None:
+            self.timer.close()
+        self.greenlet = None
+
+    def recv(self, sock: socket.socket) -> bytes:
+        self.since = _perf_ns()
+        self.waiting = True
+        try:
+            self._wait(self.watcher)
+            # The watcher fired: the bytes (or EOF) are there, so this recv does not block
+            # (gevent's recv still waits correctly after a rare spurious wake-up).
+            return sock.recv(_RECV_SIZE)
+        finally:
+            self.waiting = False
+
+    def sendall(self, sock: socket.socket, data: bytes) -> None:
+        self.since = _perf_ns()
+        self.waiting = True
+        try:
+            sock.sendall(data)
+        finally:
+            self.waiting = False
+
+    def _fire(self) -> None:
+        remaining = self.timeout
+        if self.waiting:
+            waited = (_perf_ns() - self.since) / _NS
+            if waited >= self.timeout:
+                g = self.greenlet
+                if g is not None and not g.dead:
+                    g.throw(_ReadWatchdog())
+                return
+            remaining = self.timeout - waited
+        self._stop_extra()
+        extra = self.extra = self.hub.loop.timer(max(remaining, 0.001), ref=False)
+        extra.start(self._fire)
+
+    def _stop_extra(self) -> None:
+        extra, self.extra = self.extra, None
+        if extra is not None:
+            extra.stop()
+            extra.close()
 
 
 class _ChunkedDecoder:
@@ -471,6 +599,35 @@ class _ChunkedDecoder:
 
     def feed(self, data: bytes) -> bytes:
         """Consume one read; return the body bytes it completed (possibly empty)."""
+        if self._state == self._SIZE and not self._buf:
+            # Fast path: a streaming server writes whole chunks, so a read is usually one or
+            # more complete "size CRLF data CRLF" chunks. Anything else (a partial chunk,
+            # extensions, bare LF, the last chunk) goes to the general decoder from there.
+            n = len(data)
+            pos = 0
+            out: list[bytes] = []
+            while True:
+                eol = data.find(b"\r\n", pos, pos + 1026)
+                if eol < 0:
+                    break
+                try:
+                    size = int(data[pos:eol], 16)
+                except ValueError:
+                    break
+                start = eol + 2
+                end = start + size
+                if size <= 0 or end + 2 > n or data[end] != 13 or data[end + 1] != 10:
+                    break
+                out.append(data[start:end])
+                pos = end + 2
+                if pos == n:
+                    return out[0] if len(out) == 1 else b"".join(out)
+            if pos:
+                tail = self._feed(data[pos:])
+                return b"".join(out) + tail if tail else b"".join(out)
+        return self._feed(data)
+
+    def _feed(self, data: bytes) -> bytes:
         buf = self._buf + data if self._buf else data
         n = len(buf)
         pos = 0

@@ -222,10 +222,11 @@ class LLMUser(User):
                 timer = StreamTimer(sent_ns, scheduled_ns, count_tokens=self._count_output_tokens)
                 parser = SSEParser()
                 feed = timer.feed
+                payloads = parser.payloads
                 t_ns = sent_ns
-                for chunk, t_ns in resp:
-                    for payload, t in parser.feed(chunk, t_ns):
-                        feed(payload, t)
+                for chunk, t_ns in resp:   # every event of a read carries that read's stamp
+                    for payload in payloads(chunk):
+                        feed(payload, t_ns)
                 for payload, t in parser.finish(t_ns):   # a last event missing its blank line
                     feed(payload, t)
                 end_ns = time.perf_counter_ns()

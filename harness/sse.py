@@ -66,6 +66,32 @@ class SSEParser:
                 out.append((payload, t_ns))
         return out
 
+    def payloads(self, data: bytes) -> list[bytes]:
+        """Like ``feed``, for a caller that stamps events itself: return only the payloads.
+
+        Every event ``feed`` returns carries the one stamp of the read that completed it, so a
+        reader that already holds that stamp needs no ``(payload, stamp)`` pair per event. The
+        usual read of a streaming server -- whole ``data: ...`` events, ``\n`` line ends --
+        is split without leaving C string methods; anything else goes through ``feed``.
+        """
+        if not data:
+            return []
+        if self._buf or self._cr_pending or _CR in data or not data.endswith(_EVENT_END):
+            return [p for p, _ in self.feed(data, 0)]
+        if data.startswith(b"data: ") and data.find(_LF) == len(data) - 2:
+            return [data[6:-2]]   # one single-line event
+        blocks = data.split(_EVENT_END)
+        self._buf = blocks.pop()   # b"" unless the data ended in a third line end
+        out = []
+        for block in blocks:
+            if block.startswith(b"data: ") and _LF not in block:
+                out.append(block[6:])
+            else:
+                payload = _event_data(block)
+                if payload is not None:
+                    out.append(payload)
+        return out
+
     def finish(self, t_ns: int) -> list[tuple[bytes, int]]:
         """Flush at end of stream: return an event whose lines all ended but whose blank line never came.
 

@@ -31,6 +31,7 @@ they stay consistent with the monotonic durations within a process.
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 import time
@@ -66,6 +67,11 @@ _WALL_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
 _NS_PER_MS = 1_000_000.0
 _DONE = b"[DONE]"
 _TEXT_KEYS = ("content", "reasoning_content", "reasoning")
+# Inside a JSON string literal, anything that would make its bytes differ from its text: a quote
+# or backslash (escapes) or a control character (invalid JSON). Non-ASCII is checked apart.
+_NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
+_TEMPLATE_TRIES = 3   # template builds per request (a server whose events all differ gives up)
+_PROBE = "tpl-probe"
 
 
 def perf_ns_to_epoch(t_ns: int) -> float:
@@ -157,7 +163,7 @@ class StreamTimer:
 
     __slots__ = ("sent_ns", "scheduled_ns", "_count_tokens", "_times", "_counts", "_accounted",
                  "_completion_tokens", "_prompt_tokens", "_done", "_finished", "_error",
-                 "_texts", "finish_reason")
+                 "_texts", "finish_reason", "response_id", "_tpl", "_tpl_tries")
 
     def __init__(self, sent_ns: int, scheduled_ns: int | None = None,
                  count_tokens: Callable[[str], int] | None = None) -> None:
@@ -174,6 +180,10 @@ class StreamTimer:
         self._error: str | None = None
         self._texts: list[str] | None = [] if count_tokens is not None else None
         self.finish_reason: str | None = None
+        self.response_id: str | None = None  # the server's ``id`` (e.g. ``chatcmpl-...``)
+        # Fast path (see ``feed``): the bytes around the text of the last plain token event.
+        self._tpl: tuple[bytes, bytes, int, int] | None = None
+        self._tpl_tries = 0
 
     @property
     def done(self) -> bool:
@@ -194,9 +204,35 @@ class StreamTimer:
             self.feed(payload, t_ns)
 
     def feed(self, payload: bytes, t_ns: int) -> None:
-        """Account for one SSE data payload that arrived at ``t_ns``."""
+        """Account for one SSE data payload that arrived at ``t_ns``.
+
+        Fast path: after one *plain token event* has been parsed -- a single choice whose only
+        token text is a JSON string (chat ``delta == {"content": text}`` or a completions
+        ``text``), no usage, no finish_reason, no error -- its bytes before and after that string
+        are kept as a template (checked once by re-parsing it with another string in place). A
+        later payload made of the same bytes around a plain string literal (ASCII, no escapes,
+        no control characters) parses, by construction, to the same object with another text:
+        it is accounted exactly as the full parse would (one token-carrying event, one token)
+        without parsing it. Anything else -- the role event, finish_reason, usage, errors,
+        escapes, non-ASCII text, tool calls, malformed JSON -- differs from the template and
+        takes the full parse.
+        """
         if not payload or self._done:
             return
+        tpl = self._tpl
+        if tpl is not None:
+            prefix, suffix, a, b = tpl
+            end = len(payload) - b
+            if (end - a >= 2 and payload.startswith(prefix) and payload.endswith(suffix)
+                    and payload[a] == 34 and payload[end - 1] == 34):   # 34: '"'
+                lit = payload[a:end]
+                if lit.isascii() and _NOT_PLAIN.search(lit, 1, len(lit) - 1) is None:
+                    if self._texts is not None:
+                        self._texts.append(lit)   # a JSON literal; decoded only if needed
+                    self._times.append(t_ns)
+                    self._counts.append(1)
+                    self._accounted += 1
+                    return
         if payload == _DONE or payload.strip() == _DONE:
             self._done = True
             return
@@ -251,9 +287,16 @@ class StreamTimer:
             if isinstance(prompt, int):
                 self._prompt_tokens = prompt
         if carries:
+            if not self._times:
+                rid = obj.get("id")
+                self.response_id = rid if isinstance(rid, str) else None
             self._times.append(t_ns)
             self._counts.append(n_tokens)
             self._accounted += n_tokens
+            if (usage is None and self._tpl_tries < _TEMPLATE_TRIES and type(choices) is list
+                    and len(choices) == 1):
+                self._tpl_tries += 1
+                self._tpl = _template(payload, obj) or self._tpl
 
     def finish(self, *, url: str, model: str, user_class: str = "", id: str | None = None,
                status: int | None = 200, error_kind: str | None = None,
@@ -280,7 +323,8 @@ class StreamTimer:
         output_tokens = self._completion_tokens
         estimated = False
         if output_tokens is None and self._texts is not None and self._times:
-            output_tokens = self._count_tokens("".join(self._texts))  # type: ignore[misc]
+            text = "".join(t if isinstance(t, str) else orjson.loads(t) for t in self._texts)
+            output_tokens = self._count_tokens(text)  # type: ignore[misc]
             estimated = True
         sent = self.sent_ns
         sched = self.scheduled_ns
@@ -306,6 +350,42 @@ class StreamTimer:
             rec.tpot_ms = round((last - first) / _NS_PER_MS / (output_tokens - 1), 3)
         rec.icl_ms, rec.itl_ms = _gaps(times, self._counts)
         return rec
+
+
+def _template(payload: bytes, obj: dict) -> tuple[bytes, bytes, int, int] | None:
+    """The bytes around the token text of a plain token event (see ``StreamTimer.feed``), or
+    None when ``obj`` is not one or its text cannot be located exactly."""
+    choice = obj["choices"][0]
+    if not isinstance(choice, dict) or choice.get("finish_reason") is not None:
+        return None
+    delta = choice.get("delta")
+    if delta is not None:
+        if not (isinstance(delta, dict) and len(delta) == 1 and "text" not in choice):
+            return None
+        key, holder = b'"content":', delta
+        text = delta.get("content")
+    else:
+        key, holder = b'"text":', choice
+        text = choice.get("text")
+    if not isinstance(text, str) or text == _PROBE or not text.isascii():
+        return None
+    lit = b'"' + text.encode() + b'"'
+    if _NOT_PLAIN.search(lit, 1, len(lit) - 1) is not None:
+        return None
+    needle = key + lit
+    at = payload.find(needle)
+    if at < 0 or payload.find(needle, at + 1) >= 0:
+        return None
+    a = at + len(key)
+    prefix, suffix = payload[:a], payload[a + len(lit):]
+    # Check: the same bytes around another string parse to the same object with that string.
+    holder["content" if delta is not None else "text"] = _PROBE
+    try:
+        if orjson.loads(prefix + b'"' + _PROBE.encode() + b'"' + suffix) != obj:
+            return None
+    except orjson.JSONDecodeError:
+        return None
+    return prefix, suffix, len(prefix), len(suffix)
 
 
 def _delta_carries_token(delta: dict) -> bool:
@@ -338,6 +418,10 @@ def _collect_text(delta: dict, texts: list[str]) -> None:
 
 def _gaps(times: list[int], counts: list[int]) -> tuple[list[float], list[float]]:
     """ICL (raw gaps) and ITL (gaps split over the tokens of the later event)."""
+    if counts.count(1) == len(counts):
+        # One token per event (no continuous usage stats): ITL is ICL.
+        icl = [round((b - a) / _NS_PER_MS, 3) for a, b in zip(times, times[1:])]
+        return icl, icl.copy()
     icl: list[float] = []
     itl: list[float] = [0.0] * max(counts[0] - 1, 0)
     prev = prev_delivering = times[0]
