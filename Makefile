@@ -33,8 +33,11 @@ system-deps:
 	    --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
 	fi
 
+# Real vLLM (CPU build) and lm-eval in their own venv, apart from Locust's.
 vllm-env:
 	HARNESS_VLLM_VENV=$(VLLM_VENV) bash tests/vllm_env.sh $(VLLM_VENV)
+	@$(VLLM_VENV)/bin/python -c "import lm_eval, accelerate" 2>/dev/null || \
+	  $(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'lm-eval[hf]==0.4.13'
 
 test: venv system-deps vllm-env
 	HARNESS_VLLM_VENV=$(CURDIR)/$(VLLM_VENV) $(BIN)/python -m pytest
