@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,29 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.ports import free_port_block  # noqa: F401  (tests import it from here)
+
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 15.0
-
-
-def free_port_block(n: int = 1, host: str = "127.0.0.1") -> int:
-    """A first port P such that P..P+n-1 are all free right now on `host`."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            base = s.getsockname()[1]
-        if base + n - 1 > 65535:
-            continue
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as t:
-                try:
-                    t.bind((host, p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError(f"no block of {n} free ports found")
 
 
 def _healthy(host: str, port: int) -> bool:

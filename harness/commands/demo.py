@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 from harness.errors import UsageError
+from harness.ports import free_port_block
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,12 +22,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--out", default=None, help="results directory (default runs/demo-TIMESTAMP)")
     p.set_defaults(func=run)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -45,7 +39,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
-    port = free_port()
+    port = free_port_block()
     url = f"http://127.0.0.1:{port}"
     out = pathlib.Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     sim = subprocess.Popen([sys.executable, "-m", "harness.cli", "sim", "--profile", args.profile,

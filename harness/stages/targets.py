@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from harness.ports import free_port_block
 
 KEYS = {"url", "model", "endpoints", "simulator", "replicas", "sim_args", "layout", "models",
         "gpus", "python", "health_timeout", "role"}
@@ -99,26 +100,6 @@ def validate(spec: dict[str, Any]) -> None:
     r = spec.get("replicas")
     if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
         raise ValueError(f"target.replicas: a positive integer, got {r!r}")
-
-
-def free_port_block(n: int) -> int:
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n - 1 > 65535:
-            continue
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError(f"no block of {n} free ports")
 
 
 def healthy(url: str) -> bool:

@@ -17,7 +17,7 @@ from servers.launcher.command import is_local_model, render_command, server_env,
 from servers.launcher.endpoints import Endpoint
 from servers.launcher.errors import LayoutError
 from servers.launcher.layouts import Layout, ServerSpec
-from servers.launcher.lifecycle import ProcessSpec, port_in_use
+from servers.launcher.lifecycle import ProcessSpec, check_ports, port_in_use
 from servers.launcher.placement import Assignment, pinnable, place
 from servers.topology import Topology, format_cpu_list
 
@@ -221,14 +221,7 @@ def check_runnable(plan: LaunchPlan, *, check_vllm_installed: bool = True) -> No
     """Everything a real start needs that a dry run does not; raises :class:`LayoutError`."""
     for spec in plan.layout.servers:
         check_model(spec)
-    seen: dict[int, str] = {}
-    for s in plan.servers:
-        if s.port in seen:
-            raise LayoutError(f"port {s.port} is given to both {seen[s.port]} and {s.name}")
-        seen[s.port] = s.name
-        if port_in_use(s.port, s.host):
-            raise LayoutError(f"port {s.port} on {s.host} (for {s.name}) is in use: stop what "
-                              "holds it or pick another --base-port")
+    check_ports(plan.servers)
     if check_vllm_installed:
         check_vllm(plan.python)
 
