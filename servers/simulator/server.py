@@ -328,20 +328,11 @@ class IdleWork:
 
     MARGIN_S = 0.0003  # no job starts closer than this to a replica's next step end
 
-    _by_loop: dict[int, "IdleWork"] = {}
-
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.jobs: deque = deque()
         self.replicas: list["Replica"] = []
         self._handle: asyncio.Handle | None = None
-
-    @classmethod
-    def for_loop(cls, loop: asyncio.AbstractEventLoop) -> "IdleWork":
-        idle = cls._by_loop.get(id(loop))
-        if idle is None or idle.loop is not loop:
-            idle = cls._by_loop[id(loop)] = cls(loop)
-        return idle
 
     def add(self, job: Callable[[], None]) -> None:
         self.jobs.append(job)
@@ -408,7 +399,8 @@ class Replica:
         self.server = await loop.create_server(lambda: HttpConnection(self), self.host, self.port,
                                                reuse_address=True, backlog=4096)
         self._timer = StepTimer(loop, self._step_end)
-        self._idle = IdleWork.for_loop(loop)
+        if self._idle is None:  # serve() shares one among the replicas it starts
+            self._idle = IdleWork(loop)
         self._idle.replicas.append(self)
 
     async def stop(self) -> None:
@@ -732,7 +724,9 @@ def describe_profile(p: Profile) -> dict[str, Any]:
 
 async def serve(replicas: list[Replica], ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
+    idle = IdleWork(asyncio.get_running_loop())
     for r in replicas:
+        r._idle = idle
         await r.start()
     # Everything allocated so far (modules, profiles, the metrics registry) lives as long as
     # the process: keep it out of the cyclic GC, whose full passes over it stalled the engine
