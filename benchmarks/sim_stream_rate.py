@@ -34,7 +34,6 @@ import platform
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,25 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.ports import free_port_block
+
 REPO = Path(__file__).resolve().parents[1]
 perf_ns = time.perf_counter_ns
-
-
-def free_port_block(n: int) -> int:
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n - 1 > 65535:
-            continue
-        try:
-            for p in range(base, base + n):
-                with socket.socket() as t:
-                    t.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port block")
 
 
 def cpu_seconds(pid: int) -> float:
