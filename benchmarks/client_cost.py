@@ -90,6 +90,7 @@ class Case:
     requests: int = 0                # 0: sized from seconds / (output_len * step_ms_guess)
     label: str = ""
     client_repo: str = ""            # harness only: run our client from this checkout
+    locustfile: str = ""             # harness only: another locustfile (experiments)
 
     def num_requests(self) -> int:
         if self.requests:
@@ -143,7 +144,7 @@ def client_cmd(case: Case, port: int, model: str, out: Path, tokenizer: str) -> 
                "--input-len", str(case.input_len), "--output-len", str(case.output_len),
                "--input-len-range", str(case.range_ratio),
                "--output-len-range", str(case.range_ratio), "--seed", str(case.seed),
-               "--locustfile", LOCUSTFILE, "--workers", str(case.workers),
+               "--locustfile", case.locustfile or LOCUSTFILE, "--workers", str(case.workers),
                "--out", str(out), "--quiet"]
     elif case.client == "vllm":
         cmd = [VLLM_PY, VLLM_BENCH, "--backend", "openai-chat", "--base-url", url,
@@ -520,6 +521,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="append results (JSON lines) here")
     ap.add_argument("--keep", default=None, help="keep each run's files under this folder")
     ap.add_argument("--label", default="")
+    ap.add_argument("--locustfile", default="", help="harness client: run this locustfile "
+                    "instead of benchmarks/bench_locustfile.py (experiments)")
     ap.add_argument("--client-repo", default="", help="run our client (harness load) from this "
                     "checkout, e.g. a worktree of an earlier commit, to measure before/after")
     args = ap.parse_args(argv)
@@ -531,7 +534,8 @@ def main(argv=None) -> int:
         os.sched_setaffinity(0, {int(c) for c in args.server_cpu.split(",")})
     base = dict(profile=args.profile, input_len=args.input_len, output_len=args.output_len,
                 seconds=args.seconds, server_cpu=args.server_cpu, client_cpus=args.client_cpus,
-                rt=args.rt, label=args.label, client_repo=args.client_repo)
+                rt=args.rt, label=args.label, client_repo=args.client_repo,
+                locustfile=args.locustfile)
     cases: list[Case] = []
     if args.what == "case":
         cases = [Case(args.client, c, workers=args.workers, **base) for c in args.concurrency]

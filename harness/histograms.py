@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
-import numpy as np
 import orjson
 from hdrh.histogram import HdrHistogram
 
@@ -49,11 +48,10 @@ _LIST_METRICS = frozenset({"itl_ms", "icl_ms"})
 class LatencyHistogram:
     """One latency distribution in milliseconds (stored as integer microseconds)."""
 
-    __slots__ = ("_h", "out_of_range", "_sum_us", "_min_us", "_max_us", "_view")
+    __slots__ = ("_h", "out_of_range", "_sum_us", "_min_us", "_max_us")
 
     def __init__(self) -> None:
         self._h = HdrHistogram(LOWEST_US, HIGHEST_US, SIGNIFICANT_DIGITS)
-        self._view = None  # (the HdrHistogram, a numpy view of its counts) for record_many
         self.out_of_range = 0
         self._sum_us = 0
         self._min_us: int | None = None
@@ -87,50 +85,39 @@ class LatencyHistogram:
         """Record several durations in milliseconds (e.g. a request's ITL list).
 
         Same result as ``record`` on each value, computed for the whole list at once: the load
-        generator records every token's ITL and ICL (into three sets per request), and one
-        ``HdrHistogram.record_value`` call per value was the largest CPU cost per token.
+        generator records every token's ITL and ICL, each into three sets per request, and one
+        ``HdrHistogram.record_value`` call per value was its largest CPU cost per token. The
+        bucket counts of the last list are kept (``_prepared``): the same values recorded into
+        the next histogram -- the same list into another set, or ICL equal to ITL -- reuse them.
         """
         if not isinstance(values, (list, tuple)):
             values = list(values)
-        n = len(values)
-        if n < 16:
+        if len(values) < 16:
             for ms in values:
                 self.record(ms)
             return
-        us = np.asarray(values, dtype=np.float64) * 1000.0
-        bad = ~((us >= 0.0) & (us <= HIGHEST_US))   # NaN, negative, above the range
-        if bad.any():
-            self.out_of_range += int(bad.sum())
-            us = np.clip(us[~np.isnan(us)], 0.0, float(HIGHEST_US))
-            if not us.size:
-                return
-        v = np.minimum((us + 0.5).astype(np.int64), HIGHEST_US)
         h = self._h
-        view = self._view
-        if view is None or view[0] is not h:
-            view = self._view = (h, np.ctypeslib.as_array(h.counts))
-        if view[1].size < h.counts_len:   # a decoded histogram with a short counts array
+        counts = h.counts
+        if len(counts) < h.counts_len:   # a decoded histogram with a short counts array
             for ms in values:
                 self.record(ms)
             return
-        # HdrHistogram._counts_index_for, vectorised (bit_length via frexp: exact below 2**53).
-        bucket = (np.frexp((v | h.sub_bucket_mask).astype(np.float64))[1]
-                  - (h.unit_magnitude + h.sub_bucket_half_count_magnitude + 1))
-        index = (((bucket + 1) << h.sub_bucket_half_count_magnitude)
-                 + (v >> (bucket + h.unit_magnitude)) - h.sub_bucket_half_count)
-        np.add.at(view[1], index, 1)
-        count = int(v.size)
-        lo, hi = int(v.min()), int(v.max())
-        h.total_count += count
-        if lo < h.min_value:
-            h.min_value = lo
-        if hi > h.max_value:
-            h.max_value = hi
-        self._sum_us += int(v.sum())
-        if self._min_us is None or lo < self._min_us:
-            self._min_us = lo
-        if self._max_us is None or hi > self._max_us:
-            self._max_us = hi
+        p = _prepared(values, h)
+        self.out_of_range += p.bad
+        if not p.count:
+            return
+        for index, n in p.items:
+            counts[index] += n
+        h.total_count += p.count
+        if p.lo < h.min_value:
+            h.min_value = p.lo
+        if p.hi > h.max_value:
+            h.max_value = p.hi
+        self._sum_us += p.sum
+        if self._min_us is None or p.lo < self._min_us:
+            self._min_us = p.lo
+        if self._max_us is None or p.hi > self._max_us:
+            self._max_us = p.hi
 
     def merge(self, other: "LatencyHistogram") -> None:
         """Add ``other``'s samples into this histogram (exact: same buckets)."""
@@ -195,6 +182,61 @@ class LatencyHistogram:
         if self._min_us is not None and us < self._min_us:
             return self._min_us
         return us
+
+
+class _Prepared:
+    """A list of ms values as HDR bucket counts: ``(counts index, how many)`` pairs."""
+
+    __slots__ = ("key", "layout", "items", "count", "lo", "hi", "sum", "bad")
+
+
+_last: list[_Prepared | None] = [None]
+
+
+def _prepared(values: list | tuple, h: HdrHistogram) -> _Prepared:
+    """The bucket counts of ``values`` for histograms laid out as ``h`` (the last one is kept).
+
+    Per value this is what ``record`` does -- clamp, round to microseconds, and
+    ``HdrHistogram._counts_index_for`` with ``int.bit_length`` for its leading-zero count -- in
+    one loop (numpy was tried: its per-call overhead, with the caches cold between requests,
+    cost more than this for a request's few hundred values).
+    """
+    layout = (h.unit_magnitude, h.sub_bucket_half_count_magnitude, h.sub_bucket_mask,
+              h.sub_bucket_half_count)
+    key = tuple(values)
+    last = _last[0]
+    if last is not None and last.key == key and last.layout == layout:
+        return last
+    unit, half_mag, mask, half = layout
+    off = unit + half_mag + 1
+    counts: dict[int, int] = {}
+    get = counts.get
+    bad = count = total = 0
+    lo, hi = HIGHEST_US + 1, -1
+    for ms in key:
+        us = ms * 1000.0
+        if not 0.0 <= us <= HIGHEST_US:
+            bad += 1
+            if us != us:   # NaN: dropped
+                continue
+            us = 0.0 if us < 0.0 else float(HIGHEST_US)
+        v = int(us + 0.5)
+        if v > HIGHEST_US:
+            v = HIGHEST_US
+        bucket = (v | mask).bit_length() - off
+        index = ((bucket + 1) << half_mag) + (v >> (bucket + unit)) - half
+        counts[index] = get(index, 0) + 1
+        count += 1
+        total += v
+        if v < lo:
+            lo = v
+        if v > hi:
+            hi = v
+    p = _Prepared()
+    p.key, p.layout, p.items, p.count, p.lo, p.hi, p.sum, p.bad = (
+        key, layout, list(counts.items()), count, lo, hi, total, bad)
+    _last[0] = p
+    return p
 
 
 class HistogramSet:

@@ -504,7 +504,7 @@ class _CooperativeReads:
     """
 
     __slots__ = ("hub", "watcher", "timeout", "timer", "extra", "greenlet", "waiting", "since",
-                 "_wait")
+                 "_wait", "_recv")
 
     def __init__(self, sock: socket.socket, timeout: float | None) -> None:
         from gevent import get_hub
@@ -512,6 +512,10 @@ class _CooperativeReads:
         self.hub = get_hub()
         self.watcher = self.hub.loop.io(sock.fileno(), 1)
         self._wait = self.hub.wait
+        # The non-blocking stdlib socket under gevent's (gevent keeps it as ``_sock``): once the
+        # watcher has fired, its recv returns at once, without gevent's retry wrapper.
+        raw = getattr(sock, "_sock", None)
+        self._recv = raw.recv if raw is not None and raw.gettimeout() == 0.0 else None
         self.timeout = timeout
         self.timer = self.hub.loop.timer(timeout, ref=False) if timeout is not None else None
         self.extra = None  # a re-armed timer for the rest of a wait that began late
@@ -547,10 +551,16 @@ class _CooperativeReads:
         self.since = _perf_ns()
         self.waiting = True
         try:
-            self._wait(self.watcher)
-            # The watcher fired: the bytes (or EOF) are there, so this recv does not block
-            # (gevent's recv still waits correctly after a rare spurious wake-up).
-            return sock.recv(_RECV_SIZE)
+            raw_recv = self._recv
+            while True:
+                self._wait(self.watcher)
+                # The watcher fired: the bytes (or EOF, or an error) are there.
+                if raw_recv is None:
+                    return sock.recv(_RECV_SIZE)   # (gevent's recv waits again if need be)
+                try:
+                    return raw_recv(_RECV_SIZE)
+                except BlockingIOError:
+                    continue   # a spurious wake-up: wait again
         finally:
             self.waiting = False
 

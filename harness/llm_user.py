@@ -38,6 +38,9 @@ _user_ids = itertools.count()
 # against a dead port would otherwise spin, writing thousands of identical failures a second.
 CONNECT_BACKOFF_S = 0.1
 
+# Longest wait for an idle event loop before a finished request is recorded (see `send`).
+BOOKKEEPING_WAIT_S = 0.02
+
 
 class LLMRequestError(Exception):
     """What Locust's failure table shows for a failed LLM request: the error kind."""
@@ -160,16 +163,24 @@ class LLMUser(User):
             rec = self._one_request(scheduled_ns)
         finally:
             st.inflight -= 1
-        st.record(rec, self.__class__.__name__, self._stats_name)
-        self.environment.events.request.fire(
-            request_type="POST", name=self._stats_name,
-            response_time=rec.e2e_ms if rec.e2e_ms is not None else
-            ((rec.finished_at or 0) - (rec.sent_at or 0)) * 1000.0,
-            response_length=rec.output_tokens or 0,
-            exception=None if rec.ok else LLMRequestError(rec.error_kind),
-            context={"ttft_ms": rec.ttft_ms, "tpot_ms": rec.tpot_ms, "user_class": self.__class__.__name__},
-        )
-        st.check_finished()
+        try:
+            # The bookkeeping below takes a few hundred microseconds; run in the middle of a burst
+            # of token events it would delay every other stream's timestamps by that much
+            # (docs/performance.md, "Load generator"). Wait until the loop has no reads pending
+            # (bounded, so an overloaded generator still records); killed meanwhile, still record.
+            with gevent.Timeout(BOOKKEEPING_WAIT_S, False):
+                gevent.idle()
+        finally:
+            st.record(rec, self.__class__.__name__, self._stats_name)
+            self.environment.events.request.fire(
+                request_type="POST", name=self._stats_name,
+                response_time=rec.e2e_ms if rec.e2e_ms is not None else
+                ((rec.finished_at or 0) - (rec.sent_at or 0)) * 1000.0,
+                response_length=rec.output_tokens or 0,
+                exception=None if rec.ok else LLMRequestError(rec.error_kind),
+                context={"ttft_ms": rec.ttft_ms, "tpot_ms": rec.tpot_ms, "user_class": self.__class__.__name__},
+            )
+            st.check_finished()
         return rec
 
     def _count_output_tokens(self, text: str) -> int:

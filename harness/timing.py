@@ -420,7 +420,10 @@ def _gaps(times: list[int], counts: list[int]) -> tuple[list[float], list[float]
     """ICL (raw gaps) and ITL (gaps split over the tokens of the later event)."""
     if counts.count(1) == len(counts):
         # One token per event (no continuous usage stats): ITL is ICL.
-        icl = [round((b - a) / _NS_PER_MS, 3) for a, b in zip(times, times[1:])]
+        # == _ms(d) for every int d (checked on millions of values); only exact half-microsecond
+        # gaps need round()'s decision, everything else rounds the same way twice as fast.
+        icl = [((d + 500) // 1000) / 1000.0 if d % 1000 != 500 else _ms(d)
+               for d in [b - a for a, b in zip(times, times[1:])]]
         return icl, icl.copy()
     icl: list[float] = []
     itl: list[float] = [0.0] * max(counts[0] - 1, 0)

@@ -75,3 +75,26 @@ def test_histogram_set_list_metrics_use_record_many():
     hs.add_record(rec)
     assert hs["itl_ms"].count == 100 and hs["icl_ms"].count == 100
     assert hs["itl_ms"].summary()["max"] == 10.99
+
+
+def test_prepared_counts_are_reused_only_for_equal_values():
+    vals = [1.0 + 0.013 * i for i in range(100)]
+    a, b, ref = LatencyHistogram(), LatencyHistogram(), LatencyHistogram()
+    a.record_many(vals)
+    b.record_many(list(vals))          # equal values, another list: reused
+    for v in vals:
+        ref.record(v)
+    _same(a, ref)
+    _same(b, ref)
+    vals[5] = 99.0                     # the same list object, changed: recomputed
+    c, ref2 = LatencyHistogram(), LatencyHistogram()
+    c.record_many(vals)
+    for v in vals:
+        ref2.record(v)
+    _same(c, ref2)
+    bad = vals + [float("nan"), -1.0]  # out-of-range counts come with the reuse too
+    d, e = LatencyHistogram(), LatencyHistogram()
+    d.record_many(bad)
+    e.record_many(bad)
+    assert d.out_of_range == e.out_of_range == 2
+    _same(d, e)
