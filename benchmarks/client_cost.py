@@ -95,7 +95,10 @@ class Case:
     def num_requests(self) -> int:
         if self.requests:
             return self.requests
-        per_req_s = self.output_len * self.step_ms_guess / 1000.0
+        # One simulator core writes at most ~16,000 token events/s here: above ~200 streams the
+        # time between tokens grows with the concurrency.
+        step_ms = max(self.step_ms_guess, self.concurrency / 16.0)
+        per_req_s = self.output_len * step_ms / 1000.0
         rounds = max(3, int(self.seconds / per_req_s) + 2)
         return self.concurrency * rounds
 
@@ -360,7 +363,7 @@ def fidelity(reqs: list[ClientReq], truth: list[dict], window: tuple[int, int],
             t = by_obj[time_pairs[i]]
         if t is not None:
             pairs[i] = t
-    ttft_err, itl_err, transit = [], [], []
+    ttft_err, itl_err, transit, ttft_full = [], [], [], []
     skipped = 0
     for i, t in pairs.items():
         r = reqs[i]
@@ -371,6 +374,8 @@ def fidelity(reqs: list[ClientReq], truth: list[dict], window: tuple[int, int],
         if t0 <= ev[0] <= t1:
             ttft_err.append((r.first_ns - ev[0]) / 1e6)
             transit.append((t["received_ns"] - r.start_ns) / 1e6)
+            # client TTFT minus the server's own (request read -> first token written)
+            ttft_full.append(((r.first_ns - r.start_ns) - (ev[0] - t["received_ns"])) / 1e6)
         if len(r.itl_ms) == len(ev) - 1:
             for k in range(1, len(ev)):
                 if t0 <= ev[k] <= t1:
@@ -381,7 +386,8 @@ def fidelity(reqs: list[ClientReq], truth: list[dict], window: tuple[int, int],
             "time_match_agrees": (agree / checked) if checked else None,
             "ttft_err_ms": pct(ttft_err, (50, 90, 99, 99.9)),
             "itl_abs_err_ms": pct(itl_err, (50, 90, 99, 99.9)),
-            "transit_ms": pct(transit, (50, 99))}
+            "transit_ms": pct(transit, (50, 99)),
+            "ttft_vs_server_ms": pct(ttft_full, (50, 99))}
 
 
 # -- one case --------------------------------------------------------------------------------
@@ -443,6 +449,9 @@ def run_case(case: Case, tokenizer: str, keep: Path | None = None, timeout_s: fl
     cpu0, busy0 = sampler.at(t0)
     cpu1, busy1 = sampler.at(t1)
     tokens = sum(1 for t in truth if t["stream"] for e in t["event_ns"] if t0 <= e <= t1)
+    gaps = [b - a for t in truth if t["stream"] for a, b in zip(t["event_ns"], t["event_ns"][1:])
+            if t0 <= b <= t1]
+    token_gap_ms = float(np.median(gaps)) / 1e6 if gaps else None
     client_cpu = cpu1 - cpu0
     busy = [(b - a) / win_s for a, b in zip(busy0, busy1)]
     client_cores = [int(c) for c in case.client_cpus.split(",")] if case.client_cpus else []
@@ -456,6 +465,7 @@ def run_case(case: Case, tokenizer: str, keep: Path | None = None, timeout_s: fl
     res = {
         "case": asdict(case), "num_requests": case.num_requests(), "rc": rc, "wall_s": wall,
         "window_s": win_s, "tokens": tokens, "tokens_per_s": tokens / win_s,
+        "token_gap_ms_p50": token_gap_ms,
         "client_cpu_s": client_cpu, "client_cores_used": client_cpu / win_s,
         "us_per_token": 1e6 * client_cpu / tokens if tokens else None,
         "server_cores_used": sim_cpu,
@@ -503,9 +513,12 @@ def machine() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["case", "sweep", "scaleout", "all"])
+    ap.add_argument("what", choices=["case", "sweep", "scaleout", "all", "report"])
     ap.add_argument("--client", default="harness", choices=["harness", "vllm"])
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 256])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=None,
+                    help="streams (default: 8 16 32 64 128 256 512 1024 for sweep/all, "
+                         "256 512 for scaleout, 256 for case)")
+    ap.add_argument("--scaleout-concurrency", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--profile", default="h200-llama-3-8b-bf16")
     ap.add_argument("--input-len", type=int, default=64)
@@ -514,18 +527,32 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--server-cpu", default="0")
     ap.add_argument("--client-cpus", default="1")
-    ap.add_argument("--rt", action="store_true", help="SCHED_FIFO for client and server "
-                    "(other processes on the machine cannot preempt them)")
+    ap.add_argument("--no-rt", dest="rt", action="store_false",
+                    help="do not run client and server at SCHED_FIFO priority (by default they "
+                         "do, when chrt works: other processes on a shared machine then cannot "
+                         "preempt them in the middle of a burst)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir for vLLM's client "
                     "(default: build tests/tiny_model.py into /tmp/llm-harness-tiny)")
     ap.add_argument("--json", default=None, help="append results (JSON lines) here")
     ap.add_argument("--keep", default=None, help="keep each run's files under this folder")
     ap.add_argument("--label", default="")
+    ap.add_argument("--by-label", action="store_true", help="report: one row per label")
     ap.add_argument("--locustfile", default="", help="harness client: run this locustfile "
                     "instead of benchmarks/bench_locustfile.py (experiments)")
     ap.add_argument("--client-repo", default="", help="run our client (harness load) from this "
                     "checkout, e.g. a worktree of an earlier commit, to measure before/after")
     args = ap.parse_args(argv)
+    if args.what == "report":
+        if not args.json:
+            ap.error("report needs --json FILE (results written by an earlier run)")
+        rows = [json.loads(l) for l in open(args.json) if l.strip()]
+        print(report_by_label(rows) if args.by_label else report(rows))
+        return 0
+    if args.rt and not rt_available():
+        args.rt = False
+    if args.concurrency is None:
+        args.concurrency = {"case": [256], "scaleout": args.scaleout_concurrency}.get(
+            args.what, [8, 16, 32, 64, 128, 256, 512, 1024])
 
     tok = args.tokenizer or ensure_tokenizer(Path("/tmp/llm-harness-tiny"))
     keep = Path(args.keep) if args.keep else None
@@ -545,10 +572,12 @@ def main(argv=None) -> int:
                 pair = ["harness", "vllm"] if rep % 2 == 0 else ["vllm", "harness"]
                 cases += [Case(cl, c, seed=rep, **base) for cl in pair]
     if args.what in ("scaleout", "all"):
-        for c in args.concurrency:
-            for w in (1, 2):
-                cases.append(Case("harness", c, workers=w,
-                                  **{**base, "client_cpus": "1" if w == 1 else "0,1"}))
+        for c in (args.concurrency if args.what == "scaleout" else args.scaleout_concurrency):
+            for rep in range(args.repeats):
+                for w in ((1, 2) if rep % 2 == 0 else (2, 1)):
+                    cases.append(Case("harness", c, workers=w, seed=rep,
+                                      **{**base, "label": "scaleout",
+                                         "client_cpus": "1" if w == 1 else "0,1"}))
     results = []
     for case in cases:
         r = run_case(case, tok, keep)
@@ -558,7 +587,121 @@ def main(argv=None) -> int:
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
+    if len(results) > 1:
+        print()
+        print(report(results))
     return 0
+
+
+def rt_available() -> bool:
+    return bool(shutil.which("chrt")) and subprocess.run(
+        ["chrt", "-f", "1", "true"], capture_output=True).returncode == 0
+
+
+# -- tables --------------------------------------------------------------------------------
+
+FIDELITY_MS = 1.0
+
+
+def _med(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.median(xs)) if xs else float("nan")  # noqa: E501
+
+
+def _fid(r, metric, p):
+    return r["fidelity"][metric].get(p)
+
+
+def report_by_label(results: list[dict]) -> str:
+    """One row per label (e.g. the snapshots of benchmarks/client_steps.sh), in first-seen order."""
+    labels: dict[str, list[dict]] = {}
+    for r in results:
+        labels.setdefault(r["case"]["label"] or "-", []).append(r)
+    out = ["| label | client | streams | runs | tok/s | client CPU (cores) | us/token | TTFT err p99 | ITL err p50 | ITL err p99 |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, rs in labels.items():
+        out.append(
+            f"| {label} | {rs[0]['case']['client']} | {rs[0]['case']['concurrency']} | {len(rs)} | "
+            f"{_med([r['tokens_per_s'] for r in rs]):,.0f} | {_med([r['client_cores_used'] for r in rs]):.2f} | "
+            f"{_med([r['us_per_token'] for r in rs]):.1f} | "
+            f"{_med([_fid(r, 'ttft_err_ms', 'p99') for r in rs]):.3f} | "
+            f"{_med([_fid(r, 'itl_abs_err_ms', 'p50') for r in rs]):.3f} | "
+            f"{_med([_fid(r, 'itl_abs_err_ms', 'p99') for r in rs]):.3f} |")
+    return "\n".join(out)
+
+
+def report(results: list[dict]) -> str:
+    """Markdown tables: cost per token (ours vs vLLM's), fidelity by load, capacity, scale-out."""
+    out = []
+    by: dict[tuple, list[dict]] = {}
+    for r in results:
+        c = r["case"]
+        by.setdefault((c["client"], c["concurrency"], c["workers"]), []).append(r)
+    concs = sorted({k[1] for k in by if k[2] == 1})
+    m = results[0].get("machine", {})
+    out.append(f"Machine: {m.get('cpu_model', '?')}, {m.get('cpus', '?')} CPUs, Python "
+               f"{m.get('python', '?')}; medians of {max(len(v) for v in by.values())} runs per row.")
+    out.append("")
+    out.append("| streams | ms between tokens | ours tok/s | ours us/token | vLLM tok/s | vLLM us/token | ours / vLLM |")
+    out.append("|---:|---:|---:|---:|---:|---:|---:|")
+    for c in concs:
+        h, v = by.get(("harness", c, 1), []), by.get(("vllm", c, 1), [])
+        if not h and not v:
+            continue
+        hu, vu = _med([r["us_per_token"] for r in h]), _med([r["us_per_token"] for r in v])
+        out.append(f"| {c} | {_med([r.get('token_gap_ms_p50') for r in h + v]):.1f} | "
+                   f"{_med([r['tokens_per_s'] for r in h]):,.0f} | {hu:.1f} | "
+                   f"{_med([r['tokens_per_s'] for r in v]):,.0f} | {vu:.1f} | {hu / vu:.2f} |")
+    out.append("")
+    out.append("Fidelity: client minus simulator truth, ms (TTFT error: first-token stamp minus "
+               "the truth write time; ITL: |client gap - truth gap|). Pass = p99 of both < "
+               f"{FIDELITY_MS:g} ms in every run.")
+    out.append("")
+    out.append("| streams | client | tok/s | client CPU (cores) | TTFT err p50 | TTFT err p99 | ITL err p50 | ITL err p99 | transit p50 | transit p99 | pass |")
+    out.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    capacity: dict[str, tuple[float, int] | None] = {"harness": None, "vllm": None}
+    for c in concs:
+        for client in ("harness", "vllm"):
+            rs = by.get((client, c, 1), [])
+            if not rs:
+                continue
+            ok = all(_fid(r, "ttft_err_ms", "p99") is not None and _fid(r, "ttft_err_ms", "p99") < FIDELITY_MS
+                     and _fid(r, "itl_abs_err_ms", "p99") is not None
+                     and _fid(r, "itl_abs_err_ms", "p99") < FIDELITY_MS for r in rs)
+            tps = _med([r["tokens_per_s"] for r in rs])
+            if ok and (capacity[client] is None or tps > capacity[client][0]):
+                capacity[client] = (tps, c)
+            out.append(
+                f"| {c} | {'ours' if client == 'harness' else 'vLLM'} | {tps:,.0f} | "
+                f"{_med([r['client_cores_used'] for r in rs]):.2f} | "
+                f"{_med([_fid(r, 'ttft_err_ms', 'p50') for r in rs]):.3f} | "
+                f"{_med([_fid(r, 'ttft_err_ms', 'p99') for r in rs]):.3f} | "
+                f"{_med([_fid(r, 'itl_abs_err_ms', 'p50') for r in rs]):.3f} | "
+                f"{_med([_fid(r, 'itl_abs_err_ms', 'p99') for r in rs]):.3f} | "
+                f"{_med([_fid(r, 'transit_ms', 'p50') for r in rs]):.3f} | "
+                f"{_med([_fid(r, 'transit_ms', 'p99') for r in rs]):.3f} | {'yes' if ok else 'no'} |")
+    out.append("")
+    for client, name in (("harness", "ours"), ("vllm", "vLLM's")):
+        cap = capacity[client]
+        out.append(f"Fidelity capacity, {name} client (one client core): "
+                   + (f"{cap[0]:,.0f} tokens/s (highest passing load: {cap[1]} streams)"
+                      if cap else "no load tried passed"))
+    scal = sorted({k[1] for k in by if k[0] == "harness" and k[2] > 1})
+    if scal:
+        out.append("")
+        out.append("| streams | workers | client CPUs | tok/s | client CPU (cores) | us/token | TTFT err p99 | ITL err p99 |")
+        out.append("|---:|---:|---|---:|---:|---:|---:|---:|")
+        for c in scal:
+            for w in sorted({k[2] for k in by if k[0] == "harness" and k[1] == c}):
+                rs = [r for r in by[("harness", c, w)] if w > 1 or r["case"]["label"] == "scaleout"] \
+                    or by[("harness", c, w)]
+                out.append(
+                    f"| {c} | {w} | {rs[0]['case']['client_cpus']} | {_med([r['tokens_per_s'] for r in rs]):,.0f} | "
+                    f"{_med([r['client_cores_used'] for r in rs]):.2f} | "
+                    f"{_med([r['us_per_token'] for r in rs]):.1f} | "
+                    f"{_med([_fid(r, 'ttft_err_ms', 'p99') for r in rs]):.3f} | "
+                    f"{_med([_fid(r, 'itl_abs_err_ms', 'p99') for r in rs]):.3f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

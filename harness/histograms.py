@@ -145,15 +145,20 @@ class LatencyHistogram:
     def decode(cls, text: str) -> "LatencyHistogram":
         """Rebuild a histogram from ``encode()`` output."""
         parts = text.split(",", 5)
-        hist = cls()
-        hist.out_of_range = int(parts[1])
-        if parts[0] == "1":
+        if parts[0] == "0":
+            hist = cls()
+        elif parts[0] == "1":
+            # Not cls(): its empty HdrHistogram (a 188 KB counts array) would be replaced at once,
+            # and a load generator decodes 21 of these every few seconds inside its event loop.
+            hist = cls.__new__(cls)
+            hist._view = None
             hist._sum_us = int(parts[2])
             hist._min_us = int(parts[3])
             hist._max_us = int(parts[4])
             hist._h = HdrHistogram.decode(parts[5].encode("ascii"))
-        elif parts[0] != "0":
+        else:
             raise ValueError(f"unknown histogram encoding {parts[0]!r}")
+        hist.out_of_range = int(parts[1])
         return hist
 
     def percentile(self, p: float) -> float | None:
