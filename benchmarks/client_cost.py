@@ -608,6 +608,10 @@ def _med(xs):
     return float(np.median(xs)) if xs else float("nan")  # noqa: E501
 
 
+def _f(x: float, fmt: str) -> str:
+    return "–" if x != x else format(x, fmt)
+
+
 def _fid(r, metric, p):
     return r["fidelity"][metric].get(p)
 
@@ -639,8 +643,9 @@ def report(results: list[dict]) -> str:
         by.setdefault((c["client"], c["concurrency"], c["workers"]), []).append(r)
     concs = sorted({k[1] for k in by if k[2] == 1})
     m = results[0].get("machine", {})
+    counts = sorted({len(v) for v in by.values()})
     out.append(f"Machine: {m.get('cpu_model', '?')}, {m.get('cpus', '?')} CPUs, Python "
-               f"{m.get('python', '?')}; medians of {max(len(v) for v in by.values())} runs per row.")
+               f"{m.get('python', '?')}; medians of {counts[0]}-{counts[-1]} runs per row.")
     out.append("")
     out.append("| streams | ms between tokens | ours tok/s | ours us/token | vLLM tok/s | vLLM us/token | ours / vLLM |")
     out.append("|---:|---:|---:|---:|---:|---:|---:|")
@@ -649,13 +654,14 @@ def report(results: list[dict]) -> str:
         if not h and not v:
             continue
         hu, vu = _med([r["us_per_token"] for r in h]), _med([r["us_per_token"] for r in v])
-        out.append(f"| {c} | {_med([r.get('token_gap_ms_p50') for r in h + v]):.1f} | "
-                   f"{_med([r['tokens_per_s'] for r in h]):,.0f} | {hu:.1f} | "
-                   f"{_med([r['tokens_per_s'] for r in v]):,.0f} | {vu:.1f} | {hu / vu:.2f} |")
+        out.append(f"| {c} | {_f(_med([r.get('token_gap_ms_p50') for r in h + v]), '.1f')} | "
+                   f"{_f(_med([r['tokens_per_s'] for r in h]), ',.0f')} | {_f(hu, '.1f')} | "
+                   f"{_f(_med([r['tokens_per_s'] for r in v]), ',.0f')} | {_f(vu, '.1f')} | "
+                   f"{_f(hu / vu, '.2f')} |")
     out.append("")
     out.append("Fidelity: client minus simulator truth, ms (TTFT error: first-token stamp minus "
-               "the truth write time; ITL: |client gap - truth gap|). Pass = p99 of both < "
-               f"{FIDELITY_MS:g} ms in every run.")
+               "the truth write time; ITL: |client gap - truth gap|). Pass = the median over the "
+               f"runs of each p99 < {FIDELITY_MS:g} ms (in brackets: runs where both were).")
     out.append("")
     out.append("| streams | client | tok/s | client CPU (cores) | TTFT err p50 | TTFT err p99 | ITL err p50 | ITL err p99 | transit p50 | transit p99 | pass |")
     out.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -665,9 +671,10 @@ def report(results: list[dict]) -> str:
             rs = by.get((client, c, 1), [])
             if not rs:
                 continue
-            ok = all(_fid(r, "ttft_err_ms", "p99") is not None and _fid(r, "ttft_err_ms", "p99") < FIDELITY_MS
-                     and _fid(r, "itl_abs_err_ms", "p99") is not None
-                     and _fid(r, "itl_abs_err_ms", "p99") < FIDELITY_MS for r in rs)
+            passed = [(_fid(r, "ttft_err_ms", "p99") or 1e9) < FIDELITY_MS
+                      and (_fid(r, "itl_abs_err_ms", "p99") or 1e9) < FIDELITY_MS for r in rs]
+            ok = (_med([_fid(r, "ttft_err_ms", "p99") for r in rs]) < FIDELITY_MS
+                  and _med([_fid(r, "itl_abs_err_ms", "p99") for r in rs]) < FIDELITY_MS)
             tps = _med([r["tokens_per_s"] for r in rs])
             if ok and (capacity[client] is None or tps > capacity[client][0]):
                 capacity[client] = (tps, c)
@@ -679,7 +686,8 @@ def report(results: list[dict]) -> str:
                 f"{_med([_fid(r, 'itl_abs_err_ms', 'p50') for r in rs]):.3f} | "
                 f"{_med([_fid(r, 'itl_abs_err_ms', 'p99') for r in rs]):.3f} | "
                 f"{_med([_fid(r, 'transit_ms', 'p50') for r in rs]):.3f} | "
-                f"{_med([_fid(r, 'transit_ms', 'p99') for r in rs]):.3f} | {'yes' if ok else 'no'} |")
+                f"{_med([_fid(r, 'transit_ms', 'p99') for r in rs]):.3f} | "
+                f"{'yes' if ok else 'no'} ({sum(passed)}/{len(passed)}) |")
     out.append("")
     for client, name in (("harness", "ours"), ("vllm", "vLLM's")):
         cap = capacity[client]
