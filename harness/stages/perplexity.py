@@ -25,6 +25,14 @@ counted from the model's tensors with ``hf``, else the checkpoint files on disk)
 relative to the first variant (the baseline): ``NAME.word_perplexity``, ``NAME.memory_x``,
 ``NAME.throughput_x``.
 
+The worker writes its results file (``lm-eval-NAME.json``) atomically once lm-eval has finished.
+A worker that then exits non-zero or by a signal (vLLM's CPU build has been seen to abort with
+SIGABRT in its own shutdown, after "all workers exited gracefully") still counts when that file
+was written by this run (any earlier one is removed before the worker starts) and holds the
+three perplexity metrics: the variant's row carries ``evaluator_warning`` (and the stage's
+``data.warnings`` and detail say so). With no such file the stage fails with the exit status and
+the log's tail.
+
 Run inside lm-eval's Python (not by users)::
 
     PYTHONPATH=REPO python -m harness.stages.perplexity --lm-eval SPEC.json
@@ -32,7 +40,9 @@ Run inside lm-eval's Python (not by users)::
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -184,6 +194,41 @@ def disk_bytes(model: str) -> int | None:
     return total or None
 
 
+def exit_text(returncode: int) -> str:
+    """'exit status 1', 'signal SIGABRT' (a negative return code is the signal that ended it)."""
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def read_results(path: str, not_before: float) -> tuple[dict[str, Any] | None, str]:
+    """(the worker's results, "") when ``path`` is a complete results file written at or after
+    ``not_before`` (time.time()), else (None, why not)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, "no results file was written"
+    # the file system's clock is coarse (a tick or so behind time.time()); the stage also
+    # removes any earlier file before the worker starts, so this only guards against that
+    if st.st_mtime < not_before - 2.0:
+        return None, f"{path} is older than this run"
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"{path} is not readable JSON ({exc})"
+    if not isinstance(doc, dict):
+        return None, f"{path} holds no results object"
+    missing = [k for k in ("word_perplexity", "byte_perplexity", "bits_per_byte")
+               if not isinstance(doc.get(k), (int, float)) or isinstance(doc.get(k), bool)
+               or not math.isfinite(doc[k])]
+    if missing:
+        return None, f"{path} lacks {', '.join(missing)}"
+    return doc, ""
+
+
 def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     from harness.stages import expect as expect_mod
 
@@ -211,6 +256,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     env.update({str(k): str(v) for k, v in (p.get("env") or {}).items()})
     env["PYTHONPATH"] = str(repo_root()) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     rows: list[dict[str, Any]] = []
+    warnings: list[str] = []
     for v in p["variants"]:
         backend, margs = model_args(v, p)
         if os.path.isdir(str(v["model"])):
@@ -227,14 +273,23 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         spec_path.write_text(json.dumps(spec, indent=2))
         ctx.log(f"perplexity: {v['name']}: lm-eval {backend} {margs}")
         log_path = ctx.out_dir / f"lm-eval-{v['name']}.log"
+        Path(spec["out"]).unlink(missing_ok=True)  # a resumed run's earlier file must not count
+        started = time.time()
         with open(log_path, "wb") as log:
             r = subprocess.run([python, "-m", "harness.stages.perplexity", "--lm-eval", str(spec_path)],
                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(repo_root()),
                                timeout=float(p["timeout_s"]))
-        if r.returncode != 0 or not os.path.exists(spec["out"]):
+        res, why = read_results(spec["out"], started)
+        if res is None:
             tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-6:])
-            raise RuntimeError(f"lm-eval for {v['name']} exited with {r.returncode}; {log_path} ends:\n{tail}")
-        res = json.loads(Path(spec["out"]).read_text())
+            raise RuntimeError(f"lm-eval for {v['name']} exited with {exit_text(r.returncode)} "
+                               f"({r.returncode}) and {why}; {log_path} ends:\n{tail}")
+        warning = None
+        if r.returncode != 0:
+            warning = (f"lm-eval for {v['name']} exited with {exit_text(r.returncode)} after writing "
+                       f"its results; results accepted")
+            ctx.log(f"perplexity: warning: {warning} (log: {log_path})")
+            warnings.append(warning)
         weights = res.get("weights_bytes") or disk_bytes(str(v["model"]))
         row = {"name": v["name"], "model": v["model"], "quantization": v.get("quantization") or "none",
                "backend": backend, "word_perplexity": res.get("word_perplexity"),
@@ -242,7 +297,8 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
                "memory_gb": weights / 1e9 if weights else None, "memory_source":
                    "loaded weights" if res.get("weights_bytes") else ("checkpoint on disk" if weights else None),
                "eval_s": res.get("eval_s"), "lm_eval": res.get("lm_eval_version"),
-               "throughput_stage": v.get("throughput_stage"), "output_tokens_per_s": None}
+               "throughput_stage": v.get("throughput_stage"), "output_tokens_per_s": None,
+               "evaluator_exit": r.returncode, "evaluator_warning": warning}
         ts = v.get("throughput_stage")
         if ts and ts in ctx.results:
             row["output_tokens_per_s"] = (ctx.results[ts].get("measured") or {}).get("output_tokens_per_s")
@@ -270,8 +326,9 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         name=ctx.name, stage="perplexity", status=expect_mod.status_from(checks) if checks else "pass",
         measured=measured, expected=expected, checks=checks, params=p,
         detail=f"{len(rows)} variant(s) on {'WikiText-2' if text == 'wikitext' else text}"
-               + (f" ({n_docs} documents)" if n_docs else ""),
-        data={"variants": rows, "task": task, "python": python},
+               + (f" ({n_docs} documents)" if n_docs else "")
+               + "".join(f"; warning: {w}" for w in warnings),
+        data={"variants": rows, "task": task, "python": python, "warnings": warnings},
     )
 
 
