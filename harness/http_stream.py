@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -106,11 +106,11 @@ class StreamResponse:
     """
 
     __slots__ = ("status", "reason", "headers", "sent_ns", "headers_ns", "connect_ns", "reused",
-                 "_chunks", "_done", "_conn")
+                 "_body", "_chunks", "_done", "_conn")
 
     def __init__(self, status: int, reason: str, headers: dict[str, str], sent_ns: int,
-                 headers_ns: int, connect_ns: int, reused: bool,
-                 chunks: Iterator[tuple[bytes, int]], conn: "StreamingConnection") -> None:
+                 headers_ns: int, connect_ns: int, reused: bool, body: "_Body",
+                 conn: "StreamingConnection") -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
@@ -118,7 +118,8 @@ class StreamResponse:
         self.headers_ns = headers_ns
         self.connect_ns = connect_ns
         self.reused = reused
-        self._chunks = chunks
+        self._body = body
+        self._chunks: Iterator[tuple[bytes, int]] | None = None
         self._done = False
         self._conn = conn
 
@@ -127,7 +128,28 @@ class StreamResponse:
         if self._done:
             raise RuntimeError("response body already consumed")
         self._done = True
+        self._chunks = self._conn._body(self._body)
         return self._chunks
+
+    def pump(self, sink: Callable[[bytes, int], None]) -> None:
+        """Call ``sink(bytes, t_ns)`` for each body read, as iterating would; return at the end.
+
+        Why a second way to read the body: under gevent, iterating costs each read a wait on the
+        connection's watcher, two greenlet switches and a generator resumption -- per streamed
+        token, the largest part of a load generator's cost per token. Here, for a chunked body
+        (every streaming server's), the connection's io watcher calls one callback in the event
+        loop for each read: ``recv``, stamp, de-chunk and ``sink`` run there, and the calling
+        greenlet sleeps until the body has ended. The stamps are the same (taken as ``recv``
+        returns), and so are the failures and the read timeout (the longest silence).
+
+        ``sink`` then runs in the event loop's own greenlet: it must not block or switch (no
+        I/O, no ``gevent.sleep``); an exception it raises ends the body and is raised here.
+        Without gevent, or for other framings, this simply iterates.
+        """
+        if self._done:
+            raise RuntimeError("response body already consumed")
+        self._done = True
+        self._conn._pump(self._body, sink)
 
     def read(self) -> bytes:
         """Read the whole body (for small non-streaming responses)."""
@@ -136,7 +158,8 @@ class StreamResponse:
     def close(self) -> None:
         """Abandon the body; closes the connection unless the body was already complete."""
         self._done = True
-        self._chunks.close()  # type: ignore[attr-defined]
+        if self._chunks is not None:
+            self._chunks.close()  # type: ignore[attr-defined]
         self._conn._abandon(self)
 
     def __enter__(self) -> "StreamResponse":
@@ -258,9 +281,9 @@ class StreamingConnection:
                 raise Disconnected(f"connection lost while writing request: {e2}") from e2
 
         status, reason, resp_headers, keep_alive, rest, headers_ns = self._read_head(sock)
-        chunks = self._body(sock, method, status, resp_headers, keep_alive, rest, headers_ns)
+        body = _Body(sock, method, status, resp_headers, keep_alive, rest, headers_ns)
         resp = StreamResponse(status, reason, resp_headers, sent_ns, headers_ns, connect_ns,
-                              reused, chunks, self)
+                              reused, body, self)
         self._active = resp
         self._body_open = True
         return resp
@@ -342,6 +365,10 @@ class StreamingConnection:
 
     def _idle_alive(self, sock: socket.socket) -> bool:
         """True when an idle kept-alive socket shows no sign of closure (no EOF, reset or stray bytes)."""
+        if self._coop is not None:
+            alive = self._coop.idle_alive()
+            if alive is not None:
+                return alive
         try:
             sock.settimeout(0.0)
             try:
@@ -421,9 +448,53 @@ class StreamingConnection:
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         return status, (parts[2] if len(parts) > 2 else ""), headers, parts[0]
 
-    def _body(self, sock: socket.socket, method: str, status: int, headers: dict[str, str],
-              keep_alive: bool, rest: bytes, t_head: int) -> Iterator[tuple[bytes, int]]:
+    def _pump(self, body: "_Body", sink: Callable[[bytes, int], None]) -> None:
+        """``StreamResponse.pump``: a chunked body read by event-loop callbacks under gevent."""
+        coop = self._coop
+        if (coop is None or coop._recv is None or not body.chunked or body.method == "HEAD"
+                or body.status in (204, 304) or 100 <= body.status < 200):
+            chunks = self._body(body)
+            try:
+                for data, t_ns in chunks:
+                    sink(data, t_ns)
+            finally:
+                chunks.close()   # a failing sink leaves the body unfinished: drop the socket
+            return
+        sock = body.sock
+        keep_alive = body.keep_alive
+        complete = False
+        try:
+            decoder = _ChunkedDecoder()
+            if body.rest:
+                out = decoder.feed(body.rest)
+                if out:
+                    sink(out, body.t_head)
+            if not decoder.done:
+                try:
+                    ended = coop.pump(decoder, sink)
+                except _ReadWatchdog as e:
+                    raise ReadTimeout(f"no data from {self._host_header} for "
+                                      f"{self.read_timeout}s") from e
+                except (ProtocolError, Disconnected):
+                    raise
+                except OSError as e:
+                    raise Disconnected(f"connection to {self._host_header} broken: {e}") from e
+                if not ended:
+                    raise Disconnected("connection closed in the middle of a chunked body")
+            if decoder.leftover:
+                keep_alive = False
+            complete = True
+        finally:
+            if self._sock is sock:
+                self._body_open = False
+                coop.disarm()
+                if not (complete and keep_alive):
+                    self._drop()
+
+    def _body(self, body: "_Body") -> Iterator[tuple[bytes, int]]:
         """Generator of decoded body chunks; leaves the socket reusable only after a clean end."""
+        sock, method, status, headers = body.sock, body.method, body.status, body.headers
+        keep_alive, rest, t_head = body.keep_alive, body.rest, body.t_head
         complete = False
         try:
             if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
@@ -487,6 +558,26 @@ class StreamingConnection:
                     self._drop()
 
 
+class _Body:
+    """What reading a response's body needs, kept until the caller chooses how to read it."""
+
+    __slots__ = ("sock", "method", "status", "headers", "keep_alive", "rest", "t_head")
+
+    def __init__(self, sock: socket.socket, method: str, status: int, headers: dict[str, str],
+                 keep_alive: bool, rest: bytes, t_head: int) -> None:
+        self.sock = sock
+        self.method = method
+        self.status = status
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.rest = rest
+        self.t_head = t_head
+
+    @property
+    def chunked(self) -> bool:
+        return "chunked" in self.headers.get("transfer-encoding", "").lower()
+
+
 class _ReadWatchdog(Exception):
     """Thrown into a greenlet whose wait for bytes outlasted the read timeout (gevent only)."""
 
@@ -504,7 +595,7 @@ class _CooperativeReads:
     """
 
     __slots__ = ("hub", "watcher", "timeout", "timer", "extra", "greenlet", "waiting", "since",
-                 "_wait", "_recv")
+                 "_wait", "_recv", "_raw")
 
     def __init__(self, sock: socket.socket, timeout: float | None) -> None:
         from gevent import get_hub
@@ -515,7 +606,8 @@ class _CooperativeReads:
         # The non-blocking stdlib socket under gevent's (gevent keeps it as ``_sock``): once the
         # watcher has fired, its recv returns at once, without gevent's retry wrapper.
         raw = getattr(sock, "_sock", None)
-        self._recv = raw.recv if raw is not None and raw.gettimeout() == 0.0 else None
+        self._raw = raw if raw is not None and raw.gettimeout() == 0.0 else None
+        self._recv = self._raw.recv if self._raw is not None else None
         self.timeout = timeout
         self.timer = self.hub.loop.timer(timeout, ref=False) if timeout is not None else None
         self.extra = None  # a re-armed timer for the rest of a wait that began late
@@ -564,13 +656,91 @@ class _CooperativeReads:
         finally:
             self.waiting = False
 
+    def pump(self, decoder: "_ChunkedDecoder", sink: Callable[[bytes, int], None]) -> bool:
+        """Read the rest of a chunked body in watcher callbacks; True at its end, False on EOF.
+
+        The calling greenlet waits once, for the whole body; the callback (in the event loop's
+        greenlet) does one ``recv`` per readiness, stamps it, de-chunks it and hands the bytes to
+        ``sink``. Failures -- the socket's, the decoder's, ``sink``'s -- end the wait with that
+        exception; the read-timeout timer (``_fire``) sees ``since`` move at every read.
+        """
+        from gevent.hub import Waiter
+
+        waiter = Waiter(self.hub)
+        watcher = self.watcher
+        raw_recv = self._recv
+        feed = decoder.feed
+        perf_ns = _perf_ns
+
+        def on_readable() -> None:
+            try:
+                data = raw_recv(_RECV_SIZE)
+            except BlockingIOError:
+                return   # a spurious wake-up: wait for the next one
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting greenlet
+                watcher.stop()
+                waiter.throw(e)
+                return
+            t_ns = perf_ns()
+            self.since = t_ns
+            if not data:
+                watcher.stop()
+                waiter.switch(False)
+                return
+            try:
+                out = feed(data)
+                if out:
+                    sink(out, t_ns)
+            except BaseException as e:  # noqa: BLE001
+                watcher.stop()
+                waiter.throw(e)
+                return
+            if decoder.done:
+                watcher.stop()
+                waiter.switch(True)
+
+        self.since = perf_ns()
+        self.waiting = True
+        watcher.start(on_readable)
+        try:
+            return waiter.get()
+        finally:
+            watcher.stop()
+            self.waiting = False
+
     def sendall(self, sock: socket.socket, data: bytes) -> None:
         self.since = _perf_ns()
         self.waiting = True
         try:
-            sock.sendall(data)
+            raw = self._raw
+            if raw is not None:
+                # A request almost always fits the socket's send buffer: one non-blocking send,
+                # and gevent's wrapper (which waits) only for what did not fit.
+                try:
+                    sent = raw.send(data)
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(data):
+                    sock.sendall(data[sent:])
+            else:
+                sock.sendall(data)
         finally:
             self.waiting = False
+
+    def idle_alive(self) -> bool | None:
+        """``_idle_alive`` without timeouts to set and restore: one non-blocking peek; None when
+        this socket has no raw non-blocking socket to peek with."""
+        raw = self._raw
+        if raw is None:
+            return None
+        try:
+            data = raw.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        del data   # EOF (b"") or stray bytes: either way not reusable
+        return False
 
     def _fire(self) -> None:
         remaining = self.timeout

@@ -234,11 +234,17 @@ class LLMUser(User):
                 parser = SSEParser()
                 feed = timer.feed
                 payloads = parser.payloads
-                t_ns = sent_ns
-                for chunk, t_ns in resp:   # every event of a read carries that read's stamp
-                    for payload in payloads(chunk):
+                last_ns = sent_ns
+
+                def sink(chunk: bytes, t_ns: int) -> None:
+                    # Runs in the event loop (StreamResponse.pump): parsing only, no I/O.
+                    nonlocal last_ns
+                    last_ns = t_ns
+                    for payload in payloads(chunk):   # every event of a read has its stamp
                         feed(payload, t_ns)
-                for payload, t in parser.finish(t_ns):   # a last event missing its blank line
+
+                resp.pump(sink)
+                for payload, t in parser.finish(last_ns):   # a last event missing its blank line
                     feed(payload, t)
                 end_ns = time.perf_counter_ns()
                 rec = timer.finish(status=200, input_tokens=prompt.input_tokens, end_ns=end_ns,

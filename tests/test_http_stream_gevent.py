@@ -127,3 +127,140 @@ def test_cooperative_reads_and_read_timeout_under_gevent():
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == "ok"
+
+
+PUMP_SCRIPT = textwrap.dedent('''
+    from gevent import monkey; monkey.patch_all()
+    import gevent, socket, time
+    from gevent.server import StreamServer
+    from harness.http_stream import StreamingConnection, ReadTimeout, Disconnected, ProtocolError
+
+    def head(conn):
+        buf = b""
+        while b"\\r\\n\\r\\n" not in buf:
+            data = conn.recv(65536)
+            if not data:
+                return None
+            buf += data
+        return buf.split(b" ", 2)[1]
+
+    def handle(conn, addr):
+        while True:
+            path = head(conn)
+            if path is None:
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\\r\\ntransfer-encoding: chunked\\r\\n\\r\\n")
+            if path == b"/gaps":               # 8 chunks 0.05 s apart
+                for i in range(8):
+                    gevent.sleep(0.05)
+                    conn.sendall(b"1\\r\\n%d\\r\\n" % i)
+            elif path == b"/stall":
+                conn.sendall(b"1\\r\\na\\r\\n")
+                gevent.sleep(5)
+                return
+            elif path == b"/cut":
+                conn.sendall(b"1\\r\\na\\r\\n")
+                conn.close()
+                return
+            elif path == b"/bad":
+                conn.sendall(b"zz\\r\\n")
+                gevent.sleep(5)
+                return
+            elif path == b"/close-after":      # a whole response, then the idle connection closes
+                conn.sendall(b"1\\r\\nx\\r\\n0\\r\\n\\r\\n")
+                gevent.sleep(0.05)
+                conn.close()
+                return
+            conn.sendall(b"0\\r\\n\\r\\n")
+
+    server = StreamServer(("127.0.0.1", 0), handle)
+    server.start()
+    port = server.server_port
+
+    # pump delivers what iterating delivers, stamped at each read, and keeps the connection.
+    c = StreamingConnection("127.0.0.1", port, timeout=0.4)
+    got = []
+    c.post_stream("/gaps", b"{}").pump(lambda data, t: got.append((data, t)))
+    assert b"".join(d for d, _ in got) == b"01234567", got
+    gaps = [(b - a) / 1e6 for (_, a), (_, b) in zip(got, got[1:])]
+    assert all(30 < g < 300 for g in gaps), gaps
+    it = list(c.post_stream("/gaps", b"{}"))
+    assert b"".join(d for d, _ in it) == b"01234567"
+    assert c.connects == 1
+
+    # The read timeout is the longest silence; then the next request reconnects.
+    got = []
+    t0 = time.monotonic()
+    try:
+        c.post_stream("/stall", b"{}").pump(lambda data, t: got.append(data))
+        raise SystemExit("no timeout")
+    except ReadTimeout:
+        pass
+    assert got == [b"a"] and 0.38 <= time.monotonic() - t0 < 1.0
+    c.post_stream("/gaps", b"{}").pump(lambda data, t: None)
+    assert c.connects == 2
+
+    # A peer that closes mid-body, and bad framing, end the body with their own failures.
+    for path, exc in ((b"/cut", Disconnected), (b"/bad", ProtocolError)):
+        try:
+            c.post_stream(path.decode(), b"{}").pump(lambda data, t: None)
+            raise SystemExit(f"no {exc.__name__}")
+        except exc:
+            pass
+
+    # An exception raised by the sink reaches the caller; the half-read connection is dropped.
+    c.post_stream("/gaps", b"{}").pump(lambda data, t: None)   # a fresh, clean connection
+    before = c.connects
+    class Stop(Exception):
+        pass
+    def boom(data, t):
+        raise Stop()
+    try:
+        c.post_stream("/gaps", b"{}").pump(boom)
+        raise SystemExit("sink exception lost")
+    except Stop:
+        pass
+    c.post_stream("/gaps", b"{}").pump(lambda data, t: None)
+    assert c.connects == before + 1
+
+    # A greenlet killed while pumping stops its watcher: nothing more is delivered.
+    got = []
+    g = gevent.spawn(lambda: c.post_stream("/gaps", b"{}").pump(lambda d, t: got.append(d)))
+    gevent.sleep(0.12)
+    g.kill()
+    n = len(got)
+    gevent.sleep(0.4)
+    assert 0 < n < 8 and len(got) == n, got
+
+    # A kept-alive connection the server closed while idle is replaced before the next request.
+    c3 = StreamingConnection("127.0.0.1", port, timeout=1)
+    c3.post_stream("/close-after", b"{}").pump(lambda d, t: None)
+    gevent.sleep(0.2)
+    got = []
+    c3.post_stream("/gaps", b"{}").pump(lambda d, t: got.append(d))
+    assert b"".join(got) == b"01234567" and c3.connects == 2
+
+    # Many greenlets pumping at once.
+    def one(i):
+        conn = StreamingConnection("127.0.0.1", port, timeout=2)
+        out = []
+        for _ in range(2):
+            parts = []
+            conn.post_stream("/gaps", b"{}").pump(lambda d, t: parts.append(d))
+            out.append(b"".join(parts))
+        conn.close()
+        return out
+    results = [g.get() for g in [gevent.spawn(one, i) for i in range(50)]]
+    assert all(r == [b"01234567"] * 2 for r in results)
+    c.close(); c3.close()
+    server.stop()
+    print("ok")
+''')
+
+
+def test_pump_reads_the_body_in_event_loop_callbacks_with_the_same_results_and_failures():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", PUMP_SCRIPT], cwd=root, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == "ok"

@@ -33,3 +33,25 @@ def test_two_worker_summary_equals_percentiles_recomputed_from_requests_jsonl(st
     assert s["output_tokens"] == sum(r["output_tokens"] for r in records)
     # Locust's own table: exactly one entry per LLM request
     assert int(locust_aggregated(out)["Request Count"]) == n
+
+
+def test_multi_worker_run_starts_while_locusts_default_master_port_is_taken(start_sim, tmp_path):
+    """Locust's master listens on *:5557 by default; `harness load --workers` must not need that
+    port (a second run on the same machine, or anything else holding it, would stop it)."""
+    import socket
+
+    url, _ = start_sim()
+    holder = socket.socket()
+    try:
+        holder.bind(("0.0.0.0", 5557))   # bound, never listening: it accepts no connection
+    except OSError:
+        pass   # already taken by something else: the run must cope just the same
+    try:
+        out = tmp_path / "run"
+        rc, log = harness_load("--url", url, "--users", "2", "--workers", "2", "--num-requests", "4",
+                               "--input-len", "16", "--output-len", "4", "--out", str(out),
+                               "--quiet", timeout=90)
+        assert rc == 0, log
+        assert len(read_jsonl(out / "requests.jsonl")) == 4
+    finally:
+        holder.close()

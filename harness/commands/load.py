@@ -13,6 +13,7 @@ import sys
 from urllib.parse import urlsplit
 
 from harness.errors import UsageError
+from harness.ports import free_port_block
 
 LOCUSTFILE = pathlib.Path(__file__).resolve().parent.parent / "default_locustfile.py"
 
@@ -140,7 +141,13 @@ def locust_command(args: argparse.Namespace) -> list[str]:
     if getattr(args, "lag_limit_ms", None) is not None:
         cmd += ["--llm-lag-limit-ms", str(args.lag_limit_ms)]
     if args.workers > 1:
-        cmd += ["--processes", str(args.workers), "--llm-expected-workers", str(args.workers)]
+        # Locust's master would listen on every interface at port 5557: a second run on the
+        # same machine then fails to start, and the port is open to the network. Loopback and a
+        # free port instead (the workers are this run's own forks).
+        port = str(free_port_block(1))
+        cmd += ["--processes", str(args.workers), "--llm-expected-workers", str(args.workers),
+                "--master-bind-host", "127.0.0.1", "--master-bind-port", port,
+                "--master-host", "127.0.0.1", "--master-port", port]
     if args.metrics_port:
         cmd += ["--llm-metrics-port", str(args.metrics_port),
                 "--llm-metrics-linger", str(args.metrics_linger)]
