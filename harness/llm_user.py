@@ -160,17 +160,19 @@ class LLMUser(User):
         st = self.state
         st.inflight += 1
         try:
-            rec = self._one_request(scheduled_ns)
+            result = self._one_request(scheduled_ns)
         finally:
             st.inflight -= 1
         try:
-            # The bookkeeping below takes a few hundred microseconds; run in the middle of a burst
-            # of token events it would delay every other stream's timestamps by that much
+            # The bookkeeping below (parsing a streamed response, the record, histograms, Locust's
+            # stats) takes a few hundred microseconds; run in the middle of a burst of token
+            # events it would delay every other stream's timestamps by that much
             # (docs/performance.md, "Load generator"). Wait until the loop has no reads pending
             # (bounded, so an overloaded generator still records); killed meanwhile, still record.
             with gevent.Timeout(BOOKKEEPING_WAIT_S, False):
                 gevent.idle()
         finally:
+            rec = result() if callable(result) else result
             st.record(rec, self.__class__.__name__, self._stats_name)
             self.environment.events.request.fire(
                 request_type="POST", name=self._stats_name,
@@ -204,6 +206,7 @@ class LLMUser(User):
         return regex_token_count(text)
 
     def _one_request(self, scheduled_ns: int | None):
+        """A failed request's record, or, for a streamed response, a function that times it."""
         url = self._base + self.endpoint
         if self._workload is None:
             try:
@@ -219,7 +222,6 @@ class LLMUser(User):
         common = dict(url=url, model=self._model, user_class=self.__class__.__name__,
                       id=uuid.uuid4().hex)
         conn = self._conn()
-        timer = None
         sent_ns = time.perf_counter_ns()
         try:
             resp = conn.post_stream(self.endpoint, body, self._headers)
@@ -230,37 +232,54 @@ class LLMUser(User):
                                     status=resp.status, sent_ns=sent_ns, scheduled_ns=scheduled_ns,
                                     input_tokens=prompt.input_tokens, **common)
             else:
-                timer = StreamTimer(sent_ns, scheduled_ns, count_tokens=self._count_output_tokens)
-                parser = SSEParser()
-                feed = timer.feed
-                payloads = parser.payloads
-                last_ns = sent_ns
-
-                def sink(chunk: bytes, t_ns: int) -> None:
-                    # Runs in the event loop (StreamResponse.pump): parsing only, no I/O.
-                    nonlocal last_ns
-                    last_ns = t_ns
-                    for payload in payloads(chunk):   # every event of a read has its stamp
-                        feed(payload, t_ns)
-
-                resp.pump(sink)
-                for payload, t in parser.finish(last_ns):   # a last event missing its blank line
-                    feed(payload, t)
+                # Stamp now, parse later: the event loop only reads, de-chunks and stamps each
+                # read (StreamResponse.pump); SSE parsing and the timing of this request's events
+                # wait, with the rest of its bookkeeping, until the loop is idle (see `send`), so
+                # that a burst of token events on other streams is read as it arrives.
+                reads: list[tuple[bytes, int]] = []
+                add = reads.append
+                error = None
+                try:
+                    resp.pump(lambda chunk, t_ns: add((chunk, t_ns)))
+                except HTTPClientError as exc:
+                    error = exc
                 end_ns = time.perf_counter_ns()
-                rec = timer.finish(status=200, input_tokens=prompt.input_tokens, end_ns=end_ns,
-                                   **common)
-                if not rec.ok:
-                    conn.close()
+                return lambda: self._timed(conn, reads, error, sent_ns, scheduled_ns, end_ns,
+                                           prompt.input_tokens, common)
             self._idle.append(conn)
         except HTTPClientError as exc:
             conn.close()
             self._idle.append(conn)
-            kind = exception_error_kind(exc)
-            if timer is not None:
-                rec = timer.finish(status=200, error_kind=kind, input_tokens=prompt.input_tokens, **common)
-            else:
-                rec = failed_record(error_kind=kind, sent_ns=sent_ns, scheduled_ns=scheduled_ns,
-                                    input_tokens=prompt.input_tokens, **common)
+            rec = failed_record(error_kind=exception_error_kind(exc), sent_ns=sent_ns,
+                                scheduled_ns=scheduled_ns, input_tokens=prompt.input_tokens,
+                                **common)
+        return rec
+
+    def _timed(self, conn: StreamingConnection, reads: list[tuple[bytes, int]],
+               error: HTTPClientError | None, sent_ns: int, scheduled_ns: int | None,
+               end_ns: int, input_tokens: int, common: dict):
+        """The record of a streamed response from its stamped reads (the metric definitions
+        are StreamTimer's); the connection goes back to the pool once its state is known."""
+        timer = StreamTimer(sent_ns, scheduled_ns, count_tokens=self._count_output_tokens)
+        parser = SSEParser()
+        feed = timer.feed
+        payloads = parser.payloads
+        t_ns = sent_ns
+        for chunk, t_ns in reads:
+            for payload in payloads(chunk):   # every event of a read carries that read's stamp
+                feed(payload, t_ns)
+        for payload, t in parser.finish(t_ns):   # a last event missing its blank line
+            feed(payload, t)
+        if error is not None:
+            conn.close()
+            rec = timer.finish(status=200, error_kind=exception_error_kind(error),
+                               input_tokens=input_tokens, **common)
+        else:
+            rec = timer.finish(status=200, input_tokens=input_tokens, end_ns=end_ns, **common)
+            if not rec.ok:
+                conn.close()
+        self._idle.append(conn)
+        return rec
         return rec
 
 
