@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import os
 import time
-import uuid
 from urllib.parse import urlsplit
 
 import gevent
@@ -29,7 +28,8 @@ from locust.user.users import LOCUST_STATE_STOPPING
 from harness.arrivals import ArrivalSchedule
 from harness.http_stream import HTTPClientError, StreamingConnection
 from harness.sse import SSEParser
-from harness.timing import CONNECT, StreamTimer, exception_error_kind, failed_record, http_error_kind
+from harness.timing import (CONNECT, StreamTimer, exception_error_kind, failed_record, http_error_kind,
+                            request_id)
 from harness.workload import regex_token_count
 
 _user_ids = itertools.count()
@@ -220,7 +220,7 @@ class LLMUser(User):
         prompt = self._workload.next()
         body = orjson.dumps(prompt.body(self._model, self.chat, self.state.extra_body))
         common = dict(url=url, model=self._model, user_class=self.__class__.__name__,
-                      id=uuid.uuid4().hex)
+                      id=request_id())
         conn = self._conn()
         sent_ns = time.perf_counter_ns()
         try:

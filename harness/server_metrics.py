@@ -19,12 +19,14 @@ Runs on the master (or the local runner) only (hooked up by `harness.live`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 import urllib.error
 import urllib.request
 from typing import Any, Iterable
+from urllib.parse import urlsplit
 
-from prometheus_client.parser import text_string_to_metric_families
+from harness.http_stream import HTTPClientError, StreamingConnection
 
 log = logging.getLogger(__name__)
 
@@ -36,33 +38,92 @@ SERVER_METRICS: dict[str, tuple[str, ...]] = {
     "num_preemptions_total": ("vllm:num_preemptions_total", "vllm:num_preemptions"),
 }
 _MAX_KEYS = frozenset({"kv_cache_usage_perc"})   # combined by max, the others by sum
+_WANTED = tuple(n for names in SERVER_METRICS.values() for n in names)
+
+
+def _samples(text: str) -> dict[str, list[float]]:
+    """The values of the wanted sample names in a Prometheus text exposition.
+
+    Why not prometheus_client's parser: it builds every family of the exposition (vLLM exports
+    hundreds of histogram buckets), which took 8 ms of the load generator's event loop per window
+    on a lent machine, for four numbers. This reads only the lines of those names: ``name``,
+    optional ``{labels}`` (quoted values may hold spaces, braces and escapes), a value, and an
+    optional timestamp.
+    """
+    out: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        for name in _WANTED:
+            if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ", "\t"):
+                break
+        else:
+            continue
+        rest = line[len(name):]
+        if rest.startswith("{"):
+            i, quoted, n = 1, False, len(rest)
+            while i < n:
+                ch = rest[i]
+                if quoted:
+                    if ch == "\\":
+                        i += 1
+                    elif ch == '"':
+                        quoted = False
+                elif ch == '"':
+                    quoted = True
+                elif ch == "}":
+                    break
+                i += 1
+            rest = rest[i + 1:]
+        parts = rest.split()
+        if not parts:
+            continue
+        try:
+            value = float(parts[0])
+        except ValueError:
+            continue
+        out.setdefault(name, []).append(value)
+    return out
 
 
 def parse_server_metrics(text: str) -> dict[str, float | None]:
     """The four engine-state values from a Prometheus text exposition (None when absent)."""
-    samples: dict[str, list[float]] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            samples.setdefault(s.name, []).append(float(s.value))
+    samples = _samples(text)
     out: dict[str, float | None] = {}
     for key, names in SERVER_METRICS.items():
         vals = next((samples[n] for n in names if n in samples), None)
         if not vals:
             out[key] = None
         else:
-            out[key] = max(vals) if key in _MAX_KEYS else sum(vals)
+            out[key] = max(vals) if key in _MAX_KEYS else math.fsum(vals)
     return out
 
 
-def scrape(url: str, timeout: float = 1.0) -> dict[str, Any]:
-    """GET one `/metrics` URL; the parsed values plus `scrape_ms` and `error`."""
+def _fetch(url: str, timeout: float, conn: StreamingConnection | None) -> str:
+    if conn is None:
+        # https, or a caller without a connection: urllib (it builds an SSL context each time,
+        # tens of milliseconds, which is why the scraper keeps plain-http connections open).
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (our target)
+            return resp.read().decode("utf-8", errors="replace")
+    parts = urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    status, _, body = conn.request("GET", path)
+    if status != 200:
+        raise ValueError(f"HTTP {status}")
+    return body.decode("utf-8", errors="replace")
+
+
+def scrape(url: str, timeout: float = 1.0,
+           conn: StreamingConnection | None = None) -> dict[str, Any]:
+    """GET one `/metrics` URL (over ``conn`` when given); the parsed values plus `scrape_ms`
+    and `error`."""
     t0 = time.perf_counter()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (our target)
-            text = resp.read().decode("utf-8", errors="replace")
-        out: dict[str, Any] = dict(parse_server_metrics(text))
+        out: dict[str, Any] = dict(parse_server_metrics(_fetch(url, timeout, conn)))
         out["error"] = None
-    except (OSError, urllib.error.URLError, ValueError) as exc:
+    except (OSError, urllib.error.URLError, ValueError, HTTPClientError) as exc:
+        if conn is not None:
+            conn.close()
         out = {k: None for k in SERVER_METRICS}
         out["error"] = f"{type(exc).__name__}: {exc}"[:200]
     out["scrape_ms"] = round((time.perf_counter() - t0) * 1000.0, 3)
@@ -115,12 +176,21 @@ class ServerScraper:
         self.env = environment
         self.timeout = timeout
         self._warned: set[str] = set()
+        self._conns: dict[str, StreamingConnection] = {}   # kept alive between windows
+
+    def _conn(self, url: str) -> StreamingConnection | None:
+        if not url.startswith("http://"):
+            return None
+        conn = self._conns.get(url)
+        if conn is None:
+            conn = self._conns[url] = StreamingConnection.from_url(url, timeout=self.timeout)
+        return conn
 
     def __call__(self, line: dict[str, Any]) -> None:
         urls = metrics_urls(self.env)
         if not urls:
             return
-        results = {u: scrape(u, self.timeout) for u in urls}
+        results = {u: scrape(u, self.timeout, self._conn(u)) for u in urls}
         for u, r in results.items():
             if r["error"] and u not in self._warned:
                 self._warned.add(u)

@@ -31,6 +31,8 @@ they stay consistent with the monotonic durations within a process.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import socket
 import sys
@@ -54,6 +56,7 @@ __all__ = [
     "failed_record",
     "http_error_kind",
     "perf_ns_to_epoch",
+    "request_id",
 ]
 
 MALFORMED_EVENT = "malformed_event"  # an SSE data payload that is not valid JSON
@@ -72,6 +75,24 @@ _TEXT_KEYS = ("content", "reasoning_content", "reasoning")
 _NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
 _TEMPLATE_TRIES = 3   # template builds per request (a server whose events all differ gives up)
 _PROBE = "tpl-probe"
+
+
+def _new_id_prefix() -> None:
+    global _ID_PREFIX, _id_counter
+    _ID_PREFIX = uuid.uuid4().hex[:16]
+    _id_counter = itertools.count()
+
+
+_new_id_prefix()
+os.register_at_fork(after_in_child=_new_id_prefix)   # Locust's --processes forks its workers
+
+
+def request_id() -> str:
+    """A unique request id, 32 hex digits like ``uuid4().hex``: 64 random bits drawn once per
+    process (again in a forked child), then a counter. ``uuid4()`` reads the kernel's random
+    source for every request: a system call in the load generator's event loop, which is slow
+    in sandboxed kernels."""
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
 def perf_ns_to_epoch(t_ns: int) -> float:
@@ -145,7 +166,7 @@ def failed_record(*, error_kind: str, url: str, model: str, user_class: str = ""
         finished_ns = time.perf_counter_ns()
     lag = _ms(sent_ns - scheduled_ns) if sent_ns is not None and scheduled_ns is not None else None
     return RequestRecord(
-        id=id or uuid.uuid4().hex, user_class=user_class, url=url, model=model,
+        id=id or request_id(), user_class=user_class, url=url, model=model,
         scheduled_at=perf_ns_to_epoch(scheduled_ns) if scheduled_ns is not None else None,
         sent_at=perf_ns_to_epoch(sent_ns) if sent_ns is not None else None,
         ok=False, status=status, error_kind=error_kind, input_tokens=input_tokens,
@@ -329,7 +350,7 @@ class StreamTimer:
         sent = self.sent_ns
         sched = self.scheduled_ns
         rec = RequestRecord(
-            id=id or uuid.uuid4().hex, user_class=user_class, url=url, model=model,
+            id=id or request_id(), user_class=user_class, url=url, model=model,
             scheduled_at=perf_ns_to_epoch(sched) if sched is not None else None,
             sent_at=perf_ns_to_epoch(sent), ok=ok, status=status, error_kind=kind,
             input_tokens=self._prompt_tokens if self._prompt_tokens is not None else input_tokens,

@@ -122,3 +122,53 @@ def test_timeline_keeps_frozen_copies_and_filters_by_time():
         tl({"t": t})
     assert [ln["t"] for ln in tl.since(0)] == [2.0, 3.0, 4.0]   # bounded
     assert [ln["t"] for ln in tl.since(2.5)] == [3.0, 4.0]
+
+
+TRICKY = """\
+# HELP vllm:num_requests_running a help text with vllm:num_requests_waiting 99 in it
+vllm:num_requests_running{model_name="a b",note="has } and \\" and {"} 4 1700000000000
+vllm:num_requests_running 2.5
+vllm:num_requests_running_other{model_name="m"} 100
+vllm:num_requests_waiting{model_name="m"}\t+Inf
+vllm:kv_cache_usage_perc{model_name="m"} NaN
+vllm:kv_cache_usage_perc{model_name="n"} 0.75
+vllm:num_preemptions_total{model_name="m"} 1e3
+vllm:num_preemptions_created{model_name="m"} 1.7e9
+"""
+
+
+@pytest.mark.parametrize("text", [VLLM_V1, VLLM_V0, TRICKY], ids=["v1", "v0", "tricky"])
+def test_server_metrics_line_reader_agrees_with_prometheus_clients_parser(text):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from harness.server_metrics import _samples
+
+    full: dict[str, list[float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            full.setdefault(s.name, []).append(float(s.value))
+    mine = _samples(text)
+    names = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+             "vllm:gpu_cache_usage_perc", "vllm:num_preemptions_total", "vllm:num_preemptions"}
+    assert set(mine) == {n for n in full if n in names}
+    for name, values in mine.items():
+        assert [repr(v) for v in values] == [repr(v) for v in full[name]], name
+
+
+def test_scraper_keeps_one_connection_per_server_between_windows(start_sim):
+    from types import SimpleNamespace
+
+    from harness.server_metrics import ServerScraper
+
+    url, _ = start_sim()
+    env = SimpleNamespace(parsed_options=SimpleNamespace(llm_server_metrics="auto"), host=url,
+                          user_classes=[])
+    scraper = ServerScraper(env)
+    lines = [{}, {}, {}]
+    for line in lines:
+        scraper(line)
+    assert all(line["server"]["error"] is None for line in lines), lines
+    assert all(line["server"]["num_requests_running"] == 0.0 for line in lines), lines
+    (conn,) = scraper._conns.values()
+    assert conn.connects == 1
+    conn.close()

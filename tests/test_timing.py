@@ -344,3 +344,23 @@ def test_timer_fed_from_the_sse_parser_uses_the_reads_times():
     assert rec.ok and rec.output_tokens == 3
     assert rec.ttft_ms == 150.0
     assert rec.e2e_ms == 150.0  # all tokens were complete by the second read
+
+
+def test_request_ids_are_unique_within_a_process_and_across_forked_workers():
+    import os
+
+    from harness.timing import request_id
+
+    mine = {request_id() for _ in range(1000)}
+    assert len(mine) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in mine)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # a Locust worker forked by --processes
+        os.close(r)
+        os.write(w, "\n".join(request_id() for _ in range(1000)).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child = set(f.read().split("\n"))
+    os.waitpid(pid, 0)
+    assert len(child) == 1000 and not child & mine
