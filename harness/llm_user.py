@@ -262,14 +262,9 @@ class LLMUser(User):
         are StreamTimer's); the connection goes back to the pool once its state is known."""
         timer = StreamTimer(sent_ns, scheduled_ns, count_tokens=self._count_output_tokens)
         parser = SSEParser()
-        feed = timer.feed
-        payloads = parser.payloads
-        t_ns = sent_ns
-        for chunk, t_ns in reads:
-            for payload in payloads(chunk):   # every event of a read carries that read's stamp
-                feed(payload, t_ns)
-        for payload, t in parser.finish(t_ns):   # a last event missing its blank line
-            feed(payload, t)
+        last_ns = timer.feed_reads(reads, parser)   # every event carries its read's stamp
+        for payload, t in parser.finish(last_ns or sent_ns):   # a last event with no blank line
+            timer.feed(payload, t)
         if error is not None:
             conn.close()
             rec = timer.finish(status=200, error_kind=exception_error_kind(error),

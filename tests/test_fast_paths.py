@@ -160,6 +160,100 @@ def test_template_requires_the_text_to_be_found_exactly_once():
     assert _template(p, obj) is None
 
 
+# -- feed_reads: SSE split and template check fused over a response's reads ---------------------
+
+def reads_of(events, rng, crlf=False):
+    """The SSE bytes of ``events`` cut into reads: mostly one event per read, as servers write,
+    sometimes several, sometimes split in the middle (each read stamped 1 ms apart)."""
+    end = b"\r\n\r\n" if crlf else b"\n\n"
+    stream = b"".join(b"data: " + e + end for e in events)
+    cuts, pos = [], 0
+    for e in events:
+        pos += len(b"data: " + e + end)
+        cuts.append(pos)
+    out, last = [], 0
+    for c in cuts:
+        r = rng.random()
+        if r < 0.15:
+            continue                              # this event joins the next read
+        if r < 0.3 and c - last > 2:
+            mid = rng.randint(last + 1, c - 1)    # a read ends inside the event
+            out.append(stream[last:mid])
+            last = mid
+        out.append(stream[last:c])
+        last = c
+    if last < len(stream):
+        out.append(stream[last:])
+    return [(d, SENT + (i + 1) * MS) for i, d in enumerate(out)]
+
+
+def via_reads(reads, count_tokens=None, timer_cls=StreamTimer):
+    timer = timer_cls(SENT, SENT - MS, count_tokens)
+    parser = SSEParser()
+    last = timer.feed_reads(reads, parser)
+    for payload, t in parser.finish(last or SENT):
+        timer.feed(payload, t)
+    return timer
+
+
+def via_payloads(reads, count_tokens=None):
+    timer = ParseAll(SENT, SENT - MS, count_tokens)
+    parser = SSEParser()
+    t = SENT
+    for data, t in reads:
+        for payload in parser.payloads(data):
+            timer.feed(payload, t)
+    for payload, t2 in parser.finish(t):
+        timer.feed(payload, t2)
+    return timer
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+def test_feed_reads_equals_splitting_and_parsing_every_event(crlf):
+    rng = random.Random(11)
+    pool = [" plain", " more", "\n", "\"q\"", "\u00e9", "", " x", "a\rb", "\\"]
+    fast_hits = 0
+    for trial in range(300):
+        evs = [ROLE] + [chat_event(rng.choice(pool) if rng.random() < 0.2 else " w%d" % i)
+                        for i in range(rng.randint(0, 60))]
+        evs.append(chat_event(" end", "length"))
+        if rng.random() < 0.5:
+            evs.append(USAGE)
+        if rng.random() < 0.2:
+            evs.insert(rng.randint(1, len(evs)), b'{"error":{"message":"x"}}')
+        if rng.random() < 0.8:
+            evs.append(b"[DONE]")
+        if rng.random() < 0.1:
+            evs.append(chat_event(" after done"))
+        reads = reads_of(evs, rng, crlf)
+        count = len if rng.random() < 0.5 else None
+        a, b = via_reads(reads, count), via_payloads(reads, count)
+        ra = a.finish(url="u", model="m", id="x", end_ns=SENT + 10_000 * MS)
+        rb = b.finish(url="u", model="m", id="x", end_ns=SENT + 10_000 * MS)
+        assert ra == rb, (trial, reads)
+        assert a.finish_reason == b.finish_reason and a.response_id == b.response_id
+        fast_hits += a._tpl is not None
+    assert fast_hits > 100   # the template path was really taken
+
+
+def test_feed_reads_counts_plain_reads_without_the_per_event_path():
+    calls = []
+
+    class Spy(StreamTimer):
+        __slots__ = ()
+
+        def feed(self, payload, t_ns):
+            calls.append(payload)
+            super().feed(payload, t_ns)
+
+    evs = [ROLE] + [chat_event(w) for w in words(100)] + [chat_event(" z", "length"), USAGE, b"[DONE]"]
+    reads = [(b"data: " + e + b"\n\n", SENT + (i + 1) * MS) for i, e in enumerate(evs)]
+    timer = via_reads(reads, timer_cls=Spy)
+    rec = timer.finish(url="u", model="m", id="x", end_ns=SENT + 500 * MS)
+    assert rec.ok and rec.output_tokens == 4 and len(rec.itl_ms) == 100
+    assert len(calls) < 10, len(calls)   # role, first tokens (template), finish, usage, [DONE]
+
+
 # -- SSE payloads ------------------------------------------------------------------------------
 
 SSE_STREAMS = [
@@ -214,3 +308,16 @@ def test_chunked_fast_path_rejects_what_the_general_decoder_rejects():
             d = _ChunkedDecoder()
             d.feed(bad)
             d.feed(b"\r\n0\r\n\r\n")
+
+
+def test_feed_reads_leaves_a_read_that_completes_a_pending_event_to_the_sse_parser():
+    # A multi-line event cut at a line end: its first line waits in the parser, so the next read,
+    # though it looks like one plain event, completes a two-line payload (not valid JSON here).
+    evs = [ROLE] + [chat_event(w) for w in words(5)]
+    reads = [(b"data: " + e + b"\n\n", SENT + (i + 1) * MS) for i, e in enumerate(evs)]
+    reads += [(b"data: x\n", SENT + 10 * MS), (b"data: " + chat_event(" y") + b"\n\n", SENT + 11 * MS),
+              (b"data: " + chat_event(" z", "stop") + b"\n\ndata: [DONE]\n\n", SENT + 12 * MS)]
+    a, b = via_reads(reads), via_payloads(reads)
+    ra = a.finish(url="u", model="m", id="x", end_ns=SENT + 100 * MS)
+    assert ra == b.finish(url="u", model="m", id="x", end_ns=SENT + 100 * MS)
+    assert not ra.ok and ra.error_kind == "malformed_event"
