@@ -44,12 +44,22 @@ __all__ = [
     "ProtocolError",
     "StreamResponse",
     "StreamingConnection",
+    "last_read_ns",
 ]
 
 _RECV_SIZE = 65536
 _NS = 1_000_000_000
 _MAX_HEAD = 65536
 _perf_ns = time.perf_counter_ns
+
+
+_last_read = [0]   # perf_counter_ns of this process's latest body read (see last_read_ns)
+
+
+def last_read_ns() -> int:
+    """When this process last read streamed body bytes in an event-loop callback
+    (``StreamResponse.pump``): a load generator defers its bookkeeping until reads pause."""
+    return _last_read[0]
 
 
 class HTTPClientError(Exception):
@@ -683,6 +693,7 @@ class _CooperativeReads:
                 return
             t_ns = perf_ns()
             self.since = t_ns
+            _last_read[0] = t_ns
             if not data:
                 watcher.stop()
                 waiter.switch(False)

@@ -26,7 +26,7 @@ from locust import User, constant, task
 from locust.user.users import LOCUST_STATE_STOPPING
 
 from harness.arrivals import ArrivalSchedule
-from harness.http_stream import HTTPClientError, StreamingConnection
+from harness.http_stream import HTTPClientError, StreamingConnection, last_read_ns
 from harness.sse import SSEParser
 from harness.timing import (CONNECT, StreamTimer, exception_error_kind, failed_record, http_error_kind,
                             request_id)
@@ -38,8 +38,29 @@ _user_ids = itertools.count()
 # against a dead port would otherwise spin, writing thousands of identical failures a second.
 CONNECT_BACKOFF_S = 0.1
 
-# Longest wait for an idle event loop before a finished request is recorded (see `send`).
-BOOKKEEPING_WAIT_S = 0.02
+# Longest wait for a pause in the reads before a finished request is recorded (see `send`).
+BOOKKEEPING_WAIT_S = 0.005
+# A pause: this long without a body read. The server writes a step's token events a few
+# microseconds apart, and steps are milliseconds apart.
+QUIET_NS = 300_000
+
+
+def wait_for_quiet(max_wait_s: float = BOOKKEEPING_WAIT_S, quiet_ns: int = QUIET_NS) -> None:
+    """Return once the event loop is idle and no body bytes have been read for ``quiet_ns``
+    (or after ``max_wait_s``, so that an overloaded generator still records).
+
+    Why not only ``gevent.idle()``: a client that keeps up with a burst of token events is idle
+    for a moment between two of them, and bookkeeping started there delays the rest of the
+    burst's timestamps by its few hundred microseconds.
+    """
+    deadline = time.perf_counter_ns() + int(max_wait_s * 1e9)
+    while True:
+        gevent.idle()
+        now = time.perf_counter_ns()
+        quiet = now - last_read_ns()
+        if quiet >= quiet_ns or now >= deadline:
+            return
+        gevent.sleep(min(quiet_ns - quiet, deadline - now) / 1e9)
 
 
 class LLMRequestError(Exception):
@@ -167,10 +188,9 @@ class LLMUser(User):
             # The bookkeeping below (parsing a streamed response, the record, histograms, Locust's
             # stats) takes a few hundred microseconds; run in the middle of a burst of token
             # events it would delay every other stream's timestamps by that much
-            # (docs/performance.md, "Load generator"). Wait until the loop has no reads pending
-            # (bounded, so an overloaded generator still records); killed meanwhile, still record.
-            with gevent.Timeout(BOOKKEEPING_WAIT_S, False):
-                gevent.idle()
+            # (docs/performance.md, "Load generator"). Wait for a pause in the reads (bounded, so
+            # an overloaded generator still records); killed meanwhile, still record.
+            wait_for_quiet()
         finally:
             rec = result() if callable(result) else result
             st.record(rec, self.__class__.__name__, self._stats_name)
