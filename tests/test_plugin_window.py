@@ -101,6 +101,16 @@ SCRIPT = textwrap.dedent('''
         assert {k: v for k, v in x.items() if k not in timed} == \\
                {k: v for k, v in y.items() if k not in timed}
     assert la[3]["completed"] == 0 and la[3]["ttft_ms"]["count"] == 0
+    # Each timeseries line is its window's whole truth: measured and warm-up records alike.
+    for w, batch in enumerate(windows):
+        truth_w = HistogramSet()
+        for r, _ in batch:
+            truth_w.add_record(r)
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+            want = truth_w.summary(key)
+            assert la[w][key] == {k: want[k] for k in ("p50", "p90", "p99", "mean", "count")}, (w, key)
+    assert any(not A[0].in_window(r) for r, _ in windows[0]) and windows[-1] and all(
+        A[0].in_window(r) for r, _ in windows[-1])   # both kinds of window were exercised
     assert any(x["ttft_ms"]["count"] for x in la)
     # A worker's reports are unchanged by the reuse: a name is shipped only when it was
     # recorded since the last report, and each report carries only its own period.
