@@ -7,28 +7,12 @@ over the simulators, as `harness load`'s default locustfile does for a cluster. 
 HARNESS_ENDPOINTS it is the single-target `Chat` of bench_locustfile.py.
 """
 import os
+import sys
 
 import harness.llm_user as llm_user
-import harness.plugin  # noqa: F401
-from harness.timing import StreamTimer
 
-
-class _ServerIdTimer(StreamTimer):
-    __slots__ = ()
-
-    def finish(self, **kw):
-        rec = super().finish(**kw)
-        rid = getattr(self, "response_id", None)
-        if rid:
-            rec.id = rid
-        return rec
-
-
-llm_user.StreamTimer = _ServerIdTimer
-
-
-class Chat(llm_user.ChatUser):
-    pass
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_locustfile import Chat  # noqa: E402,F401  (importing it swaps in the server-id timer)
 
 
 def _endpoint_classes(path: str) -> dict[str, type]:

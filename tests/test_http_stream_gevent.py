@@ -12,20 +12,24 @@ import sys
 import textwrap
 from pathlib import Path
 
-SCRIPT = textwrap.dedent('''
-    from gevent import monkey; monkey.patch_all()
-    import gevent, socket, time
-    from gevent.server import StreamServer
-    from harness.http_stream import StreamingConnection, ReadTimeout, Disconnected
+# A gevent test server's start: monkey-patching, and reading one request head (its path).
+SERVER = '''
+from gevent import monkey; monkey.patch_all()
+import gevent, socket, time
+from gevent.server import StreamServer
+from harness.http_stream import StreamingConnection, ReadTimeout, Disconnected, ProtocolError
 
-    def head(conn):
-        buf = b""
-        while b"\\r\\n\\r\\n" not in buf:
-            data = conn.recv(65536)
-            if not data:
-                return None
-            buf += data
-        return buf.split(b" ", 2)[1]
+def head(conn):
+    buf = b""
+    while b"\\r\\n\\r\\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    return buf.split(b" ", 2)[1]
+'''
+
+SCRIPT = SERVER + textwrap.dedent('''
 
     def handle(conn, addr):
         while True:
@@ -129,20 +133,7 @@ def test_cooperative_reads_and_read_timeout_under_gevent():
     assert out.stdout.strip() == "ok"
 
 
-PUMP_SCRIPT = textwrap.dedent('''
-    from gevent import monkey; monkey.patch_all()
-    import gevent, socket, time
-    from gevent.server import StreamServer
-    from harness.http_stream import StreamingConnection, ReadTimeout, Disconnected, ProtocolError
-
-    def head(conn):
-        buf = b""
-        while b"\\r\\n\\r\\n" not in buf:
-            data = conn.recv(65536)
-            if not data:
-                return None
-            buf += data
-        return buf.split(b" ", 2)[1]
+PUMP_SCRIPT = SERVER + textwrap.dedent('''
 
     def handle(conn, addr):
         while True:
