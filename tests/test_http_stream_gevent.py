@@ -125,12 +125,17 @@ SCRIPT = SERVER + textwrap.dedent('''
 ''')
 
 
-def test_cooperative_reads_and_read_timeout_under_gevent():
+def run_script(script: str) -> None:
+    """Monkey-patching must come before anything imports `socket`: a fresh interpreter."""
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_cooperative_reads_and_read_timeout_under_gevent():
+    run_script(SCRIPT)
 
 
 PUMP_SCRIPT = SERVER + textwrap.dedent('''
@@ -250,8 +255,4 @@ PUMP_SCRIPT = SERVER + textwrap.dedent('''
 
 
 def test_pump_reads_the_body_in_event_loop_callbacks_with_the_same_results_and_failures():
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", PUMP_SCRIPT], cwd=root, capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.strip() == "ok"
+    run_script(PUMP_SCRIPT)
