@@ -687,7 +687,9 @@ class _CooperativeReads:
                 data = raw_recv(_RECV_SIZE)
             except BlockingIOError:
                 return   # a spurious wake-up: wait for the next one
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting greenlet
+            except Exception as e:  # noqa: BLE001 - handed to the waiting greenlet
+                # (Not BaseException: a KeyboardInterrupt that lands in this callback belongs to
+                # the hub, which hands it to the main greenlet, i.e. Locust's shutdown.)
                 watcher.stop()
                 waiter.throw(e)
                 return
@@ -702,7 +704,7 @@ class _CooperativeReads:
                 out = feed(data)
                 if out:
                     sink(out, t_ns)
-            except BaseException as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001
                 watcher.stop()
                 waiter.throw(e)
                 return

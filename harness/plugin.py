@@ -33,6 +33,9 @@ from harness.slo import Slo, parse_slo, run_exit_code
 from harness.workload import Workload, WorkloadSpec, server_token_counter
 
 
+# The shortest interval a CPU sample may cover (see LLMState.sample_cpu).
+MIN_CPU_SAMPLE_S = 1.0
+
 RECORD_FIELDS = ("id", "user_class", "url", "model", "scheduled_at", "sent_at", "ok", "status",
                  "error_kind", "input_tokens", "output_tokens", "tokens_estimated", "ttft_ms",
                  "tpot_ms", "e2e_ms", "itl_ms", "icl_ms", "ttft_from_schedule_ms",
@@ -115,6 +118,7 @@ class LLMState:
         self.cpu_samples: list[float] = []
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)
+        self._cpu_since = time.monotonic()
 
     def _read_options(self, o) -> None:
         self.options = o
@@ -286,7 +290,14 @@ class LLMState:
         window.merge(self.outside)
         return pending, names, window
 
-    def sample_cpu(self) -> float:
+    def sample_cpu(self) -> float | None:
+        """This process's CPU % since the last sample; None when that was under a second ago
+        (a worker's last report right after a regular one: a percentage over a few
+        milliseconds is noise, and once read 1,000%+ on a busy machine, failing the run)."""
+        now = time.monotonic()
+        if now - self._cpu_since < MIN_CPU_SAMPLE_S:
+            return None
+        self._cpu_since = now
         pct = self._proc.cpu_percent(None)
         self.cpu_samples.append(pct)
         return pct
@@ -427,7 +438,8 @@ class Aggregate:
             reasons.append(f"schedule lag p99 {lag['p99']:.1f} ms > {lag_limit:g} ms: the load generator "
                            f"cannot keep the schedule; add workers (--workers)")
         return {"valid": not reasons, "reasons": reasons, "cpu_max_pct": cpu_max,
-                "cpu_by_worker": per_worker, "workers": max(1, len(self.cpu)),
+                "cpu_by_worker": per_worker,
+                "workers": max(1, len(self.cpu), len(self.requests_by_worker)),
                 "requests_by_worker": dict(self.requests_by_worker)}
 
 

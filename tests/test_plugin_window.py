@@ -18,6 +18,7 @@ SCRIPT = textwrap.dedent('''
     import harness.plugin as plugin
     from harness.histograms import HistogramSet
     from harness.timing import RequestRecord
+    plugin.MIN_CPU_SAMPLE_S = 0.0   # a CPU sample per window, however fast this loop runs
 
     def make():
         opts = argparse.Namespace(llm_warmup=2.0, llm_slo="ttft_p99_ms<=40,tpot_p99_ms<=9")
@@ -132,3 +133,28 @@ def test_local_direct_merge_equals_encode_decode_path():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+CPU_SCRIPT = textwrap.dedent('''
+    import argparse, types
+    import harness.plugin as plugin
+    env = types.SimpleNamespace(parsed_options=argparse.Namespace(), runner=None, host="http://x")
+    st = plugin.LLMState(env)
+    st._cpu_since -= 2.0                      # the last sample was 2 s ago
+    first = st.sample_cpu()
+    assert first is not None and first >= 0.0, first
+    assert st.sample_cpu() is None            # milliseconds later: no sample
+    assert st.take_report()["cpu"] is None    # a worker's last report right after a regular one
+    st._cpu_since -= 2.0
+    assert st.take_report()["cpu"] is not None
+    assert len(st.cpu_samples) == 2
+    print("ok")
+''')
+
+
+def test_a_cpu_sample_needs_a_second_since_the_last_one():
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", CPU_SCRIPT], cwd=root, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok")
