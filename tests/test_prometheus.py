@@ -80,6 +80,14 @@ def prometheus(tmp_path):
                 raise AssertionError("prometheus did not become ready:\n"
                                      + (tmp_path / "prometheus.log").read_text(errors="replace")[-3000:])
             time.sleep(0.2)
+        # Ready is not scraping: Prometheus hands targets to its scrape loop only after
+        # service discovery's first update (up to ~5 s later). A short run that ends before
+        # then is never scraped, so wait for the first scrape (up == 0: nothing listens yet).
+        while not query(api, 'up{job="llm-harness"}'):
+            if proc.poll() is not None or time.monotonic() > deadline + 30:
+                raise AssertionError("prometheus never scraped its target:\n"
+                                     + (tmp_path / "prometheus.log").read_text(errors="replace")[-3000:])
+            time.sleep(0.2)
         yield api, metrics_port
     finally:
         stop(proc)
