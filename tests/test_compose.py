@@ -601,6 +601,12 @@ def stack(tmp_path_factory):
             while http_get(api + "/-/ready") is None:
                 assert time.monotonic() < deadline, "prometheus not ready:\n" + st.tails()
                 time.sleep(0.5)
+            # it scrapes only once discovery first updates (~5.5 s after ready): wait for that,
+            # so a short run and the "during the run" queries below are really scraped
+            deadline = time.monotonic() + 30
+            while not json.loads(http_get(f"{api}/api/v1/query?query=up") or "{}").get("data", {}).get("result"):
+                assert time.monotonic() < deadline, "prometheus never scraped:\n" + st.tails()
+                time.sleep(0.5)
             info["prometheus"] = api
 
         # Locust master, then the worker twice (docker compose up --scale locust-worker=2)
