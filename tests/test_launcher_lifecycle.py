@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.ports import free_port_block
 from servers.launcher import LayoutError, ProcessSpec, ServerGroup, ServerStartError
 from servers.launcher.lifecycle import _alive, descendants, group_members
 
@@ -314,7 +315,7 @@ def test_harness_serve_writes_endpoints_and_stops_on_sigterm(fake, tmp_path):
             precision: fp32
             replicas: 2
     """))
-    (port, _) = free_ports(2)
+    port = free_port_block(2)   # the layout's two replicas take port and port + 1
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness.cli", "serve", "--layout", str(layout), "--out", str(out),
