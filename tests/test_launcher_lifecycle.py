@@ -157,10 +157,27 @@ def test_dies_at_start_quotes_the_log_tail_and_stops_the_others(fake, tmp_path):
     assert_all_gone(group.all_pids() + [s.pid for s in group.servers if s.pid])
 
 
+def wait_for_log_line(path: Path, needle: str, timeout: float = 30.0) -> None:
+    """Until `needle` is in the file at `path` (a slow machine may take a while to get a fresh
+    Python to its first print); fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and needle in path.read_text(errors="replace")):
+        assert time.monotonic() < deadline, f"{needle!r} not in {path} after {timeout} s"
+        time.sleep(0.05)
+
+
 def test_health_timeout(fake, tmp_path):
     (p1,) = free_ports(1)
-    group = ServerGroup([spec(fake, tmp_path, "slow-0", p1, "--never-healthy", "--grandchild")],
-                        health_timeout=1.5, stop_timeout=2)
+    slow = spec(fake, tmp_path, "slow-0", p1, "--never-healthy", "--grandchild")
+
+    def progress(msg: str) -> None:
+        # The log tail quoted at the timeout should show the server's own output: on a loaded
+        # machine a fresh Python can need more than the 1.5 s to print it, so start the health
+        # wait (its clock runs from the start) only once the server has logged its children.
+        if msg.startswith("started slow-0"):
+            wait_for_log_line(Path(slow.log_path), "children ")
+
+    group = ServerGroup([slow], health_timeout=1.5, stop_timeout=2, on_progress=progress)
     with pytest.raises(ServerStartError, match=r"slow-0 did not answer /health on port \d+ "
                                                r"within 1.5 s") as info:
         with group:
@@ -323,9 +340,12 @@ def test_harness_serve_writes_endpoints_and_stops_on_sigterm(fake, tmp_path):
          "--health-timeout", "20", "--stop-timeout", "2"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not (out / "endpoints.json").exists() and time.monotonic() < deadline:
+        # serve's own bound is --health-timeout 20 per server after start-up: wait longer than
+        # that, so a slow start fails with serve's message rather than a missing file here
+        deadline = time.monotonic() + 90
+        while not (out / "endpoints.json").exists():
             assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "harness serve wrote no endpoints.json in 90 s"
             time.sleep(0.1)
         doc = json.loads((out / "endpoints.json").read_text())
         from servers.launcher import read_endpoints

@@ -173,6 +173,31 @@ def metric_totals(served: Served) -> dict[str, float]:
     return totals
 
 
+def wait_for_counted(served: Served, before: dict[str, float], requests: int, tokens: int,
+                     timeout: float = 60.0) -> dict[str, float]:
+    """Scrape /metrics until vLLM's counters have grown by at least `requests` finished
+    requests, `tokens` generated tokens and `requests` TTFT observations since `before`, or
+    until `timeout`; returns the last scrape (the caller asserts the exact figures)."""
+    inf = float("inf")
+
+    def grown(after: dict[str, float], name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    def ttft_observed(after: dict) -> float:  # the +Inf bucket: every observation
+        return after["_ttft_buckets"].get(inf, 0.0) - before["_ttft_buckets"].get(inf, 0.0)
+
+    deadline = time.monotonic() + timeout
+    while True:
+        after = metric_totals(served)
+        if (grown(after, "vllm:request_success_total") >= requests
+                and grown(after, "vllm:generation_tokens_total") >= tokens
+                and ttft_observed(after) >= requests):
+            return after
+        if time.monotonic() > deadline:
+            return after
+        time.sleep(0.2)
+
+
 def histogram_p50(before: dict[float, float], after: dict[float, float]) -> float:
     """Median of the observations between two scrapes of a cumulative histogram (linear
     interpolation inside the bucket, as Prometheus' histogram_quantile does)."""
@@ -235,8 +260,9 @@ def test_harness_load_agrees_with_vllm_counters(served, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=400)
     summary_path = out / "summary.json"
     assert summary_path.exists(), f"rc {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    time.sleep(1.0)  # vLLM updates its counters when a request finishes; let the last land
-    after = metric_totals(served)
+    # vLLM records a finished request's stats after it has handed the last chunk to the client,
+    # so the last requests may not be counted yet: scrape until they are (bounded), then compare.
+    after = wait_for_counted(served, before, requests=n, tokens=n * out_len)
     summary = json.loads(summary_path.read_text())
     recs = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
     ok = [x for x in recs if x["ok"]]
