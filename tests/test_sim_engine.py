@@ -7,6 +7,7 @@ check the same engine behind the real-time server (`harness sim` as a subprocess
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -191,8 +192,7 @@ def test_chunked_prefill_shares_steps_with_running_decodes():
 
 # -- the same engine behind the real-time server --------------------------------------------------------
 
-def _stream_one(base_url: str, i: int) -> int:
-    c = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=30)
+def _stream_one(c: openai.OpenAI, i: int) -> int:
     chunks = list(c.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": f"request number {i}"}],
         max_tokens=150, stream=True, stream_options={"include_usage": True},
@@ -210,8 +210,19 @@ def _metric(base_url: str, sample_name: str) -> float:
 def test_server_with_a_small_kv_cache_reports_preemptions_after_a_burst(start_sim):
     base, _ = start_sim("--profile", "h200-llama-3-8b-awq", "--kv-cache-tokens", "2048")
     assert _metric(base, "vllm:num_preemptions_total") == 0
+    # A burst: the 16 requests must be in flight together (16 x ~165 > 2048), so every client
+    # is built first and all are released at once; building a client per thread (~20 ms of
+    # GIL-bound setup each) staggered the sends on a slow machine by most of a ~0.6 s request.
+    clients = [openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=30)
+               for _ in range(16)]
+    go = threading.Barrier(16)
+
+    def burst(i: int) -> int:
+        go.wait(30)
+        return _stream_one(clients[i], i)
+
     with ThreadPoolExecutor(16) as pool:
-        tokens = list(pool.map(lambda i: _stream_one(base, i), range(16)))  # 16 x ~165 > 2048
+        tokens = list(pool.map(burst, range(16)))
     assert tokens == [150] * 16
     assert _metric(base, "vllm:num_preemptions_total") > 0
 
@@ -228,11 +239,15 @@ def test_truth_log_has_one_line_per_request_with_its_event_times(start_sim, tmp_
         ids[chunks[0].id] = n
     plain = c.completions.create(model=MODEL, prompt="plain", max_tokens=4,
                                  extra_body={"ignore_eos": True})
-    # Lines are written in the gaps between engine steps: wait for them briefly.
-    deadline = time.monotonic() + 5
-    while len(log.read_text().splitlines()) < 4 and time.monotonic() < deadline:
+    # Lines are written in the gaps between engine steps: wait for four whole lines (a read
+    # may land between a line's bytes and its newline).
+    deadline = time.monotonic() + 10
+    while True:
+        text = log.read_text()
+        if (text.count("\n") >= 4 and text.endswith("\n")) or time.monotonic() > deadline:
+            break
         time.sleep(0.02)
-    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    lines = [json.loads(line) for line in text.splitlines()]
     assert len(lines) == 4
     by_id = {rec["id"]: rec for rec in lines}
     assert set(by_id) == set(ids) | {plain.id}
