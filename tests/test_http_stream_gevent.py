@@ -222,7 +222,9 @@ PUMP_SCRIPT = SERVER + textwrap.dedent('''
     # A greenlet killed while pumping stops its watcher: nothing more is delivered.
     got = []
     g = gevent.spawn(lambda: c.post_stream("/gaps", b"{}").pump(lambda d, t: got.append(d)))
-    gevent.sleep(0.12)
+    deadline = time.monotonic() + 5       # kill once something came (not after a fixed 0.12 s,
+    while not got and time.monotonic() < deadline:   # which a slow start could outlast)
+        gevent.sleep(0.005)
     g.kill()
     n = len(got)
     gevent.sleep(0.4)
