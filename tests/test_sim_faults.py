@@ -137,15 +137,46 @@ def test_drop_fault_closes_the_connection_mid_stream_before_done(start_sim):
     assert c.get("/health", cast_to=str) == ""  # the server itself is fine
 
 
-def test_stall_fault_leaves_a_gap_of_at_least_stall_seconds_between_two_events(start_sim):
-    base, _ = start_sim(*FAST, "--fault-stall", "1.0", "--stall-seconds", "0.4")
+def truth_line(log, request_id: str, timeout: float = 10.0) -> dict:
+    """The simulator's truth-log line of one request (written in the engine's idle gaps)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text() if log.exists() else ""
+        for line in text.splitlines(keepends=True):
+            if line.endswith("\n") and json.loads(line)["id"] == request_id:
+                return json.loads(line)
+        assert time.monotonic() < deadline, f"no truth-log line for {request_id}:\n{text}"
+        time.sleep(0.02)
+
+
+def test_stall_fault_leaves_a_gap_of_at_least_stall_seconds_between_two_events(start_sim, tmp_path):
+    log = tmp_path / "truth.jsonl"
+    base, _ = start_sim(*FAST, "--fault-stall", "1.0", "--stall-seconds", "0.4", "--truth-log", str(log))
     s = RawStream(base, chat_body(20))
     events = s.events()
-    times = [t for t, _ in events]
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    assert max(gaps) >= 0.4
-    assert sum(g >= 0.35 for g in gaps) == 1  # one stall, not a slow stream
     assert events[-1][1] == b"[DONE]" and len(token_events(events)) == 20  # nothing lost
+    # The gap as the server made it (its own write stamps, perf_counter like ours): one stall
+    # of at least stall seconds, not a slow stream.
+    rec = truth_line(log, token_events(events)[0]["id"])
+    assert rec["fault"] == "stall" and len(rec["event_ns"]) == 20
+    server_gaps = [(b - a) / 1e9 for a, b in zip(rec["event_ns"], rec["event_ns"][1:])]
+    k = max(range(len(server_gaps)), key=server_gaps.__getitem__) + 1   # first token after it
+    assert server_gaps[k - 1] >= 0.4
+    assert sum(g >= 0.35 for g in server_gaps) == 1, server_gaps
+    # As this client saw it: the token after the stall arrived at least stall seconds after the
+    # server wrote the one before (a bound a late read of that token cannot shrink, unlike the
+    # gap between our two reads), and the stall is where the client's largest gap is.
+    token_times = []
+    for t, data in events:
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            continue
+        if obj["choices"] and obj["choices"][0]["delta"].get("content"):
+            token_times.append(t)
+    assert token_times[k] - rec["event_ns"][k - 1] / 1e9 >= 0.4
+    client_gaps = [b - a for a, b in zip(token_times, token_times[1:])]
+    assert max(range(len(client_gaps)), key=client_gaps.__getitem__) == k - 1, client_gaps
 
 
 def test_slow_headers_fault_holds_the_response_headers_back(start_sim):
