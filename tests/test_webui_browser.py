@@ -65,14 +65,18 @@ def get_json(url: str):
 
 @pytest.fixture
 def locust_ui(start_sim, tmp_path):
-    """Locust in web UI mode (not started) against a fast simulator; yields (ui_url, log)."""
+    """Locust in web UI mode (not started) against a fast simulator; yields (ui_url, log).
+
+    --run-time is only a backstop (teardown stops Locust): it must outlast the test's own
+    bounded waits (up to ~3 min, the test's timeout), or a slow browser lets the run end
+    before the open-loop windows the test waits for, which then never come."""
     sim_url, _ = start_sim(*FAST)
     port = free_port_block(1)
     log_path = tmp_path / "locust.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "locust", "-f", "locustfiles/chat.py", "--host", sim_url,
-         "--web-host", "127.0.0.1", "--web-port", str(port), "--run-time", "60s",
+         "--web-host", "127.0.0.1", "--web-port", str(port), "--run-time", "170s",
          "--llm-window", "1", "--llm-input-len", "32", "--llm-output-len", "32",
          "--llm-out", str(tmp_path / "run"), "--loglevel", "INFO"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
