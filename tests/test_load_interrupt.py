@@ -2,6 +2,7 @@
 and an interrupted (SIGINT/SIGTERM) run still writes a summary that counts every line."""
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -69,11 +70,16 @@ def test_sigkill_of_the_locust_master_stops_its_workers_and_keeps_lines_whole(st
     workers = master.children()
     assert len(workers) == 2
     master.kill()
-    rc, log = run.wait(15)
+    try:
+        rc = run.proc.wait(15)
+        # the orphaned workers shut down at once (parent-death signal) instead of loading the
+        # server until their heartbeat to the master times out; checked before `run.wait`,
+        # whose clean-up SIGKILLs the whole process group (workers included) and would make
+        # this vacuous
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+    finally:
+        rc, log = run.wait(5)
     assert rc != 0 and "no summary was written" in log
-    # the orphaned workers shut down at once (parent-death signal) instead of loading the
-    # server until their heartbeat to the master times out
-    gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, alive
     read_jsonl(out / "requests.jsonl")
 
@@ -95,6 +101,27 @@ def test_sigkill_of_harness_load_lets_locust_finish_and_write_the_summary(start_
     assert s["requests"]["completed"] + s["requests"]["failed"] == len(records) >= 8
 
 
+def _append_offset(proc: psutil.Process, path) -> int | None:
+    """Where `proc`'s O_APPEND descriptor of `path` stands: the end of its own last write."""
+    real = os.path.realpath(path)
+    for f in proc.open_files():
+        if os.path.realpath(f.path) == real:
+            return f.position
+    return None
+
+
+def _kill_right_after_its_next_line(proc: psutil.Process, path, timeout: float = 20.0) -> None:
+    first = _append_offset(proc, path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pos = _append_offset(proc, path)
+        if pos is not None and pos != first:
+            proc.kill()
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"worker {proc.pid} wrote no line to {path} in {timeout} s")
+
+
 def test_summary_is_rebuilt_from_requests_jsonl_when_a_worker_is_killed(start_sim, tmp_path):
     """A worker killed outright never sends its last report; the master notices that
     requests.jsonl holds more requests than the reports carried and rebuilds from it."""
@@ -108,7 +135,11 @@ def test_summary_is_rebuilt_from_requests_jsonl_when_a_worker_is_killed(start_si
     try:
         assert wait_for(lambda: _lines(out / "requests.jsonl") >= 6, 30), run.output()
         worker = _locust_master(run).children()[0]
-        worker.kill()
+        # Kill it within milliseconds of appending a line, so that line is not in a report
+        # yet (a worker reports every 3 s: killed at an arbitrary moment, e.g. a slow
+        # machine's, it may have no line newer than its last report, and then there is
+        # nothing to rebuild; now that needs a report in those few milliseconds, ~0.1%).
+        _kill_right_after_its_next_line(worker, out / "requests.jsonl")
         rc, log = run.wait(40)
     finally:
         run.cleanup()

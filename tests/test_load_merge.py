@@ -6,6 +6,9 @@ from harness.results import summary_from_requests
 from loadrun import harness_load, locust_aggregated, read_jsonl, summary
 
 STATS = ("p50", "p90", "p95", "p99", "p99_9", "mean", "min", "max", "count")
+# About merging and ports, not generator health: a busy shared machine's CPU samples must not
+# turn the exit code into 3.
+NO_CPU_CHECK = ("--cpu-limit", "1000")
 
 
 def test_two_worker_summary_equals_percentiles_recomputed_from_requests_jsonl(start_sim, tmp_path):
@@ -14,7 +17,7 @@ def test_two_worker_summary_equals_percentiles_recomputed_from_requests_jsonl(st
     n = 31   # odd: the workers' shares differ (16 + 15)
     rc, log = harness_load("--url", url, "--users", "6", "--workers", "2", "--num-requests", str(n),
                            "--input-len", "64", "--output-len", "12", "--output-len-range", "0.5",
-                           "--out", str(out), "--quiet", timeout=90)
+                           "--out", str(out), "--quiet", *NO_CPU_CHECK, timeout=90)
     assert rc == 0, log
     records = read_jsonl(out / "requests.jsonl")
     assert len(records) == n and all(r["ok"] for r in records)
@@ -50,7 +53,7 @@ def test_multi_worker_run_starts_while_locusts_default_master_port_is_taken(star
         out = tmp_path / "run"
         rc, log = harness_load("--url", url, "--users", "2", "--workers", "2", "--num-requests", "4",
                                "--input-len", "16", "--output-len", "4", "--out", str(out),
-                               "--quiet", timeout=90)
+                               "--quiet", *NO_CPU_CHECK, timeout=90)
         assert rc == 0, log
         assert len(read_jsonl(out / "requests.jsonl")) == 4
     finally:
