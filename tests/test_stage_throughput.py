@@ -69,6 +69,79 @@ def test_missing_vllm_is_a_skip_with_the_reason(tmp_path):
     assert doc["status"] == "skipped" and "tests/vllm_env.sh" in doc["detail"]
 
 
+# --- a benchmark that ends abnormally -------------------------------------------------------------
+# The stage runs `PYTHON -m harness.stages.throughput --vllm-bench ... --output-json PATH`. These
+# tests give it a stand-in Python that answers the stage's probe for vllm, plays the benchmark
+# (writes its result, or not), then aborts as vLLM 0.32's CPU build does now and then in its own
+# shutdown. What it writes is real: tests/data/vllm-bench-throughput-tiny.{json,log} are the
+# result file and the log's last lines from vLLM 0.32 CPU on the tiny model (16 prompts, 32 in,
+# 16 out, float32).
+
+RECORDED_JSON = REPO / "tests" / "data" / "vllm-bench-throughput-tiny.json"
+RECORDED_LOG = REPO / "tests" / "data" / "vllm-bench-throughput-tiny.log"
+
+FAKE_PYTHON = '''#!{exe}
+import os, sys
+if sys.argv[1] == "-c":  # the stage's check that vllm is installed
+    sys.exit(0)
+assert sys.argv[1:4] == ["-m", "harness.stages.throughput", "--vllm-bench"], sys.argv
+out = sys.argv[sys.argv.index("--output-json") + 1]
+if {write!r}:
+    with open(out, "w") as f:
+        f.write(open({recorded_json!r}).read())
+sys.stdout.write(open({recorded_log!r}).read())
+sys.stdout.flush()
+sys.stderr.write("terminate called without an active exception\\n")
+sys.stderr.flush()
+os.abort()
+'''
+
+
+def _aborting_run(tmp_path: Path, write: bool) -> tuple[subprocess.CompletedProcess, Path]:
+    exe = tmp_path / "fake-python"
+    exe.write_text(FAKE_PYTHON.format(exe=sys.executable, write=write, recorded_json=str(RECORDED_JSON),
+                                      recorded_log=str(RECORDED_LOG)))
+    exe.chmod(0o755)
+    out = tmp_path / "tp"
+    r = subprocess.run([sys.executable, "-m", "harness.cli", "throughput", "--model", str(tmp_path),
+                        "--python", str(exe), "--num-prompts", "16", "--input-len", "32",
+                        "--output-len", "16", "--device", "cpu", "--expect", ">= 1", "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    return r, out
+
+
+def test_result_written_before_an_abort_at_exit_is_kept_with_a_warning(tmp_path):
+    r, out = _aborting_run(tmp_path, write=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["status"] == "pass", doc
+    recorded = json.loads(RECORDED_JSON.read_text())
+    assert doc["data"]["vllm_result"] == recorded
+    assert doc["measured"]["output_tokens_per_s"] == pytest.approx(256 / recorded["elapsed_time"])
+    assert doc["data"]["figures"]["output_tokens_estimated"] is False
+    warning = "vllm bench throughput exited with signal SIGABRT after writing its result; result accepted"
+    assert doc["data"]["warnings"] == [warning]
+    assert warning in doc["detail"] and "warning" in r.stdout + r.stderr
+
+
+def test_abort_without_a_result_fails_naming_the_signal(tmp_path):
+    r, out = _aborting_run(tmp_path, write=False)
+    assert r.returncode != 0
+    assert not (out / "result.json").exists()
+    doc = json.loads((out / "error.json").read_text())
+    assert doc["status"] == "error", doc
+    assert "exited with signal SIGABRT and wrote no result" in doc["detail"]
+    assert "terminate called without an active exception" in doc["detail"]
+
+
+def test_a_result_file_from_an_earlier_run_does_not_count(tmp_path):
+    path = tmp_path / "vllm-throughput.json"
+    path.write_text(RECORDED_JSON.read_text())
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+    raw, why = throughput.read_result(str(path), not_before=2_000_000_000)
+    assert raw is None and "from before this run" in why
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     out = tmp_path_factory.getbasetemp() / "tiny-model-shared"

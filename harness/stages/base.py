@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -151,3 +152,13 @@ def package_version(python: str, *dists: str) -> str | None:
         return None
     out = r.stdout.strip()
     return out or None
+
+
+def exit_text(returncode: int) -> str:
+    """'exit status 1', 'signal SIGABRT' (a negative return code is the signal that ended it)."""
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit status {returncode}"

@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -50,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.stages.base import (
-    Field, StageContext, StageResult, StageSkipped, find_python_with, python_has, repo_root,
+    Field, StageContext, StageResult, StageSkipped, exit_text, find_python_with, python_has, repo_root,
 )
 
 TASK_NAME = "harness_local_ppl"
@@ -192,16 +191,6 @@ def disk_bytes(model: str) -> int | None:
             if f.endswith((".safetensors", ".bin", ".pt", ".gguf")):
                 total += os.path.getsize(os.path.join(root, f))
     return total or None
-
-
-def exit_text(returncode: int) -> str:
-    """'exit status 1', 'signal SIGABRT' (a negative return code is the signal that ended it)."""
-    if returncode < 0:
-        try:
-            return f"signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"signal {-returncode}"
-    return f"exit status {returncode}"
 
 
 def read_results(path: str, not_before: float) -> tuple[dict[str, Any] | None, str]:

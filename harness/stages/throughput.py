@@ -9,7 +9,8 @@ bench throughput`` instead, for a GPU install where that works.
 
 The benchmark's ``--output-json`` gives elapsed time, request count and total tokens; its
 printed ``Total num output tokens`` gives the output tokens (vLLM counts them from the engine's
-outputs). The stage reports output tokens/s (the seed's figure), total tokens/s and requests/s,
+outputs). A run that wrote its result and then exited non-zero (vLLM's CPU build can abort in
+its own shutdown) is kept, with a warning in ``data.warnings`` and the detail. The stage reports output tokens/s (the seed's figure), total tokens/s and requests/s,
 held against the plan's expected row and the roofline's hardware ceiling where the GPU and
 model are known (``physics: {gpu, model, precision, tp}``).
 
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.stages.base import (
-    Field, StageContext, StageResult, StageSkipped, find_python_with, python_has, repo_root,
+    Field, StageContext, StageResult, StageSkipped, exit_text, find_python_with, python_has, repo_root,
 )
 
 PARAMS: dict[str, Field] = {
@@ -129,6 +130,32 @@ def parse_result(result: dict[str, Any], log_text: str, p: dict[str, Any]) -> di
     }
 
 
+def read_result(path: str, not_before: float) -> tuple[dict[str, Any] | None, str]:
+    """(the benchmark's result, "") when ``path`` is a whole result written at or after
+    ``not_before`` (time.time()), else (None, why not).
+
+    The exit status alone does not decide: vLLM's CPU build has been seen to abort (SIGABRT,
+    "terminate called without an active exception") at interpreter exit, after it printed its
+    counts and wrote this file; a run that measured everything is not thrown away for that."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, "wrote no result"
+    # the stage removes any earlier file before the run; the file system's clock is coarse
+    if st.st_mtime < not_before - 2.0:
+        return None, f"left {path} from before this run"
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"wrote {path} that is not readable JSON ({exc})"
+    if not isinstance(doc, dict):
+        return None, f"wrote {path} with no result object"
+    elapsed = doc.get("elapsed_time")
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not elapsed > 0:
+        return None, f"wrote {path} without a positive elapsed_time"
+    return doc, ""
+
+
 def physics_checks(p: dict[str, Any], expected: dict[str, Any], measured: dict[str, Any],
                    plan: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from harness.stages import physics
@@ -170,6 +197,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     ctx.log(f"vllm bench throughput: {p['num_prompts']} prompts, {p['input_len']} in, "
             f"{p['output_len']} out, {p['dtype']}, model {p['model']} (log: {log_path})")
     t0 = time.monotonic()
+    started = time.time()
     env = environment(p)
     gpus = visible_gpus(env, int(p["tensor_parallel_size"])) if p.get("device") != "cpu" else []
     with open(log_path, "wb") as log, power_sampling(gpus=gpus) as pw:
@@ -184,12 +212,16 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
             _stop(proc)
             raise
     log_text = log_path.read_text(errors="replace")
-    if code != 0 or not os.path.exists(result_json):
+    raw, why = read_result(result_json, started)
+    if raw is None:
         tail = "\n".join(log_text.strip().splitlines()[-5:])
-        raise RuntimeError(f"vllm bench throughput exited with {code} and wrote no result; "
+        raise RuntimeError(f"vllm bench throughput exited with {exit_text(code)} and {why}; "
                            f"last lines of {log_path}:\n{tail}")
-    with open(result_json) as f:
-        raw = json.load(f)
+    warnings: list[str] = []
+    if code != 0:
+        warnings.append(f"vllm bench throughput exited with {exit_text(code)} after writing its result; "
+                        f"result accepted")
+        ctx.log(f"throughput: warning: {warnings[-1]} (log: {log_path})")
     figures = parse_result(raw, log_text, p)
     measured: dict[str, Any] = {k: figures[k] for k in
                                 ("output_tokens_per_s", "total_tokens_per_s", "requests_per_s", "elapsed_s")}
@@ -209,9 +241,10 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         name=ctx.name, stage="throughput", status=expect_mod.status_from(checks) if checks else "pass",
         measured=measured, expected=expected, checks=checks, physics=phys, params=p, power=power,
         detail=f"{p['num_prompts']} prompts x ({p['input_len']} in, {p['output_len']} out), "
-               f"{p['dtype']}{', ' + str(p['quantization']) if p.get('quantization') else ''}",
+               f"{p['dtype']}{', ' + str(p['quantization']) if p.get('quantization') else ''}"
+               + "".join(f"; warning: {w}" for w in warnings),
         data={"vllm_result": raw, "figures": figures, "python": python, "command": cmd,
-              "physics": phys_info},
+              "physics": phys_info, "warnings": warnings},
     )
 
 
