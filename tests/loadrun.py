@@ -87,6 +87,16 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def whole_lines(path: Path) -> int:
+    """Newline-ended lines in a file another process is still appending to (0 before it
+    exists); polls count these, so a torn last line is never parsed."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
 def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
 

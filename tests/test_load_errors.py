@@ -5,22 +5,12 @@ import json
 import urllib.request
 
 from conftest import free_port_block
-from loadrun import harness_load, locust_aggregated, read_jsonl, summary, wait_for
+from loadrun import harness_load, locust_aggregated, read_jsonl, summary, wait_for, whole_lines
 
 KINDS = ("http_500", "http_429", "disconnect", "timeout", "malformed_event")
 # About error accounting, not generator health: a busy shared machine's CPU samples must not
 # turn the exit code into 3 (it takes precedence over 4).
 NO_CPU_CHECK = ("--cpu-limit", "1000")
-
-
-def _whole_lines(path) -> int:
-    """Complete lines of a file another process is still appending to (the simulator flushes
-    its truth log in buffered chunks: the last line may be torn until the next flush)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
 
 
 def _sim_success_total(url: str) -> float:
@@ -75,7 +65,7 @@ def test_each_simulator_fault_is_counted_under_its_kind_and_not_retried(start_si
     admitted = n - counted["http_500"] - counted["http_429"]
     # A request stalled at the end of the run is released 3 s later; the wait ends as soon as
     # every admitted request has its line (the bound only matters on a slow machine).
-    assert wait_for(lambda: _whole_lines(truth) >= admitted, 30.0), (_whole_lines(truth), admitted)
+    assert wait_for(lambda: whole_lines(truth) >= admitted, 30.0), (whole_lines(truth), admitted)
     assert len(read_jsonl(truth)) == admitted
     assert wait_for(lambda: _sim_success_total(url) == admitted, 10.0), _sim_success_total(url)
 

@@ -8,15 +8,7 @@ import time
 
 import psutil
 
-from loadrun import read_jsonl, start_load, summary, wait_for
-
-
-def _lines(path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
+from loadrun import read_jsonl, start_load, summary, wait_for, whole_lines
 
 
 def _start_long_run(url, out, workers="2"):
@@ -25,7 +17,7 @@ def _start_long_run(url, out, workers="2"):
                      # about interruption, not generator health: a busy shared machine's
                      # start-up CPU samples must not turn the exit code into 3
                      "--cpu-limit", "1000")
-    assert wait_for(lambda: _lines(out / "requests.jsonl") >= 8 or run.proc.poll() is not None, 30), \
+    assert wait_for(lambda: whole_lines(out / "requests.jsonl") >= 8 or run.proc.poll() is not None, 30), \
         run.output()
     assert run.proc.poll() is None, run.output()
     return run
@@ -133,7 +125,7 @@ def test_summary_is_rebuilt_from_requests_jsonl_when_a_worker_is_killed(start_si
                      # start-up CPU samples must not turn the exit code into 3
                      "--cpu-limit", "1000")
     try:
-        assert wait_for(lambda: _lines(out / "requests.jsonl") >= 6, 30), run.output()
+        assert wait_for(lambda: whole_lines(out / "requests.jsonl") >= 6, 30), run.output()
         worker = _locust_master(run).children()[0]
         # Kill it within milliseconds of appending a line, so that line is not in a report
         # yet (a worker reports every 3 s: killed at an arbitrary moment, e.g. a slow

@@ -11,17 +11,9 @@ import math
 import statistics
 import time
 
-from loadrun import harness_load, read_jsonl, summary, wait_for
+from loadrun import harness_load, read_jsonl, summary, wait_for, whole_lines
 
 N = 24
-
-
-def _whole_lines(path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return f.read().count(b"\n")
-    except FileNotFoundError:
-        return 0
 
 
 def _pct(values, p):
@@ -77,7 +69,7 @@ def test_client_latencies_match_simulator_truth(start_sim, tmp_path):
     assert len(records) == N and all(r["ok"] for r in records)
     # The simulator writes truth lines in idle gaps and flushes them in buffered chunks: count
     # only whole lines while it may still be writing (read_jsonl asserts on a torn last line).
-    assert wait_for(lambda: _whole_lines(truth_path) >= N, 15.0), _whole_lines(truth_path)
+    assert wait_for(lambda: whole_lines(truth_path) >= N, 15.0), whole_lines(truth_path)
     truths = read_jsonl(truth_path)
     assert len(truths) == N
 

@@ -162,3 +162,26 @@ def exit_text(returncode: int) -> str:
         except ValueError:
             return f"signal {-returncode}"
     return f"exit status {returncode}"
+
+
+def read_fresh_json(path: str, not_before: float) -> tuple[dict[str, Any] | None, str]:
+    """(the JSON object in ``path``, "") when it was written at or after ``not_before``
+    (time.time()), else (None, why not).
+
+    Stages that run a worker judge its output by this file, not by its exit status alone:
+    vLLM's CPU build has been seen to abort (SIGABRT) in its own shutdown after writing it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, "no results file was written"
+    # stages remove any earlier file before the worker starts; the file system's clock is
+    # coarse (a tick or so behind time.time()), so this only guards against that
+    if st.st_mtime < not_before - 2.0:
+        return None, f"{path} is older than this run"
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"{path} is not readable JSON ({exc})"
+    if not isinstance(doc, dict):
+        return None, f"{path} holds no results object"
+    return doc, ""

@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.stages.base import (
-    Field, StageContext, StageResult, StageSkipped, exit_text, find_python_with, python_has, repo_root,
+    Field, StageContext, StageResult, StageSkipped, exit_text, find_python_with, python_has,
+    read_fresh_json, repo_root,
 )
 
 TASK_NAME = "harness_local_ppl"
@@ -196,20 +197,9 @@ def disk_bytes(model: str) -> int | None:
 def read_results(path: str, not_before: float) -> tuple[dict[str, Any] | None, str]:
     """(the worker's results, "") when ``path`` is a complete results file written at or after
     ``not_before`` (time.time()), else (None, why not)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None, "no results file was written"
-    # the file system's clock is coarse (a tick or so behind time.time()); the stage also
-    # removes any earlier file before the worker starts, so this only guards against that
-    if st.st_mtime < not_before - 2.0:
-        return None, f"{path} is older than this run"
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        return None, f"{path} is not readable JSON ({exc})"
-    if not isinstance(doc, dict):
-        return None, f"{path} holds no results object"
+    doc, why = read_fresh_json(path, not_before)
+    if doc is None:
+        return None, why
     missing = [k for k in ("word_perplexity", "byte_perplexity", "bits_per_byte")
                if not isinstance(doc.get(k), (int, float)) or isinstance(doc.get(k), bool)
                or not math.isfinite(doc[k])]

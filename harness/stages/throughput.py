@@ -24,17 +24,16 @@ Run inside the vLLM Python (not by users)::
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from harness.stages.base import (
-    Field, StageContext, StageResult, StageSkipped, exit_text, find_python_with, python_has, repo_root,
+    Field, StageContext, StageResult, StageSkipped, exit_text, find_python_with, python_has,
+    read_fresh_json, repo_root,
 )
 
 PARAMS: dict[str, Field] = {
@@ -132,27 +131,13 @@ def parse_result(result: dict[str, Any], log_text: str, p: dict[str, Any]) -> di
 
 def read_result(path: str, not_before: float) -> tuple[dict[str, Any] | None, str]:
     """(the benchmark's result, "") when ``path`` is a whole result written at or after
-    ``not_before`` (time.time()), else (None, why not).
-
-    The exit status alone does not decide: vLLM's CPU build has been seen to abort (SIGABRT,
-    "terminate called without an active exception") at interpreter exit, after it printed its
-    counts and wrote this file; a run that measured everything is not thrown away for that."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None, "wrote no result"
-    # the stage removes any earlier file before the run; the file system's clock is coarse
-    if st.st_mtime < not_before - 2.0:
-        return None, f"left {path} from before this run"
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        return None, f"wrote {path} that is not readable JSON ({exc})"
-    if not isinstance(doc, dict):
-        return None, f"wrote {path} with no result object"
+    ``not_before`` (time.time()), else (None, why not)."""
+    doc, why = read_fresh_json(path, not_before)
+    if doc is None:
+        return None, why
     elapsed = doc.get("elapsed_time")
     if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not elapsed > 0:
-        return None, f"wrote {path} without a positive elapsed_time"
+        return None, f"{path} has no positive elapsed_time"
     return doc, ""
 
 
