@@ -15,7 +15,6 @@ Subclass `LLMUser` in a locustfile to target another model, host or endpoint:
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from urllib.parse import urlsplit
 
@@ -91,10 +90,7 @@ class LLMUser(User):
         self._tokenize_ok = False       # the server has /tokenize (output-token fallback)
         self._tok_conn: StreamingConnection | None = None
         self._stats_name = self.endpoint
-        self._headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.state.api_key_env) if self.state.api_key_env else None
-        if key:
-            self._headers["Authorization"] = f"Bearer {key}"
+        self._headers = {"Content-Type": "application/json", **self.state.api_key.headers_for(self._base)}
 
     # -- connections -----------------------------------------------------------
     def _conn(self) -> StreamingConnection:
@@ -216,8 +212,7 @@ class LLMUser(User):
                 if self._tok_conn is None:
                     self._tok_conn = StreamingConnection(*self._addr, timeout=10.0)
                 body = orjson.dumps({"model": self._model, "prompt": text, "add_special_tokens": False})
-                status, _, payload = self._tok_conn.request(
-                    "POST", "/tokenize", body, {"Content-Type": "application/json"})
+                status, _, payload = self._tok_conn.request("POST", "/tokenize", body, self._headers)
                 if status == 200:
                     return int(orjson.loads(payload)["count"])
             except (HTTPClientError, ValueError, KeyError, TypeError):
@@ -294,7 +289,6 @@ class LLMUser(User):
             if not rec.ok:
                 conn.close()
         self._idle.append(conn)
-        return rec
         return rec
 
 

@@ -27,6 +27,7 @@ from locust import events
 from locust.runners import (STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, STATE_STOPPED, LocalRunner,
                             MasterRunner, WorkerRunner)
 
+from harness.credentials import ApiKey
 from harness.histograms import HistogramSet
 from harness.results import Counters, RequestLog, build_summary, read_requests, write_json
 from harness.slo import Slo, parse_slo, run_exit_code
@@ -42,8 +43,22 @@ RECORD_FIELDS = ("id", "user_class", "url", "model", "scheduled_at", "sent_at", 
                  "schedule_lag_ms", "finished_at")
 
 
+# Locust listens on every interface by default (web UI, master), with no login: ours listen on
+# loopback unless told otherwise (`--web-host`, `--master-bind-host`, or their LOCUST_* variables).
+LOOPBACK_DEFAULTS = {"web_host": "127.0.0.1", "master_bind_host": "127.0.0.1"}
+
+
+def _listen_on_loopback(parser) -> None:
+    parser.set_defaults(**LOOPBACK_DEFAULTS)
+    for action in parser._actions:   # keep --help true
+        if action.dest in LOOPBACK_DEFAULTS:
+            action.help = (f"{action.help.split('. Defaults')[0].rstrip('.')}. Defaults to "
+                           f"{LOOPBACK_DEFAULTS[action.dest]} (llm-harness; '*' for all interfaces)")
+
+
 @events.init_command_line_parser.add_listener
 def _add_options(parser) -> None:
+    _listen_on_loopback(parser)
     g = parser  # Locust shows our options in its web UI start form unless told not to
     g.add_argument("--llm-model", default="", include_in_web_ui=True,
                    help="served model name (default: the server's first /v1/models entry)")
@@ -94,6 +109,12 @@ class LLMState:
         self.env = environment
         self.extra_body: dict | None = None
         self._read_options(environment.parsed_options)
+        # Fixed at start, whatever a web form or a spawn message says later (harness.credentials):
+        # where the key comes from and goes to, and where results are written (and deleted).
+        o = environment.parsed_options
+        self.api_key = ApiKey(getattr(o, "llm_api_key_env", "OPENAI_API_KEY"),
+                              [environment.host] + [getattr(u, "host", None) for u in environment.user_classes])
+        self.out = getattr(o, "llm_out", "") or ""
         self.quota: int | None = None
         self.inflight = 0
         self.finished_event = gevent.event.Event()
@@ -131,7 +152,6 @@ class LLMState:
         self.max_concurrency = int(getattr(o, "llm_max_concurrency", 0) or 0)
         self.timeout = float(getattr(o, "llm_timeout", 600.0))
         self.seed = int(getattr(o, "llm_seed", 0))
-        self.api_key_env = getattr(o, "llm_api_key_env", "OPENAI_API_KEY")
         self.slos: list[Slo] = [parse_slo(s) for s in (getattr(o, "llm_slo", "") or "").split(",") if s.strip()]
         self.spec = WorkloadSpec(
             input_len=int(getattr(o, "llm_input_len", 512)), output_len=int(getattr(o, "llm_output_len", 128)),
@@ -144,7 +164,6 @@ class LLMState:
         self.warmup = float(getattr(o, "llm_warmup", 0.0))
         self.cooldown = float(getattr(o, "llm_cooldown", 0.0))
         self.run_time = getattr(o, "run_time", None)
-        self.out = getattr(o, "llm_out", "") or ""
         self.num_requests = int(getattr(o, "llm_num_requests", 0) or 0)
 
     def reload_options(self) -> None:
@@ -225,7 +244,7 @@ class LLMState:
             return opt
         if base not in self._models:
             conn = conn_factory()
-            status, _, body = conn.request("GET", "/v1/models")
+            status, _, body = conn.request("GET", "/v1/models", None, self.api_key.headers_for(base))
             if status != 200:
                 raise RuntimeError(f"GET {base}/v1/models answered {status}; pass --llm-model")
             self._models[base] = json.loads(body)["data"][0]["id"]
@@ -235,7 +254,7 @@ class LLMState:
         key = (base, model, chat)
         with self._prep_lock:   # the first user calibrates; the others wait for it
             if key not in self._workloads:
-                counter = server_token_counter(conn_factory, model)
+                counter = server_token_counter(conn_factory, model, self.api_key.headers_for(base))
                 wl = Workload(self.spec, counter, chat, stream=self.worker_index())
                 wl.prepare()
                 self._workloads[key] = wl

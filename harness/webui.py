@@ -32,7 +32,7 @@ import logging
 import math
 import pathlib
 import time
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from flask import Response, jsonify, request, send_from_directory
 
@@ -118,6 +118,20 @@ def parse_rate(value: Any) -> float:
     return rate
 
 
+# Start-form keys Locust handles itself (`/swarm`), each with its own parsing. Any other posted
+# key that names a parsed option is copied into the options as it is: only those the form
+# shows (`include_in_web_ui`) may be, never e.g. the API key's source or the results directory.
+LOCUST_FORM_KEYS = frozenset({"user_count", "spawn_rate", "host", "run_time", "user_classes",
+                              "shape_class", "profile"})
+
+
+def forbidden_form_keys(form_keys: Iterable[str], options: Mapping[str, Any],
+                        shown: Iterable[str]) -> list[str]:
+    """The posted keys that would set an option the start form does not show."""
+    allowed = LOCUST_FORM_KEYS | set(shown)
+    return sorted({k for k in form_keys if k in options and k not in allowed})
+
+
 def _tab_link_script(prefix: str) -> str:
     return f'<script src="{prefix}/llm/static/llm-tab.js" defer></script>'
 
@@ -156,6 +170,21 @@ def install(environment, web_ui) -> None:
         except Exception:  # the UI must keep working even if our part fails
             log.exception("LLM web UI extension failed for %s", path)
         return response
+
+    from locust.argument_parser import ui_extra_args_dict
+    shown = frozenset(ui_extra_args_dict())   # what the start form offers, as Locust builds it
+
+    @app.before_request
+    def _guard_start_form():
+        if request.method != "POST" or request.path != f"{prefix}/swarm":
+            return None
+        bad = forbidden_form_keys(request.form.keys(), vars(environment.parsed_options) if environment.parsed_options else {}, shown)
+        if not bad:
+            return None
+        msg = (f"refused: {', '.join(bad)} cannot be set from the web UI (only the start form's "
+               f"fields can); set it on the command line")
+        log.warning("web UI start form %s", msg)
+        return jsonify({"success": False, "message": msg, "host": environment.host}), 400
 
     auth = web_ui.auth_required_if_enabled
 

@@ -218,18 +218,20 @@ class Workload:
                       max_tokens=max_tokens, ignore_eos=self.spec.ignore_eos and not self.spec.dataset)
 
 
-def server_token_counter(conn_factory: Callable[[], object], model: str) -> TokenCounter | None:
-    """A counter that asks the server's `/tokenize` (vLLM and the simulator have it).
+def server_token_counter(conn_factory: Callable[[], object], model: str,
+                         headers: dict[str, str] | None = None) -> TokenCounter | None:
+    """A counter that asks the server's `/tokenize` (vLLM and the simulator have it), with
+    `headers` (the API key) on every call.
 
     Returns None when the server has no such endpoint.
     """
     conn = conn_factory()
+    headers = {"Content-Type": "application/json", **(headers or {})}
 
     def count(text: str, chat: bool) -> int:
         body = ({"model": model, "messages": [{"role": "user", "content": text}]} if chat
                 else {"model": model, "prompt": text})
-        status, _, payload = conn.request("POST", "/tokenize", json.dumps(body).encode(),
-                                          {"Content-Type": "application/json"})
+        status, _, payload = conn.request("POST", "/tokenize", json.dumps(body).encode(), headers)
         if status != 200:
             raise LookupError(f"/tokenize answered {status}")
         return int(json.loads(payload)["count"])
