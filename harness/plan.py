@@ -9,6 +9,8 @@ A plan (see ``plans/*.yaml``)::
     gpu_overrides: {bf16_tflops: 183}  # any GpuSpec field (servers/simulator/gpus.py)
     tolerance: 0.1                     # bare-number targets may miss by this fraction
     on_failure: continue               # stop (default) | continue, per stage too
+    on_invalid: invalid                # invalid (default) | fail | pass, per stage too: what a
+                                       # stage whose figures cannot be trusted counts as
     system: {total_memory_gb: 576, ...}  # the comparison table's system figures (targets)
     cost: {...}                        # prices and layouts (harness/stages/cost.py)
     stages:
@@ -18,6 +20,7 @@ A plan (see ``plans/*.yaml``)::
         row: Llama-3 8B BF16
         expect: {output_tokens_per_s: 4500}
         on_failure: continue
+        on_invalid: pass               # e.g. a laptop whose load generator cannot keep up
         skip: "reason"                 # optional: listed but not run
         ...                            # the stage's own keys (each stage module's PARAMS)
 
@@ -31,7 +34,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from harness.stages.base import Field
+from harness.stages.base import ON_INVALID, Field
 
 STAGE_KINDS = {
     "hardware": "harness.stages.hardware_step",
@@ -50,6 +53,7 @@ COMMON = {
     "row": Field("str", None),
     "expect": Field("dict", {}),
     "on_failure": Field("str", None, choices=("stop", "continue")),
+    "on_invalid": Field("str", None, choices=ON_INVALID),
     "skip": Field("any", False),
 }
 TOP = {
@@ -60,6 +64,7 @@ TOP = {
     "gpu_overrides": Field("dict", {}),
     "tolerance": Field("float", 0.0, minimum=0),
     "on_failure": Field("str", "stop", choices=("stop", "continue")),
+    "on_invalid": Field("str", "invalid", choices=ON_INVALID),
     "system": Field("dict", {}),
     "cost": Field("dict", {}),
     "stages": Field("list", required=True),

@@ -5,7 +5,9 @@ load runs' ``timeseries.jsonl``, the hardware stage's ``hardware.json``), so it 
 at any time (``harness run PLAN --out DIR --report-only``). Sections:
 
 1. run and environment (GPUs, driver, vLLM, lm-eval and harness versions);
-2. stages: status, duration, what ran;
+2. stages: status, duration, what ran; the ``invalid`` ones (figures that cannot be trusted:
+   a load generator that could not keep up, a hardware run short of what it was asked) apart,
+   with the reasons, in their own colour;
 3. the plan's tables (the seed's, by each stage's ``table``/``row``): every expected figure with
    the measured one beside it, pass/fail, and the physics mark of both;
 4. the physics check: every target and measured figure held against the roofline;
@@ -32,6 +34,7 @@ table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .pass{color:#176d27;font-weight:600}.fail,.error{color:#b00020;font-weight:600}
+.invalid{color:#a85200;font-weight:600;font-style:italic}
 .skipped,.nm,.notrun{color:#777}.impossible,.measurement-error{color:#b00020;font-weight:600}
 .ok{color:#176d27}.muted{color:#666;font-size:12px}
 .chart{display:block;margin:8px 0 20px;max-width:100%;height:auto}
@@ -93,6 +96,7 @@ def verdict(passed: Any) -> str:
 
 def _cls(text: str) -> str:
     return {"pass": "pass", "FAIL": "fail", "fail": "fail", "error": "error", "skipped": "skipped",
+            "invalid": "invalid",
             "not measured": "nm", "not run": "notrun", "impossible": "impossible",
             "measurement error": "measurement-error", "ok": "ok"}.get(text, "")
 
@@ -137,6 +141,26 @@ def stage_rows(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[
         status = r["status"] if r else "not run"
         rows.append([s["name"], s["stage"], status, fmt(r.get("duration_s")) + " s" if r else "-",
                      (r or {}).get("detail") or s.get("description") or ""])
+    return rows
+
+
+INVALID_NOTE = ("Their figures cannot be trusted: a load generator that could not keep up measured "
+                "itself, not the server (add workers or loosen cpu_limit / lag_limit_ms), and a hardware "
+                "run short of what it was asked has not validated it. A missed target there is no "
+                "verdict; the plan's on_invalid says what the run counted them as.")
+
+
+def invalid_rows(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """[stage, "invalid", why]: every stage whose result lists reasons its figures cannot be
+    trusted, also one the plan's ``on_invalid`` counted as pass or fail (the why says so)."""
+    rows = []
+    for s in run["plan"]["stages"]:
+        r = results.get(s["name"]) or {}
+        if not r.get("invalid"):
+            continue
+        counted = (f" (counted as {r.get('status')}: on_invalid: {r['on_invalid']})"
+                   if r.get("on_invalid") else "")
+        rows.append([s["name"], "invalid", "; ".join(r["invalid"]) + counted])
     return rows
 
 
@@ -278,7 +302,7 @@ def plot_latency_vs_rate(results: dict[str, dict[str, Any]]) -> list[str]:
 def plot_over_time(run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
     charts = []
     for name, r in results.items():
-        if r.get("stage") not in ("serving", "soak") or r.get("status") not in ("pass", "fail"):
+        if r.get("stage") not in ("serving", "soak") or r.get("status") not in ("pass", "fail", "invalid"):
             continue
         ts = read_timeseries(run_dir / name / ((r.get("data") or {}).get("load_dir") or "load") / "timeseries.jsonl")
         if not ts:
@@ -288,7 +312,8 @@ def plot_over_time(run_dir: Path, results: dict[str, dict[str, Any]]) -> list[st
         for label, key, pct in (("TTFT p50", "ttft_ms", "p50"), ("TTFT p99", "ttft_ms", "p99"),
                                 ("TPOT p50", "tpot_ms", "p50"), ("TPOT p99", "tpot_ms", "p99")):
             series.append((label, [(w["t"] - t0, (w.get(key) or {}).get(pct)) for w in ts]))
-        charts.append(svg.line_chart(f"{name}: TTFT and TPOT over time ({len(ts)} windows)",
+        tainted = " - load generator INVALID" if r.get("invalid") else ""
+        charts.append(svg.line_chart(f"{name}: TTFT and TPOT over time ({len(ts)} windows){tainted}",
                                      "seconds into the run", "ms", series, cls="over-time"))
     return charts
 
@@ -357,6 +382,7 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
 
 TABLE_HEAD = ["row", "metric", "expected", "measured", "result", "physics (expected)", "physics (measured)", "stage"]
 STAGE_HEAD = ["stage", "kind", "status", "duration", "detail"]
+INVALID_HEAD = ["stage", "status", "why its figures cannot be trusted"]
 PHYS_HEAD = ["stage", "figure", "of", "value", "bound", "mark", "detail"]
 COST_HEAD = ["layout", "GPUs", "output tok/s", "power per GPU", "cost per hour", "basis", "cost per 1M output tokens"]
 SYS_HEAD = ["figure", "plan", "datasheet", "check"]
@@ -380,6 +406,11 @@ def render_html(run_dir: Path) -> str:
     parts.append(_html_table(["", ""], environment_rows(run), "environment"))
     parts.append('<h2 id="stages">Stages</h2>')
     parts.append(_html_table(STAGE_HEAD, stage_rows(run, results), "stages", status_cols=(2,)))
+    invalid = invalid_rows(run, results)
+    if invalid:
+        parts.append(f'<h3 id="invalid" class="invalid">Invalid: {len(invalid)} stage(s)</h3>'
+                     f'<p class="muted">{escape(INVALID_NOTE)}</p>')
+        parts.append(_html_table(INVALID_HEAD, invalid, "invalid-stages", status_cols=(1,)))
     tables = plan_tables(run, results)
     if tables:
         parts.append('<h2 id="tables">Expected vs measured (the plan\'s tables)</h2>')
@@ -432,6 +463,10 @@ def render_md(run_dir: Path) -> str:
         out += [plan["description"], ""]
     out += ["## Environment", "", _md_table(["", ""], environment_rows(run)), "",
             "## Stages", "", _md_table(STAGE_HEAD, stage_rows(run, results)), ""]
+    invalid = invalid_rows(run, results)
+    if invalid:
+        out += [f"### INVALID: {len(invalid)} stage(s)", "", INVALID_NOTE, "",
+                _md_table(INVALID_HEAD, [[n, f"**{st.upper()}**", why] for n, st, why in invalid]), ""]
     for name, rows in plan_tables(run, results):
         out += [f"## {name}", "", _md_table(TABLE_HEAD, rows), ""]
     phys = physics_rows(results, run["plan"])

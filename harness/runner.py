@@ -1,15 +1,20 @@
 """Run a plan (``harness run PLAN.yaml --out DIR``), or one stage on its own.
 
 Stages run in the plan's order. Each gets ``DIR/NAME/``; when it finishes (``pass``, ``fail``,
-``skipped``) its result is written to ``DIR/NAME/result.json``; when it cannot run (an exception,
-a crashed benchmark) to ``DIR/NAME/error.json``. Running the same plan into the same directory
-again resumes it: stages with a ``result.json`` are not run again, errored and unstarted ones
-are. After a failed or errored stage the run stops unless the stage (or the plan) says
-``on_failure: continue``. Every run ends by writing ``run.json`` (the plan, each stage's status,
-the environment, costs) and the report (``report.html``, ``report.md``).
+``invalid``, ``skipped``) its result is written to ``DIR/NAME/result.json``; when it cannot run
+(an exception, a crashed benchmark) to ``DIR/NAME/error.json``. Running the same plan into the
+same directory again resumes it: stages with a ``result.json`` are not run again, errored and
+unstarted ones are. After a failed or errored stage the run stops unless the stage (or the plan)
+says ``on_failure: continue``. An ``invalid`` stage (its figures cannot be trusted: the load
+generator could not keep up, the hardware run measured less than asked) does not stop the run:
+it says nothing about what it measured. The plan's ``on_invalid`` (per stage too) may count it
+as ``fail`` or judge it by its targets (``pass``) instead. Every run ends by writing
+``run.json`` (the plan, each stage's status, the environment, costs) and the report
+(``report.html``, ``report.md``).
 
 Exit codes: 0 when every stage passed or was skipped, 1 when one failed or errored, 2 for a bad
-plan or a run directory that holds another plan's run.
+plan or a run directory that holds another plan's run, 3 when one was invalid and none failed
+or errored (``harness load``'s code for an invalid load generator).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from typing import Any, Callable
 
 from harness.plan import PlanError, stage_module
 from harness.stages.base import (
-    StageContext, StageResult, StageSkipped, now_iso, read_json, write_json,
+    EXIT_FAILED, EXIT_INVALID, StageContext, StageResult, StageSkipped, now_iso, read_json, write_json,
 )
 
 RESULT, ERROR, RUN = "result.json", "error.json", "run.json"
@@ -29,7 +34,19 @@ RESULT, ERROR, RUN = "result.json", "error.json", "run.json"
 
 def stage_params(stage: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stage.items() if k not in ("name", "stage", "description", "table", "row",
-                                                         "on_failure", "skip")}
+                                                         "on_failure", "on_invalid", "skip")}
+
+
+def count_invalid(doc: dict[str, Any], policy: str) -> None:
+    """An ``invalid`` stage counted as the plan's ``on_invalid`` asks: kept ``invalid``, made a
+    ``fail``, or (``pass``) judged by its targets alone; ``on_invalid`` is recorded beside it
+    so the result says why a stage whose ``invalid`` lists reasons reads otherwise."""
+    if doc.get("status") != "invalid" or policy == "invalid":
+        return
+    from harness.stages.expect import status_from
+
+    doc["on_invalid"] = policy
+    doc["status"] = "fail" if policy == "fail" else status_from(doc.get("checks") or [])
 
 
 def run_one(stage: dict[str, Any], run_dir: Path, plan: dict[str, Any],
@@ -49,6 +66,7 @@ def run_one(stage: dict[str, Any], run_dir: Path, plan: dict[str, Any],
             raise StageSkipped(skip if isinstance(skip, str) else "skip: true in the plan")
         res = stage_module(kind).run_stage(stage_params(stage), ctx)
         doc = res.to_dict()
+        count_invalid(doc, stage.get("on_invalid") or plan.get("on_invalid") or "invalid")
     except StageSkipped as exc:
         doc = StageResult(name=name, stage=kind, status="skipped", detail=str(exc),
                           expected=dict(stage.get("expect") or {}), params=stage_params(stage)).to_dict()
@@ -181,9 +199,11 @@ def run_plan(plan: dict[str, Any], run_dir: Path, log: Callable[[str], None] = p
 
         doc = run_one(stage, run_dir, plan, results, stage_log)
         results[name] = doc
-        mark = {"pass": "PASS", "fail": "FAIL", "skipped": "SKIPPED", "error": "ERROR"}[doc["status"]]
-        log(f"{tag}: {mark} in {doc['duration_s']:.1f} s" + (f" - {doc['detail']}" if doc["status"] in
-                                                             ("skipped", "error", "fail") and doc.get("detail") else ""))
+        log(f"{tag}: {doc['status'].upper()} in {doc['duration_s']:.1f} s"
+            + (f" - {doc['detail']}" if doc["status"] != "pass" and doc.get("detail") else ""))
+        if doc.get("on_invalid"):
+            log(f"    invalid, counted as {doc['status']} (on_invalid: {doc['on_invalid']}): "
+                + "; ".join(doc.get("invalid") or []))
         for c in doc.get("checks") or []:
             if c.get("passed") is False:
                 log(f"    missed: {c['metric']} {c.get('target_text')} (measured {_fmt(c.get('measured'))})")
@@ -212,8 +232,7 @@ def run_plan(plan: dict[str, Any], run_dir: Path, log: Callable[[str], None] = p
         "runs": prior_runs + [{"started_at": started, "duration_s": round(duration, 1),
                                "only": only or None}],
     }
-    doc["status"] = ("fail" if any(v in ("fail", "error") for v in statuses.values())
-                     else "incomplete" if any(v == "not run" for v in statuses.values()) else "pass")
+    doc["status"] = run_status(statuses)
     write_json(run_path, doc)
     if report:
         from harness import report as report_mod
@@ -225,7 +244,23 @@ def run_plan(plan: dict[str, Any], run_dir: Path, log: Callable[[str], None] = p
         counts[v] = counts.get(v, 0) + 1
     log(f"plan {plan['name']}: " + ", ".join(f"{c} {k}" for k, c in sorted(counts.items()))
         + f" in {duration:.1f} s")
-    return 1 if any(v in ("fail", "error") for v in statuses.values()) else 0
+    return exit_code(statuses)
+
+
+def run_status(statuses: dict[str, str]) -> str:
+    """run.json's overall status: fail over invalid over incomplete (a stage not run) over pass."""
+    values = set(statuses.values())
+    for status, members in (("fail", {"fail", "error"}), ("invalid", {"invalid"}),
+                            ("incomplete", {"not run"})):
+        if values & members:
+            return status
+    return "pass"
+
+
+def exit_code(statuses: dict[str, str]) -> int:
+    """1 a stage failed or errored, else 3 one was invalid, else 0 (see the module's docstring)."""
+    status = run_status(statuses)
+    return EXIT_FAILED if status == "fail" else EXIT_INVALID if status == "invalid" else 0
 
 
 def _fmt(v: Any) -> str:

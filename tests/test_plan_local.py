@@ -21,8 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
+# The generator checks are not what these tests are about (test_stage_invalid.py is): limits no
+# load run here meets, so a busy machine's CPU or schedule lag does not make a stage invalid.
+NO_GENERATOR_CHECK = {"cpu_limit": 1000, "lag_limit_ms": 1000000}
+
+
 def shorten(plan: dict) -> dict:
     for s in plan["stages"]:
+        if s["stage"] in ("serving", "cluster", "soak"):
+            s.update(NO_GENERATOR_CHECK)
         if s["stage"] in ("throughput", "perplexity", "command") or "layout" in (s.get("target") or {}):
             s["skip"] = "run for real in test_stage_throughput.py / test_stage_perplexity.py / below"
         if s["stage"] == "hardware":
@@ -196,6 +203,8 @@ stages:
     num_requests: 12
     input_len: 32
     output_len: 16
+    cpu_limit: {NO_GENERATOR_CHECK["cpu_limit"]}   # vLLM's CPU build shares the cores with the generator
+    lag_limit_ms: {NO_GENERATOR_CHECK["lag_limit_ms"]}
     expect: {{error_rate: 0}}
 """)
     out = tmp_path / "run"

@@ -1,7 +1,9 @@
 """`harness hw`: validate GPU hardware (memory bandwidth, BF16 GEMM, P2P matrix, inventory).
 
 Writes ``hardware.json`` (``"schema": 1``) to ``--out``. Exit code 0 when every check passed or
-the stage was skipped (no torch / no CUDA GPU), 1 when a check failed, 2 on bad input.
+the stage was skipped (no torch / no CUDA GPU), 1 when a check failed, 2 on bad input, 3 when
+the run was invalid: it could not measure what it was asked for (``--checks p2p`` with fewer
+than two GPUs), so ``overall: invalid`` with the reason rather than a pass.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "Measure each GPU's device-copy memory bandwidth (read + write) and dense BF16 GEMM "
             "TFLOPS, the P2P bandwidth of every ordered GPU pair, and take an NVML inventory "
             "and topology; judge each against the GPU model's datasheet target. Without torch "
-            "or a CUDA GPU it says so and skips (exit 0)."
+            "or a CUDA GPU it says so and skips (exit 0); a check it cannot make (P2P with one "
+            "GPU) makes the run invalid (exit 3)."
         ),
     )
     p.add_argument("--out", default="results/hw", metavar="DIR",

@@ -1,7 +1,8 @@
 """`harness run PLAN.yaml --out DIR`: every stage of a plan, in order, and one report.
 
 Resumes a half-finished DIR (stages with a result.json are not run again). Exit codes: 0 every
-stage passed or was skipped, 1 one failed or errored, 2 a bad plan (one line naming the field).
+stage passed or was skipped, 1 one failed or errored, 2 a bad plan (one line naming the field),
+3 one was invalid (its figures cannot be trusted) and none failed; harness/runner.py says more.
 """
 from __future__ import annotations
 

@@ -9,8 +9,12 @@ A stage kind (``hardware``, ``throughput``, ``perplexity``, ``serving``, ``clust
 
 A stage writes everything into ``ctx.out_dir`` (``RUN_DIR/NAME/``); the plan runner writes the
 returned :class:`StageResult` there as ``result.json`` once the stage finished (``pass``,
-``fail`` or ``skipped``), or as ``error.json`` when it could not run (``error``), so a resumed run
-skips finished stages and retries broken ones.
+``fail``, ``invalid`` or ``skipped``), or as ``error.json`` when it could not run (``error``),
+so a resumed run skips finished stages and retries broken ones.
+
+A stage whose measurement cannot be trusted lists why in ``invalid`` (its load generator could
+not keep up, the hardware run measured less than it was asked for) and is ``invalid``: not a
+pass, not a fail. The plan's ``on_invalid`` (:data:`ON_INVALID`) says what the run counts it as.
 
 ``result.json``::
 
@@ -21,7 +25,8 @@ skips finished stages and retries broken ones.
      "checks": [{"metric", "op", "target", "measured", "passed"}],
      "physics": [{"metric", "value", "source": "target"|"measured", "bound", "bound_name",
                   "mark": "ok"|"impossible"|"measurement error", "detail"}],
-     "power": {...} | null, "detail": "...", "data": {...stage specific...}}
+     "power": {...} | null, "detail": "...", "invalid": ["why the figures cannot be trusted"],
+     "data": {...stage specific...}}
 """
 from __future__ import annotations
 
@@ -33,8 +38,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from harness.slo import EXIT_GENERATOR_INVALID
+
 SCHEMA = 1
-STATUSES = ("pass", "fail", "skipped", "error")
+# Every status a stage can end in (result.json, run.json's statuses, the report, the console).
+STATUSES = ("pass", "fail", "invalid", "skipped", "error")
+# What a plan counts an invalid stage as (``on_invalid``, plan-wide or per stage): ``invalid``
+# (default) keeps it invalid; ``fail`` makes it a failure; ``pass`` judges it by its targets
+# alone, as if the measurement were sound (the reasons stay in its detail and ``invalid``).
+ON_INVALID = ("invalid", "fail", "pass")
+# Exit codes of ``harness run`` and ``harness hw`` beside 0 and 2 (bad input, harness/cli.py):
+# 3 is ``harness load``'s "generator invalid", so a script reads 3 the same way from all three.
+EXIT_FAILED = 1
+EXIT_INVALID = EXIT_GENERATOR_INVALID
 
 
 class StageSkipped(Exception):
@@ -80,6 +96,7 @@ class StageResult:
     params: dict[str, Any] = field(default_factory=dict)
     power: dict[str, Any] | None = None
     detail: str = ""
+    invalid: list[str] = field(default_factory=list)   # why the figures cannot be trusted
     data: dict[str, Any] = field(default_factory=dict)
     started_at: str = ""
     duration_s: float = 0.0

@@ -6,7 +6,8 @@ results directory ``NAME/ENDPOINT/``); the stage reports the sum of output token
 endpoints (``output_tokens_per_s``) and per role (``ROLE.output_tokens_per_s``, e.g.
 ``small.output_tokens_per_s`` for the mixed layout's 8B replicas), with the request and error
 counts. Targets may name either. The aggregate is held against the sum of the replicas'
-hardware ceilings.
+hardware ceilings. The stage is ``invalid`` when any endpoint's load generator was (each reason
+names its endpoint).
 
 Aggregate throughput means saturating the replicas: the default is a closed loop of 64 users
 per endpoint (``users``); ``rate`` sets an open-loop rate per endpoint instead.
@@ -60,7 +61,9 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     from harness.stages import expect as expect_mod
     from harness.stages import physics
     from harness.stages.power import power_sampling, tokens_per_joule
-    from harness.stages.serving import endpoint_hardware, load_argv, run_loads, slos_from_expect
+    from harness.stages.serving import (
+        endpoint_hardware, generator_reasons, invalid_detail, load_argv, run_loads, slos_from_expect,
+    )
     from harness.stages.targets import open_targets, sampled_gpus
 
     p = {k: params.get(k, f.default) for k, f in PARAMS.items()}
@@ -102,6 +105,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
             for e in endpoints}
     tol = float((ctx.plan or {}).get("tolerance") or 0.0)
     checks = expect_mod.check_all(expected, measured, tol)
+    invalid = generator_reasons(summaries)
     phys = []
     if ceilings:
         bounds = {f"{r}.output_tokens_per_s": c for r, c in ceilings.items()}
@@ -125,8 +129,8 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
                 f"; {k.split('.')[0]} {v:,.1f}" for k, v in measured.items()
                 if k.endswith(".output_tokens_per_s")))
     return StageResult(
-        name=ctx.name, stage="cluster", status=expect_mod.status_from(checks) if checks else "pass",
+        name=ctx.name, stage="cluster", status=expect_mod.status_from(checks, invalid),
         measured=measured, expected=expected, checks=checks, physics=phys, params=p, power=power,
-        detail=f"{len(endpoints)} endpoints, {what} each",
+        detail=f"{len(endpoints)} endpoints, {what} each" + invalid_detail(invalid), invalid=invalid,
         data={"endpoints": per_endpoint, "ceilings": ceilings},
     )

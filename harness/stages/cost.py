@@ -66,7 +66,7 @@ def _measured(results: dict[str, dict[str, Any]], stage: str | None, metric: str
     if not stage or stage not in results:
         return None, None
     r = results[stage]
-    if r.get("status") not in ("pass", "fail"):
+    if r.get("status") not in ("pass", "fail"):  # an invalid stage's figures are not the server's
         return None, None
     v = (r.get("measured") or {}).get(metric)
     return (float(v) if isinstance(v, (int, float)) else None), r.get("power")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Any
+from typing import Any, Sequence
 
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 _EXPR = re.compile(r"^\s*(<=|>=|<|>)?\s*([-+]?[\d_,]*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
@@ -72,7 +72,13 @@ def check_all(expected: dict[str, Any], measured: dict[str, Any], tolerance: flo
     return [check(k, v, measured.get(k), tolerance) for k, v in expected.items()]
 
 
-def status_from(checks: list[dict[str, Any]]) -> str:
+def status_from(checks: list[dict[str, Any]], invalid: Sequence[str] = ()) -> str:
     """fail when a measured figure missed its target. A target whose figure this run did not
-    measure (``passed: None``) fails nothing: the report shows it as "not measured"."""
+    measure (``passed: None``) fails nothing: the report shows it as "not measured".
+
+    ``invalid``: why the figures cannot be trusted (a load generator that could not keep up
+    measures itself, not the server); any reason makes the stage ``invalid`` whatever its
+    targets say, since a missed target is then no verdict on what was measured."""
+    if invalid:
+        return "invalid"
     return "fail" if any(c["passed"] is False for c in checks) else "pass"

@@ -17,6 +17,9 @@ vendor datasheets', each named; thresholds are fractions of those peaks (see the
 below), except the L40S's, which are the seed's own absolute targets. A failing check carries
 the known remedy.
 
+A run that cannot measure what it was asked for (P2P with one GPU) is ``invalid``, not a pass:
+its ``invalid`` check says why, and ``harness hw`` exits 3 (a failed check outranks it: exit 1).
+
 torch and NVML are imported lazily: without torch or a CUDA GPU the stage says so in one line
 and writes a result with ``"status": "skipped"``. Everything that decides pass/fail is a pure
 function of recorded numbers (:func:`evaluate`) so it is tested without a GPU.
@@ -276,7 +279,7 @@ class GpuInfo:
 @dataclass
 class Check:
     name: str  # "hbm_bandwidth", "gemm_bf16", "p2p", "p2p_pair"
-    status: str  # pass | fail | warn | no-target | error | skipped
+    status: str  # pass | fail | warn | no-target | error | skipped | invalid (asked, not measurable)
     gpu: int | None = None
     pair: list[int] | None = None  # [src, dst] for p2p_pair
     value: float | None = None
@@ -290,7 +293,7 @@ class Check:
 
 @dataclass
 class HardwareReport:
-    status: str  # pass | fail | skipped
+    status: str  # pass | fail | invalid | skipped (see overall_status)
     schema: int = SCHEMA
     skipped_reason: str | None = None
     started_at: str = ""
@@ -546,13 +549,43 @@ def evaluate(
         checks.append(judge_gemm(r.gpu, r.tflops, targets.get(r.gpu)))
     if p2p is not None:
         checks.extend(judge_p2p(p2p, infos, targets, topology))
-    status = "fail" if any(c.status in ("fail", "error") for c in checks) else "pass"
-    return checks, status
+    return checks, overall_status(checks)
+
+
+def overall_status(checks: Iterable[Check]) -> str:
+    """``fail`` when a check failed or errored; else ``invalid`` when something asked for could
+    not be measured (a run that measured nothing it was asked for must not read as a pass);
+    else ``pass``. A failure outranks invalid: what was measured stands on its own."""
+    statuses = {c.status for c in checks}
+    if statuses & {"fail", "error"}:
+        return "fail"
+    return "invalid" if "invalid" in statuses else "pass"
+
+
+def unmeasurable(asked: Sequence[str], chosen: Sequence[int], visible: int) -> list[Check]:
+    """An ``invalid`` check for each measurement asked for that this machine cannot make:
+    P2P with fewer than two GPUs (the one there is; or the ones ``--gpus`` chose)."""
+    if "p2p" not in asked or len(chosen) >= 2:
+        return []
+    have = (f"this machine has {visible}" if len(chosen) == visible
+            else f"{len(chosen)} of this machine's {visible} chosen (--gpus)")
+    return [Check("p2p", "invalid", detail=f"p2p needs at least 2 GPUs; {have}",
+                  remedy="run on a machine with two or more GPUs, or leave p2p out of --checks")]
+
+
+def nothing_measured(asked: Sequence[str], report: HardwareReport) -> list[Check]:
+    """One ``invalid`` check when no figure at all came out and no check says why."""
+    if report.hbm or report.gemm or report.p2p is not None or report.checks:
+        return []
+    return [Check("measurements", "invalid", detail=f"nothing measured (asked: {', '.join(asked)})")]
 
 
 def exit_code(report: HardwareReport) -> int:
-    """0 when every check passed (warnings and no-target included) or the stage was skipped."""
-    return 1 if report.status == "fail" else 0
+    """0 when every check passed (warnings and no-target included) or the stage was skipped,
+    1 when one failed, 3 (as ``harness load`` for an invalid generator) when it was invalid."""
+    from harness.stages.base import EXIT_FAILED, EXIT_INVALID
+
+    return {"fail": EXIT_FAILED, "invalid": EXIT_INVALID}.get(report.status, 0)
 
 
 # --- measurement (needs torch + CUDA) ----------------------------------------------------------
@@ -950,12 +983,16 @@ def rejudge(report: HardwareReport, target: str | None = None) -> HardwareReport
                 matrix=[[topo.link(nv[i], nv[j]) for j in report.p2p.gpus] for i in report.p2p.gpus],
                 source=topo.source)
     override = find_target(target) if target else None
-    checks, status = evaluate(report.gpus, report.hbm, report.gemm, report.p2p, cuda_topo, override)
-    carried = [c for c in report.checks if c.status in ("skipped", "error")]
+    checks, _ = evaluate(report.gpus, report.hbm, report.gemm, report.p2p, cuda_topo, override)
+    carried = [c for c in report.checks if c.status in ("skipped", "error", "invalid")]
+    if report.p2p is None and any(c.name == "p2p" and c.status == "skipped" for c in carried):
+        # recorded before a P2P check that could not run made the run invalid: it was asked
+        gpus = [g.index for g in report.gpus]
+        carried = [c for c in carried if c.name != "p2p"] + unmeasurable(
+            ["p2p"], gpus, int(report.host.get("cuda_devices") or len(gpus)))
     report.checks = checks + carried
     if report.status != "skipped":
-        report.status = "fail" if status == "fail" or any(c.status == "error" for c in carried) \
-            else "pass"
+        report.status = overall_status(report.checks)
     report.thresholds = thresholds_doc()
     return report
 
@@ -1006,6 +1043,7 @@ def run(
     )
     nvml = _import_nvml()
     report.host = _host_info(torch, nvml)
+    report.host["cuda_devices"] = count
     sizes = Sizes.for_mode(quick)
     infos, handles = inventory(torch, chosen, nvml)
     report.gpus = infos
@@ -1091,12 +1129,12 @@ def run(
         except Exception as exc:
             report.errors.append(f"p2p: {exc.__class__.__name__}: {exc}")
             report.checks.append(Check("p2p", "error", detail=str(exc)))
-    elif "p2p" in checks:
-        report.checks.append(Check("p2p", "skipped", detail="one GPU: no pair to measure"))
+    report.checks += unmeasurable(checks, chosen, count)
+    report.checks += nothing_measured(checks, report)
 
     evaluated, _ = evaluate(infos, report.hbm, report.gemm, report.p2p, cuda_topo, override)
     report.checks = evaluated + report.checks
-    report.status = "fail" if any(c.status in ("fail", "error") for c in report.checks) else "pass"
+    report.status = overall_status(report.checks)
     used = {override.key} if override else {i.target for i in infos if i.target}
     report.targets = {k: asdict(TARGETS[k]) for k in sorted(used)}
     report.duration_s = round(time.perf_counter() - t0, 2)
@@ -1127,7 +1165,7 @@ def format_summary(report: HardwareReport) -> str:
             continue
         who = f"GPU{c.gpu} " if c.gpu is not None else ""
         lines.append(f"{c.status.upper():9} {who}{c.name}: {c.detail}")
-        if c.remedy and c.status in ("fail", "warn", "error"):
+        if c.remedy and c.status in ("fail", "warn", "error", "invalid"):
             lines.append(f"          remedy: {c.remedy}")
     for c in report.checks:
         if c.name == "p2p_pair" and c.status in ("fail", "warn"):

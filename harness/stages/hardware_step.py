@@ -1,16 +1,19 @@
 """The hardware stage as a plan step: runs ``harness hw`` (:mod:`harness.stages.hardware`) or
-reuses a ``hardware.json`` it wrote (``result: PATH``), and adds the plan's targets.
+reuses a ``hardware.json`` it wrote (``result: PATH``, judged again by this code), and adds the
+plan's targets.
 
 Figures (the worst GPU or pair, since a plan's target must hold for every card):
 ``hbm_tbs`` (device copy, read + write), ``gemm_tflops`` (dense BF16), ``p2p_gbs`` (the slowest
 measured directed pair) and ``p2p_best_pairs_gbs`` (the slowest pair the launcher would use for
 TP=2). ``hardware.json`` is copied into the stage's folder (the report draws its P2P heat map).
-Without a GPU the stage is ``skipped``, as ``harness hw`` is.
+Without a GPU the stage is ``skipped``, as ``harness hw`` is. It is ``invalid`` (with the
+reason) when ``harness hw`` was (a check it could not make: P2P with one GPU), or when it found
+fewer GPUs than the stage's ``gpu_count`` (default: the plan's): a plan for 12 cards judged on
+one has not validated the 12. A failed check outranks both, as in ``harness hw``.
 """
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ PARAMS: dict[str, Field] = {
     "target": Field("str", None, help="judge against this GPU model's targets"),
     "checks": Field("list", ["hbm", "gemm", "p2p"]),
     "result": Field("str", None, help="reuse this hardware.json instead of measuring"),
+    "gpu_count": Field("int", None, minimum=1, help="GPUs the machine must have (default: the plan's)"),
 }
 METRICS = {"hbm_tbs": ">=", "gemm_tflops": ">=", "p2p_gbs": ">=", "p2p_best_pairs_gbs": ">="}
 _GPU_KEYS = (("L40S", "l40s"), ("H200", "h200"), ("H100", "h100"), ("A100", "a100"))
@@ -68,6 +72,16 @@ def gpu_key(hw: dict[str, Any], plan: dict[str, Any]) -> str | None:
     return None
 
 
+def invalid_reasons(hw: dict[str, Any], want_gpus: int | None) -> list[str]:
+    """Why this hardware run has not validated what the plan asked: ``harness hw``'s invalid
+    checks, and fewer GPUs found than ``want_gpus``."""
+    out = [c.get("detail") or c.get("name", "?") for c in hw.get("checks") or [] if c.get("status") == "invalid"]
+    found = len(hw.get("gpus") or [])
+    if want_gpus and found < want_gpus:
+        out.append(f"the plan expects {want_gpus} GPUs (gpu_count) and this run found {found}")
+    return out
+
+
 def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     from harness.stages import expect as expect_mod
     from harness.stages import hardware, physics
@@ -79,7 +93,8 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         src = Path(p["result"])
         if not src.is_file():
             raise FileNotFoundError(f"result: {src} does not exist")
-        shutil.copyfile(src, dest)
+        # judged again by this code's rules (targets, what makes a run invalid), not its writer's
+        hardware.write_report(hardware.rejudge(hardware.load_report(src), p.get("target")), ctx.out_dir)
         ctx.log(f"hardware: reusing {src}")
     else:
         from harness.commands.hw import parse_gpus
@@ -92,6 +107,9 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     if hw.get("status") == "skipped":
         raise StageSkipped(f"hardware: {hw.get('skipped_reason')}")
     measured = figures(hw)
+    invalid = invalid_reasons(hw, p.get("gpu_count") or (ctx.plan or {}).get("gpu_count"))
+    for reason in invalid:
+        ctx.log(f"hardware: WARNING: {reason}")
     tol = float((ctx.plan or {}).get("tolerance") or 0.0)
     checks = expect_mod.check_all(expected, measured, tol)
     for c in hw.get("checks") or []:
@@ -114,11 +132,16 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         if r:
             phys.append(r)
     host = hw.get("host") or {}
+    status = expect_mod.status_from(checks) if checks else hw.get("status", "pass")
+    if status != "fail" and invalid:  # a measured failure stands; else the stage is unjudged
+        status = "invalid"
     return StageResult(
-        name=ctx.name, stage="hardware", status=expect_mod.status_from(checks) if checks else hw.get("status", "pass"),
+        name=ctx.name, stage="hardware", status=status,
         measured=measured, expected=expected, checks=checks, physics=phys, params=p,
         detail=f"{len(hw.get('gpus') or [])} GPU(s) {', '.join(sorted({g.get('name', '?') for g in hw.get('gpus') or []}))}; "
-               f"driver {host.get('driver')}; hw status {hw.get('status')}",
+               f"driver {host.get('driver')}; hw status {hw.get('status')}"
+               + (" - INVALID: " + "; ".join(invalid) if invalid else ""),
+        invalid=invalid,
         data={"hardware_json": "hardware.json", "gpus": [g.get("name") for g in hw.get("gpus") or []],
               "driver": host.get("driver"), "torch": host.get("torch")},
     )

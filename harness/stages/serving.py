@@ -4,7 +4,10 @@ Defaults are the seed's "Latency Benchmark - Online Serving Mode": Poisson arriv
 requests/s, 500 prompts, 512 tokens in, 128 out. The stage's ``expect:`` latency targets (the
 seed's TTFT p50 < 80 ms, p99 < 200 ms, TPOT p50 < 15 ms, p99 < 30 ms) are also handed to the load
 run as SLOs, so its goodput counts the requests that met them. ``sweep_rates`` adds runs at other
-rates before the main one (the report plots latency percentiles against rate).
+rates before the main one (the report plots latency percentiles against rate). When the load
+generator of any of its runs was invalid (``summary.json``'s ``generator.valid`` false: CPU
+saturated or schedule lag over the limit, where ``harness load`` exits 3) the stage is
+``invalid`` with the generator's reasons; ``cpu_limit`` and ``lag_limit_ms`` set those limits.
 
 This module also holds what the cluster and soak stages share: one ``harness load`` run
 (:func:`run_load`, a subprocess, with a progress line as requests finish) and the flat figures of
@@ -49,6 +52,10 @@ LOAD_PARAMS: dict[str, Field] = {
     "seed": Field("int", 0),
     "endpoint": Field("str", "chat", choices=("chat", "completions")),
     "request_timeout": Field("float", 600.0, minimum=1),
+    "cpu_limit": Field("float", None, minimum=0,
+                       help="harness load --cpu-limit: generator invalid above this worker CPU %"),
+    "lag_limit_ms": Field("float", None, minimum=0,
+                          help="harness load --lag-limit-ms: generator invalid above this lag p99"),
     "timeout_s": Field("float", 7200.0, minimum=1, help="the stage's own bound"),
     "physics": Field("dict", None, help="{gpu, model, precision, tp}; simulator targets know theirs"),
 }
@@ -123,9 +130,33 @@ def load_argv(p: dict[str, Any], url: str, model: str, out: Path, slos: list[str
         argv += ["--max-concurrency", str(p["max_concurrency"])]
     if p.get("warmup"):
         argv += ["--warmup", f"{p['warmup']:g}"]
+    if p.get("cpu_limit") is not None:
+        argv += ["--cpu-limit", f"{p['cpu_limit']:g}"]
+    if p.get("lag_limit_ms") is not None:
+        argv += ["--lag-limit-ms", f"{p['lag_limit_ms']:g}"]
     for s in slos:
         argv += ["--slo", s]
     return argv + list(extra or [])
+
+
+def generator_reasons(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """Why the load generator's figures cannot be trusted: its ``summary.json`` reasons, each
+    prefixed with its run's label where a stage made several runs (``label`` -> summary; a
+    label of "" adds no prefix). A generator that could not keep up measured itself, not the
+    server, so the stage is ``invalid`` (as ``harness load`` exits 3 for the same summary)."""
+    out = []
+    for label, summary in summaries.items():
+        gen = summary.get("generator") or {}
+        if gen.get("valid", True):
+            continue
+        reasons = [str(r) for r in gen.get("reasons") or []] or ["the load generator was invalid"]
+        out += [f"{label}: {r}" if label else r for r in reasons]
+    return out
+
+
+def invalid_detail(reasons: list[str]) -> str:
+    """The tail a load stage's detail gets when its generator was invalid ("" when valid)."""
+    return " - load generator INVALID: " + "; ".join(reasons) if reasons else ""
 
 
 def _count_lines(path: Path) -> int:
@@ -233,6 +264,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         runs = [(r, ctx.out_dir / f"rate-{r:g}") for r in rates if r != main_rate]
         runs.append((main_rate, ctx.out_dir / "load"))
         main_summary: dict[str, Any] = {}
+        summaries: dict[str, dict[str, Any]] = {}
         power = None
         for r, out in runs:
             what = f"{r:g} req/s" if r else f"{p.get('users') or 8} users"
@@ -244,6 +276,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
                                 total=None if p.get("duration") else int(p["num_requests"]))["main"]
             if "error" in res:
                 raise RuntimeError(res["error"])
+            summaries["" if out.name == "load" else f"at {r:g} req/s"] = res
             flat = flatten(res)
             sweep.append({"rate": r, "dir": str(out.relative_to(ctx.run_dir)), **flat})
             if out.name == "load":
@@ -259,17 +292,16 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
              if isinstance(v, (int, float)) and (k.startswith(("ttft_p", "tpot_p")) or k == "output_tokens_per_s")]
     phys = physics.check_all(figs, hw)
     gen = main_summary.get("generator") or {}
-    status = expect_mod.status_from(checks) if checks else "pass"
+    invalid = generator_reasons(summaries)
     ctx.log("serving: " + ", ".join(f"{k} {measured[k]:,.1f}" for k in
                                     ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
                                      "output_tokens_per_s") if measured.get(k) is not None))
     return StageResult(
-        name=ctx.name, stage="serving", status=status, measured=measured, expected=expected,
-        checks=checks, physics=phys, params=p, power=power,
+        name=ctx.name, stage="serving", status=expect_mod.status_from(checks, invalid), measured=measured,
+        expected=expected, checks=checks, physics=phys, params=p, power=power,
         detail=f"{ep.url} ({ep.model}), " + (f"{main_rate:g} req/s" if main_rate else
-                                             f"{p.get('users') or 8} users")
-               + (" - load generator INVALID: " + "; ".join(gen.get("reasons", []))
-                  if gen and not gen.get("valid", True) else ""),
+                                             f"{p.get('users') or 8} users") + invalid_detail(invalid),
+        invalid=invalid,
         data={"endpoint": ep.__dict__, "sweep": sweep, "load_dir": "load",
               "requests": main_summary.get("requests"), "generator": gen,
               "slo": main_summary.get("slo")},

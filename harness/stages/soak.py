@@ -3,7 +3,8 @@
 One ``harness load`` bounded by time, with the seed's three-prompt mix (``--soak-mix``) unless
 ``input_len`` is given, and with ``harness load --soak`` (its drift analysis: TTFT/TPOT drift per
 hour) where this harness's load command has it. Figures are the serving stage's plus the drift
-keys; the report plots TTFT/TPOT over time from its ``timeseries.jsonl``.
+keys; the report plots TTFT/TPOT over time from its ``timeseries.jsonl``. An invalid load
+generator makes the stage ``invalid``, as in the serving stage.
 """
 from __future__ import annotations
 
@@ -47,7 +48,9 @@ def load_has_soak() -> bool:
 def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     from harness.stages import expect as expect_mod
     from harness.stages.power import power_sampling, tokens_per_joule
-    from harness.stages.serving import flatten, load_argv, run_loads, slos_from_expect
+    from harness.stages.serving import (
+        flatten, generator_reasons, invalid_detail, load_argv, run_loads, slos_from_expect,
+    )
     from harness.stages.targets import open_targets, sampled_gpus
     from harness.commands.load import _duration
 
@@ -78,13 +81,15 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         measured["tokens_per_joule"] = tokens_per_joule(power, measured.get("output_tokens_per_s"))
     tol = float((ctx.plan or {}).get("tolerance") or 0.0)
     checks = expect_mod.check_all(expected, measured, tol)
+    invalid = generator_reasons({"": res})
     ctx.log("soak: " + ", ".join(f"{k} {measured[k]:,.2f}" for k in
                                  ("requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "error_rate",
                                   "ttft_drift_ms_per_h") if measured.get(k) is not None))
     return StageResult(
-        name=ctx.name, stage="soak", status=expect_mod.status_from(checks) if checks else "pass",
+        name=ctx.name, stage="soak", status=expect_mod.status_from(checks, invalid),
         measured=measured, expected=expected, checks=checks, params=p, power=power,
-        detail=f"{p['rate']:g} req/s for {p['duration']} against {ep.url}",
+        detail=f"{p['rate']:g} req/s for {p['duration']} against {ep.url}" + invalid_detail(invalid),
+        invalid=invalid,
         data={"load_dir": "load", "drift": res.get("drift"), "requests": res.get("requests"),
               "generator": res.get("generator")},
     )
