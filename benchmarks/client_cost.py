@@ -693,6 +693,12 @@ def _run_case(case: Case, tokenizer: str | None, keep: Path | None, timeout_s: f
     known_sim = [c for c in sim_cores if c is not None and c == c]
     sim_cpu = sum(known_sim) if known_sim else None
     reqs = harness_requests(out) if case.client == "harness" else vllm_requests(out)
+    gen = {}
+    if case.client == "harness":
+        try:
+            gen = json.loads((out / "summary.json").read_text()).get("generator") or {}
+        except (OSError, ValueError):
+            pass
     fid = fidelity(reqs, truth, window, use_ids=case.client == "harness",
                    time_check=len(sims) == 1 and not case.pin_workers)
     res = {
@@ -707,6 +713,9 @@ def _run_case(case: Case, tokenizer: str | None, keep: Path | None, timeout_s: f
                                       - client_cpu / win_s) if client_cores else None,
         "loadavg_before": load_before, "requests_in_truth": len(truth), "fidelity": fid,
         "python": HARNESS_PY,
+        # the generator's own check on its stamps (harness.stamp_delay), to set beside the truth
+        "stamp_delay_ms": gen.get("stamp_delay_ms"), "generator_valid": gen.get("valid"),
+        "generator_reasons": gen.get("reasons"),
     }
     if len(sims) > 1 or case.endpoints:
         res["sim_cores_used"] = sim_cores
@@ -740,11 +749,15 @@ def one_line(r: dict) -> str:
     c = r["case"]
     f = r["fidelity"]
     te, ie = f["ttft_err_ms"], f["itl_abs_err_ms"]
-    return (f"{c['client']:7s} C={c['concurrency']:<4d} w={c['workers']} {r['tokens_per_s']:8,.0f} tok/s "
+    return ((f"[{c['label']}] " if c.get("label") else "")
+            + f"{c['client']:7s} C={c['concurrency']:<4d} w={c['workers']} {r['tokens_per_s']:8,.0f} tok/s "
             f"cpu {r['client_cores_used']:.2f} cores {r['us_per_token']:6.1f} us/tok | "
             f"TTFT err p50 {te.get('p50', float('nan')):.3f} p99 {te.get('p99', float('nan')):.3f} | "
             f"ITL |err| p50 {ie.get('p50', float('nan')):.3f} p99 {ie.get('p99', float('nan')):.3f} ms | "
-            f"matched {f['matched']}/{f['client_requests']} | other load on client cpu "
+            f"matched {f['matched']}/{f['client_requests']} | "
+            + (f"stamp delay p50 {sd.get('p50') or 0:.3f} p99 {sd.get('p99') or 0:.3f} ms "
+               f"({sd.get('count')} reads) | " if (sd := r.get("stamp_delay_ms")) else "")
+            + f"other load on client cpu "
             f"{(r['other_load_on_client_cpus'] or 0):.2f} | sim {r['server_cores_used'] or 0:.2f} cores"
             + (f" ({c.get('sims')} sims, busiest {r.get('sim_cores_max') or 0:.2f})"
                if r.get("sim_cores_used") else "")
@@ -865,6 +878,10 @@ def main(argv=None) -> int:
                     "instead of benchmarks/bench_locustfile.py (experiments)")
     ap.add_argument("--client-repo", default="", help="run our client (harness load) from this "
                     "checkout, e.g. a worktree of an earlier commit, to measure before/after")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="LABEL=DIR",
+                    help="A/B: run every case once per variant, interleaved (order reversed in "
+                         "every second round), our client from DIR ('.' = this checkout) and the "
+                         "results labelled LABEL; e.g. before=/tmp/snap-before after=.")
     args = ap.parse_args(argv)
     if args.what == "report":
         if not args.json:
@@ -957,6 +974,19 @@ def main(argv=None) -> int:
                     cases.append(Case("harness", c, workers=w, seed=rep,
                                       **{**base, "label": "scaleout",
                                          "client_cpus": "1" if w == 1 else "0,1"}))
+    if args.variants:
+        variants = []
+        for v in args.variants:
+            label, sep, path = v.partition("=")
+            if not sep or not label:
+                ap.error(f"--variants takes LABEL=DIR, got {v!r}")
+            path = "" if path in ("", ".") else str(Path(path).resolve())
+            variants.append((label, path))
+        expanded = []
+        for k, case in enumerate(cases):
+            for label, path in (variants if k % 2 == 0 else variants[::-1]):
+                expanded.append(Case(**{**asdict(case), "label": label, "client_repo": path}))
+        cases = expanded
     results = []
     failed = 0
     began = time.monotonic()
@@ -1063,7 +1093,8 @@ def report_scaleout(results: list[dict]) -> str:
     by: dict[tuple, list[dict]] = {}
     for r in results:
         c = r["case"]
-        by.setdefault((c["streams_per_worker"], c["workers"], c.get("sims", 1)), []).append(r)
+        by.setdefault((c.get("label") or "-", c["streams_per_worker"], c["workers"],
+                       c.get("sims", 1)), []).append(r)
     counts = sorted({len(v) for v in by.values()})
     out.append(f"Machine: {m.get('cpu_model', '?')}, {m.get('cpus', '?')} CPUs, Python "
                f"{m.get('python', '?')}; {results[0]['case'].get('sims', 1)} simulator(s) on CPUs "
@@ -1077,20 +1108,24 @@ def report_scaleout(results: list[dict]) -> str:
                "tok/s times its median truth token gap (slot use: how much of the time each stream "
                "had a token coming), which takes out the simulated engine stepping more slowly with "
                "a larger batch per simulator. Pass = TTFT and ITL error p99 < "
-               f"{FIDELITY_MS:g} ms (median over runs).")
+               f"{FIDELITY_MS:g} ms (median over runs). Stamp delay: the generator's own check "
+               "(harness.stamp_delay: kernel receive time to its stamp, sampled reads), p50 / p99; "
+               "valid: runs its verdict passed at its default limit.")
     out.append("")
-    out.append("| streams/worker | workers | streams | streams/sim | tok/s | efficiency | eff. at same gap | "
+    out.append("| variant | streams/worker | workers | streams | streams/sim | tok/s | efficiency | eff. at same gap | "
                "ms between tokens | client CPU (cores) | busiest worker (cores) | us/token | "
-               "busiest sim (cores) | TTFT err p50 | TTFT err p99 | ITL err p50 | ITL err p99 | pass |")
-    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+               "busiest sim (cores) | TTFT err p50 | TTFT err p99 | ITL err p50 | ITL err p99 | pass | "
+               "stamp delay p50 / p99 | valid |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|")
     best: dict[tuple, tuple] = {}
     sim_max = 0.0
-    for key in sorted(by, key=lambda k: (k[2], k[0], k[1])):
-        spw, w, sims = key
+    labels = list(dict.fromkeys(k[0] for k in by))
+    for key in sorted(by, key=lambda k: (k[3], k[1], k[2], labels.index(k[0]))):
+        label, spw, w, sims = key
         rs = by[key]
         tps = _med([r["tokens_per_s"] for r in rs])
         gap = _med([r.get("token_gap_ms_p50") for r in rs])
-        one = by.get((spw, 1, sims), [])
+        one = by.get((label, spw, 1, sims), [])
         tps1 = _med([r["tokens_per_s"] for r in one])
         gap1 = _med([r.get("token_gap_ms_p50") for r in one])
         eff = tps / (w * tps1) if one else float("nan")
@@ -1101,18 +1136,23 @@ def report_scaleout(results: list[dict]) -> str:
         itl99 = _med([_fid(r, "itl_abs_err_ms", "p99") for r in rs])
         ok = ttft99 < FIDELITY_MS and itl99 < FIDELITY_MS
         # per streams/worker: the most workers that passed (else the most workers tried)
-        if (sims, spw) not in best or (ok, w) > (best[sims, spw][4], best[sims, spw][0]):
-            best[sims, spw] = (w, tps, _med([r["us_per_token"] for r in rs]),
-                         _med([r.get("worker_cores_max") for r in rs]), ok)
+        bk = (label, sims, spw)
+        if bk not in best or (ok, w) > (best[bk][4], best[bk][0]):
+            best[bk] = (w, tps, _med([r["us_per_token"] for r in rs]),
+                        _med([r.get("worker_cores_max") for r in rs]), ok)
+        sd50 = _med([(r.get("stamp_delay_ms") or {}).get("p50") for r in rs])
+        sd99 = _med([(r.get("stamp_delay_ms") or {}).get("p99") for r in rs])
+        valid = [r.get("generator_valid") for r in rs if r.get("generator_valid") is not None]
         out.append(
-            f"| {spw} | {w} | {spw * w} | {spw * w / sims:.0f} | {_f(tps, ',.0f')} | {_f(eff, '.2f')} | "
+            f"| {label} | {spw} | {w} | {spw * w} | {spw * w / sims:.0f} | {_f(tps, ',.0f')} | {_f(eff, '.2f')} | "
             f"{_f(eff_gap, '.2f')} | {_f(gap, '.1f')} | "
             f"{_f(_med([r['client_cores_used'] for r in rs]), '.2f')} | "
             f"{_f(_med([r.get('worker_cores_max') for r in rs]), '.2f')} | "
             f"{_f(_med([r['us_per_token'] for r in rs]), '.1f')} | {_f(sm, '.2f')} | "
             f"{_f(_med([_fid(r, 'ttft_err_ms', 'p50') for r in rs]), '.3f')} | {_f(ttft99, '.3f')} | "
             f"{_f(_med([_fid(r, 'itl_abs_err_ms', 'p50') for r in rs]), '.3f')} | {_f(itl99, '.3f')} | "
-            f"{'yes' if ok else 'no'} |")
+            f"{'yes' if ok else 'no'} | {_f(sd50, '.3f')} / {_f(sd99, '.3f')} | "
+            f"{f'{sum(map(bool, valid))}/{len(valid)}' if valid else '–'} |")
     out.append("")
     dup = sum(r.get("duplicate_ids") or 0 for r in results)
     matched = sum(r["fidelity"]["matched"] for r in results)
@@ -1121,10 +1161,10 @@ def report_scaleout(results: list[dict]) -> str:
                f"{'well below saturation' if sim_max < 0.7 else 'near saturation: tokens/s may be the simulators, not the client'}). "
                f"Records paired with truth lines by response id: {matched:,} of {creq:,}; "
                f"duplicate ids across the simulators: {dup}.")
-    for (sims, spw), (w, tps, us, wmax, ok) in sorted(best.items()):
+    for (label, sims, spw), (w, tps, us, wmax, ok) in sorted(best.items()):
         per = tps / w
         need = -(-TARGET_TOKENS_S // int(per)) if per >= 1 else float("nan")
-        out.append(f"At {spw} streams per worker ({sims} sims): {per:,.0f} tokens/s per worker with {w} workers "
+        out.append(f"{'' if label == '-' else f'[{label}] '}At {spw} streams per worker ({sims} sims): {per:,.0f} tokens/s per worker with {w} workers "
                    f"(busiest worker {wmax:.2f} cores, {us:.1f} us/token, fidelity "
                    f"{'passed' if ok else 'not passed'}) -> {TARGET_TOKENS_S:,} tokens/s needs "
                    f"{need} worker cores + 1 for the master; by CPU alone "

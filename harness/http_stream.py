@@ -35,6 +35,8 @@ import time
 from typing import Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
+from harness import stamp_delay
+
 __all__ = [
     "HTTPClientError",
     "ConnectError",
@@ -51,6 +53,7 @@ _RECV_SIZE = 65536
 _NS = 1_000_000_000
 _MAX_HEAD = 65536
 _perf_ns = time.perf_counter_ns
+_wall_ns = time.time_ns
 
 
 _last_read = [0]   # perf_counter_ns of this process's latest body read (see last_read_ns)
@@ -349,7 +352,8 @@ class StreamingConnection:
         if type(sock).__module__.startswith("gevent"):
             # Cooperative reads (see _CooperativeReads): the socket itself never times out.
             sock.settimeout(None)
-            self._coop = _CooperativeReads(sock, self.read_timeout)
+            self._coop = _CooperativeReads(sock, self.read_timeout,
+                                           stamp_delay.enable_kernel_stamps(sock))
         else:
             sock.settimeout(self.read_timeout)
         self._sock = sock
@@ -605,9 +609,10 @@ class _CooperativeReads:
     """
 
     __slots__ = ("hub", "watcher", "timeout", "timer", "extra", "greenlet", "waiting", "since",
-                 "_wait", "_recv", "_raw")
+                 "_wait", "_recv", "_raw", "_recvmsg")
 
-    def __init__(self, sock: socket.socket, timeout: float | None) -> None:
+    def __init__(self, sock: socket.socket, timeout: float | None,
+                 kernel_stamps: bool = False) -> None:
         from gevent import get_hub
 
         self.hub = get_hub()
@@ -618,6 +623,9 @@ class _CooperativeReads:
         raw = getattr(sock, "_sock", None)
         self._raw = raw if raw is not None and raw.gettimeout() == 0.0 else None
         self._recv = self._raw.recv if self._raw is not None else None
+        # With kernel receive stamps on (harness.stamp_delay), a sample of the body reads are
+        # recvmsg calls that bring the stamp along: the generator's check on its own lateness.
+        self._recvmsg = self._raw.recvmsg if kernel_stamps and self._raw is not None else None
         self.timeout = timeout
         self.timer = self.hub.loop.timer(timeout, ref=False) if timeout is not None else None
         self.extra = None  # a re-armed timer for the rest of a wait that began late
@@ -673,6 +681,12 @@ class _CooperativeReads:
         greenlet) does one ``recv`` per readiness, stamps it, de-chunks it and hands the bytes to
         ``sink``. Failures -- the socket's, the decoder's, ``sink``'s -- end the wait with that
         exception; the read-timeout timer (``_fire``) sees ``since`` move at every read.
+
+        The generator's check on its own stamps (``harness.stamp_delay``): every
+        ``stamp_delay.SAMPLE_EVERY``-th read of the process (when the kernel stamps this
+        socket's bytes) is a ``recvmsg`` instead, and the delay from the kernel's receive stamp
+        to ours goes to the process's monitor, whose loop-lag probe records while bodies are
+        being read here.
         """
         from gevent.hub import Waiter
 
@@ -681,10 +695,27 @@ class _CooperativeReads:
         raw_recv = self._recv
         feed = decoder.feed
         perf_ns = _perf_ns
+        mon = stamp_delay.monitor()
+        mon.start_probe()
+        recvmsg = self._recvmsg
+        if recvmsg is not None:
+            tick, every, record, anc_size = (mon.tick, stamp_delay.SAMPLE_EVERY, mon.record_anc,
+                                             stamp_delay.ANC_SIZE)
+            wall_ns = _wall_ns
 
         def on_readable() -> None:
+            anc = None
             try:
-                data = raw_recv(_RECV_SIZE)
+                if recvmsg is None:
+                    data = raw_recv(_RECV_SIZE)
+                else:
+                    k = tick[0] - 1
+                    if k > 0:
+                        tick[0] = k
+                        data = raw_recv(_RECV_SIZE)
+                    else:
+                        tick[0] = every
+                        data, anc, _flags, _addr = recvmsg(_RECV_SIZE, anc_size)
             except BlockingIOError:
                 return   # a spurious wake-up: wait for the next one
             except Exception as e:  # noqa: BLE001 - handed to the waiting greenlet
@@ -694,6 +725,8 @@ class _CooperativeReads:
                 waiter.throw(e)
                 return
             t_ns = perf_ns()
+            if anc is not None and data:
+                record(anc, wall_ns())
             self.since = t_ns
             _last_read[0] = t_ns
             if not data:
@@ -714,11 +747,13 @@ class _CooperativeReads:
 
         self.since = perf_ns()
         self.waiting = True
+        mon.active += 1
         watcher.start(on_readable)
         try:
             return waiter.get()
         finally:
             watcher.stop()
+            mon.active -= 1
             self.waiting = False
 
     def sendall(self, sock: socket.socket, data: bytes) -> None:

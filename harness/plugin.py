@@ -87,11 +87,15 @@ def _add_options(parser) -> None:
                    help="comma-separated SLOs, e.g. 'ttft_p99_ms<=200,tpot_p99_ms<=30,error_rate<=0.01'")
     g.add_argument("--llm-timeout", include_in_web_ui=False, type=float, default=600.0, help="read timeout per request, seconds")
     g.add_argument("--llm-seed", include_in_web_ui=False, type=int, default=0)
-    g.add_argument("--llm-window", include_in_web_ui=False, type=float, default=5.0, help="timeseries window, seconds")
+    g.add_argument("--llm-window", include_in_web_ui=False, type=float, default=10.0, help="timeseries window, seconds")
     g.add_argument("--llm-cpu-limit", include_in_web_ui=False, type=float, default=90.0,
                    help="generator invalid when a worker's median CPU %% exceeds this")
     g.add_argument("--llm-lag-limit-ms", include_in_web_ui=False, type=float, default=10.0,
                    help="generator invalid when open-loop schedule lag p99 exceeds this")
+    g.add_argument("--llm-stamp-delay-limit-ms", include_in_web_ui=False, type=float, default=10.0,
+                   env_var="LOCUST_LLM_STAMP_DELAY_LIMIT_MS",
+                   help="generator invalid when the p99 of its read-to-stamp delay (kernel receive "
+                        "time to its timestamp, harness.stamp_delay) exceeds this; 0 = not judged")
     g.add_argument("--llm-api-key-env", include_in_web_ui=False, default="OPENAI_API_KEY",
                    help="environment variable holding the API key (never logged)")
     g.add_argument("--llm-expected-workers", include_in_web_ui=False, type=int, default=0, help=argparse_hidden())
@@ -337,6 +341,8 @@ class LLMState:
                "win": enc(window), "win_counters": self.window_counters.to_dict()}
         if sample_cpu:
             rep["cpu"] = self.sample_cpu()
+        from harness import stamp_delay
+        rep["stamp_delay"] = stamp_delay.take()   # this process's read-to-stamp delays
         self._reset_pending()
         return rep
 
@@ -379,21 +385,26 @@ class Aggregate:
         self._merge(client_id, HistogramSet.decode(rep["hist"]), Counters.from_dict(rep["counters"]),
                     {name: HistogramSet.decode(enc) for name, enc in rep.get("by_name", {}).items()},
                     HistogramSet.decode(rep["win"]), Counters.from_dict(rep["win_counters"]),
-                    rep.get("cpu"))
+                    rep.get("cpu"), rep.get("stamp_delay"))
 
     def merge_local(self, sample_cpu: bool = True) -> None:
         """A local runner's merge: the same as `merge_report("local", state.take_report())`,
         from the process's own histograms (no encoding and decoding), which are then emptied
         in place for the next window."""
+        from harness import stamp_delay
         st = self.state
         pending, by_name, window = st._report_sets()
         self._merge("local", pending, st.pending_counters, by_name, window,
-                    st.window_counters, st.sample_cpu() if sample_cpu else None)
+                    st.window_counters, st.sample_cpu() if sample_cpu else None,
+                    stamp_delay.take())
         st._reset_pending()
 
     def _merge(self, client_id: str, hist: HistogramSet, counters: Counters,
                by_name: dict[str, HistogramSet], window: HistogramSet, window_counters: Counters,
-               cpu: float | None) -> None:
+               cpu: float | None, stamp_delays: dict | None = None) -> None:
+        from harness import stamp_delay
+        # the run's read-to-stamp delays, every worker's (harness.stamp_delay; exact sums)
+        self.stamp_delay = stamp_delay.merge(getattr(self, "stamp_delay", None), stamp_delays)
         self.hist.merge(hist)
         self.counters.merge(counters)
         for name, hs in by_name.items():
@@ -456,10 +467,17 @@ class Aggregate:
         if st.rate > 0 and lag.get("p99") is not None and lag["p99"] > lag_limit:
             reasons.append(f"schedule lag p99 {lag['p99']:.1f} ms > {lag_limit:g} ms: the load generator "
                            f"cannot keep the schedule; add workers (--workers)")
+        from harness import stamp_delay
+        delays = getattr(self, "stamp_delay", None)
+        delay_limit = float(getattr(st.options, "llm_stamp_delay_limit_ms", stamp_delay.DEFAULT_LIMIT_MS))
+        late = stamp_delay.verdict(delays, delay_limit)
+        if late:
+            reasons.append(late)
         return {"valid": not reasons, "reasons": reasons, "cpu_max_pct": cpu_max,
                 "cpu_by_worker": per_worker,
                 "workers": max(1, len(self.cpu), len(self.requests_by_worker)),
-                "requests_by_worker": dict(self.requests_by_worker)}
+                "requests_by_worker": dict(self.requests_by_worker),
+                "stamp_delay_ms": {**stamp_delay.stats(delays), "limit": delay_limit}}
 
 
 def _duration(state: LLMState, agg: Aggregate, stopped_at: float) -> float:
