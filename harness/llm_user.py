@@ -21,14 +21,15 @@ from urllib.parse import urlsplit
 import gevent
 import gevent.pool
 import orjson
+from gevent import GreenletExit
 from locust import User, constant, task
 from locust.user.users import LOCUST_STATE_STOPPING
 
 from harness.arrivals import ArrivalSchedule
 from harness.http_stream import HTTPClientError, StreamingConnection, last_read_ns
 from harness.sse import SSEParser
-from harness.timing import (CONNECT, StreamTimer, exception_error_kind, failed_record, http_error_kind,
-                            request_id)
+from harness.timing import (CONNECT, INCOMPLETE, StreamTimer, exception_error_kind, failed_record,
+                            http_error_kind, perf_ns_to_epoch, request_id)
 from harness.workload import regex_token_count
 
 _user_ids = itertools.count()
@@ -51,11 +52,27 @@ def wait_for_quiet(max_wait_s: float = BOOKKEEPING_WAIT_S, quiet_ns: int = QUIET
     Why not only ``gevent.idle()``: a client that keeps up with a burst of token events is idle
     for a moment between two of them, and bookkeeping started there delays the rest of the
     burst's timestamps by its few hundred microseconds.
+
+    Why the idle must be prompt: ``last_read_ns`` knows only the reads already done, not bytes
+    waiting in the kernel. When several requests wait here, their idle callbacks run one after
+    another in the same loop turn, with no poll of the sockets in between: each would find the
+    reads "quiet" (nothing can be read while the one before it records) and their bookkeeping
+    ran back to back, holding the loop for milliseconds -- across the bursts of the other
+    servers when streams go to several. So an idle that took longer than a quarter of the pause
+    (something else ran meanwhile) does not count: go round once more, so that the loop polls
+    the sockets first. Past the deadline the first prompt idle ends the wait; past twice the
+    deadline the first idle of any length does (an overloaded loop is never prompt).
     """
-    deadline = time.perf_counter_ns() + int(max_wait_s * 1e9)
+    start = time.perf_counter_ns()
+    deadline = start + int(max_wait_s * 1e9)
+    late = start + 2 * int(max_wait_s * 1e9)
+    prompt_ns = quiet_ns // 4
     while True:
+        asked = time.perf_counter_ns()
         gevent.idle()
         now = time.perf_counter_ns()
+        if now - asked > prompt_ns and now < late:
+            continue
         quiet = now - last_read_ns()
         if quiet >= quiet_ns or now >= deadline:
             return
@@ -64,6 +81,16 @@ def wait_for_quiet(max_wait_s: float = BOOKKEEPING_WAIT_S, quiet_ns: int = QUIET
 
 class LLMRequestError(Exception):
     """What Locust's failure table shows for a failed LLM request: the error kind."""
+
+
+class _Stopped(Exception):
+    """A request killed mid-flight (the run stopped): carries its incomplete record (or the
+    function that builds it) and the GreenletExit to re-raise once it is recorded."""
+
+    def __init__(self, exit_exc: BaseException, record) -> None:
+        super().__init__(INCOMPLETE)
+        self.exit_exc = exit_exc
+        self.record = record
 
 
 class LLMUser(User):
@@ -131,7 +158,7 @@ class LLMUser(User):
         if st.rate > 0:
             self._dispatch()
             return
-        if not st.take_quota():
+        if st.draining or not st.take_quota():
             st.wait_finished()
             return
         rec = self.send(None)
@@ -156,16 +183,22 @@ class LLMUser(User):
             # effect now instead of after a gap drawn for the old rate.
             while True:
                 delay = t - time.perf_counter()
-                if delay <= 0 or st.rate_version != version:
+                if delay <= 0 or st.rate_version != version or st.draining:
                     break
                 gevent.sleep(min(delay, 0.1))
+            if st.draining and not st.scheduled_before_drain(t):
+                break   # the run is ending: arrivals due later are not sent
             if st.rate_version != version:
                 sched.next_at = max(prev, time.perf_counter() - 1e-3) if st.rate > 0 else prev
                 continue
             if self._state == LOCUST_STATE_STOPPING or not st.take_quota():
                 break
             if cap:
-                pool.wait_available()
+                st.due += 1   # a drain waits for it too
+                try:
+                    pool.wait_available()
+                finally:
+                    st.due -= 1
             g = pool.spawn(self.send, int(t * 1e9))
             if pool is not self._inflight:
                 self._inflight.add(g)
@@ -176,8 +209,13 @@ class LLMUser(User):
         """Send one request, record it (requests.jsonl, histograms, one Locust stats entry)."""
         st = self.state
         st.inflight += 1
+        stopped: BaseException | None = None
         try:
             result = self._one_request(scheduled_ns)
+        except _Stopped as s:
+            # The run stopped with this request in flight (after the drain, or on a signal): it
+            # is recorded as incomplete with what was measured, then the kill goes on.
+            result, stopped = s.record, s.exit_exc
         finally:
             st.inflight -= 1
         try:
@@ -186,7 +224,8 @@ class LLMUser(User):
             # events it would delay every other stream's timestamps by that much
             # (docs/performance.md, "Load generator"). Wait for a pause in the reads (bounded, so
             # an overloaded generator still records); killed meanwhile, still record.
-            wait_for_quiet()
+            if stopped is None:
+                wait_for_quiet()
         finally:
             rec = result() if callable(result) else result
             st.record(rec, self.__class__.__name__, self._stats_name)
@@ -199,6 +238,8 @@ class LLMUser(User):
                 context={"ttft_ms": rec.ttft_ms, "tpot_ms": rec.tpot_ms, "user_class": self.__class__.__name__},
             )
             st.check_finished()
+        if stopped is not None:
+            raise stopped
         return rec
 
     def _count_output_tokens(self, text: str) -> int:
@@ -234,12 +275,24 @@ class LLMUser(User):
                                      scheduled_ns=scheduled_ns, finished_ns=now)
         prompt = self._workload.next()
         body = orjson.dumps(prompt.body(self._model, self.chat, self.state.extra_body))
-        common = dict(url=url, model=self._model, user_class=self.__class__.__name__,
-                      id=request_id())
+        rid = request_id()
+        common = dict(url=url, model=self._model, user_class=self.__class__.__name__, id=rid)
+        # The id goes to the server too (vLLM names the request after X-Request-Id): a record can
+        # be matched with the server's own log of that request.
+        headers = {**self._headers, "X-Request-Id": rid}
         conn = self._conn()
         sent_ns = time.perf_counter_ns()
+        self.state.started({"id": rid, "user_class": common["user_class"], "url": url, "model": self._model,
+                            "scheduled_at": perf_ns_to_epoch(scheduled_ns) if scheduled_ns is not None else None,
+                            "sent_at": perf_ns_to_epoch(sent_ns), "input_tokens": prompt.input_tokens})
         try:
-            resp = conn.post_stream(self.endpoint, body, self._headers)
+            try:
+                resp = conn.post_stream(self.endpoint, body, headers)
+            except GreenletExit as exc:   # stopped before the response began
+                conn.close()
+                raise _Stopped(exc, failed_record(error_kind=INCOMPLETE, sent_ns=sent_ns,
+                                                  scheduled_ns=scheduled_ns,
+                                                  input_tokens=prompt.input_tokens, **common)) from None
             sent_ns = resp.sent_ns
             if resp.status != 200:
                 resp.read()
@@ -253,13 +306,17 @@ class LLMUser(User):
                 # that a burst of token events on other streams is read as it arrives.
                 reads: list[tuple[bytes, int]] = []
                 add = reads.append
-                error = None
+                error_kind = None
                 try:
                     resp.pump(lambda chunk, t_ns: add((chunk, t_ns)))
                 except HTTPClientError as exc:
-                    error = exc
+                    error_kind = exception_error_kind(exc)
+                except GreenletExit as exc:   # stopped mid-stream: time what arrived
+                    end_ns = time.perf_counter_ns()
+                    raise _Stopped(exc, lambda: self._timed(conn, reads, INCOMPLETE, sent_ns, scheduled_ns,
+                                                            end_ns, prompt.input_tokens, common)) from None
                 end_ns = time.perf_counter_ns()
-                return lambda: self._timed(conn, reads, error, sent_ns, scheduled_ns, end_ns,
+                return lambda: self._timed(conn, reads, error_kind, sent_ns, scheduled_ns, end_ns,
                                            prompt.input_tokens, common)
             self._idle.append(conn)
         except HTTPClientError as exc:
@@ -271,19 +328,21 @@ class LLMUser(User):
         return rec
 
     def _timed(self, conn: StreamingConnection, reads: list[tuple[bytes, int]],
-               error: HTTPClientError | None, sent_ns: int, scheduled_ns: int | None,
+               error_kind: str | None, sent_ns: int, scheduled_ns: int | None,
                end_ns: int, input_tokens: int, common: dict):
         """The record of a streamed response from its stamped reads (the metric definitions
-        are StreamTimer's); the connection goes back to the pool once its state is known."""
+        are StreamTimer's); the connection goes back to the pool once its state is known.
+        ``error_kind``: what ended the stream early (a transport error, or INCOMPLETE)."""
         timer = StreamTimer(sent_ns, scheduled_ns, count_tokens=self._count_output_tokens)
         parser = SSEParser()
         last_ns = timer.feed_reads(reads, parser)   # every event carries its read's stamp
-        for payload, t in parser.finish(last_ns or sent_ns):   # a last event with no blank line
-            timer.feed(payload, t)
-        if error is not None:
+        if error_kind != INCOMPLETE:   # a stopped stream's torn last event is not an event
+            for payload, t in parser.finish(last_ns or sent_ns):   # a last event with no blank line
+                timer.feed(payload, t)
+        if error_kind is not None:
             conn.close()
-            rec = timer.finish(status=200, error_kind=exception_error_kind(error),
-                               input_tokens=input_tokens, **common)
+            rec = timer.finish(status=200, error_kind=error_kind, input_tokens=input_tokens,
+                               end_ns=end_ns, **common)
         else:
             rec = timer.finish(status=200, input_tokens=input_tokens, end_ns=end_ns, **common)
             if not rec.ok:

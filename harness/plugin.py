@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pathlib
 import time
@@ -22,25 +23,30 @@ from typing import Any, Callable
 import gevent
 import gevent.event
 import gevent.lock
+import orjson
 import psutil
 from locust import events
-from locust.runners import (STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, STATE_STOPPED, LocalRunner,
+from locust.runners import (HEARTBEAT_LIVENESS, STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, STATE_STOPPED, LocalRunner,
                             MasterRunner, WorkerRunner)
 
+from harness import token_bins
 from harness.credentials import ApiKey
 from harness.histograms import HistogramSet
-from harness.results import Counters, RequestLog, build_summary, read_requests, write_json
+from harness.results import (REQUEST_FIELDS, STARTED_FILE, Counters, RequestLog, build_summary, read_requests,
+                             reconcile_started, write_json)
 from harness.slo import Slo, parse_slo, run_exit_code
 from harness.workload import Workload, WorkloadSpec, server_token_counter
 
 
 # The shortest interval a CPU sample may cover (see LLMState.sample_cpu).
 MIN_CPU_SAMPLE_S = 1.0
+DRAIN_POLL_S = 0.02
+WINDOW_LATE_S = 0.002   # a timeseries window closes this long after its grid boundary
+# How long a master waits for its workers beyond the drain timeout (their answers, their exit).
+WORKER_REPLY_MARGIN_S = 5.0
+SILENT_WORKER_S = 4   # heartbeats (one a second) a worker may miss before a drain stops waiting for it
 
-RECORD_FIELDS = ("id", "user_class", "url", "model", "scheduled_at", "sent_at", "ok", "status",
-                 "error_kind", "input_tokens", "output_tokens", "tokens_estimated", "ttft_ms",
-                 "tpot_ms", "e2e_ms", "itl_ms", "icl_ms", "ttft_from_schedule_ms",
-                 "schedule_lag_ms", "finished_at")
+
 
 
 # Locust listens on every interface by default (web UI, master), with no login: ours listen on
@@ -86,6 +92,9 @@ def _add_options(parser) -> None:
     g.add_argument("--llm-slo", default="", include_in_web_ui=True,
                    help="comma-separated SLOs, e.g. 'ttft_p99_ms<=200,tpot_p99_ms<=30,error_rate<=0.01'")
     g.add_argument("--llm-timeout", include_in_web_ui=False, type=float, default=600.0, help="read timeout per request, seconds")
+    g.add_argument("--llm-drain-timeout", include_in_web_ui=False, type=float, default=-1.0,
+                   help="when the run ends, wait up to this many seconds for the requests in flight "
+                        "(default: --llm-timeout); what is still unfinished is recorded as incomplete")
     g.add_argument("--llm-seed", include_in_web_ui=False, type=int, default=0)
     g.add_argument("--llm-window", include_in_web_ui=False, type=float, default=10.0, help="timeseries window, seconds")
     g.add_argument("--llm-cpu-limit", include_in_web_ui=False, type=float, default=90.0,
@@ -117,10 +126,16 @@ class LLMState:
         # where the key comes from and goes to, and where results are written (and deleted).
         o = environment.parsed_options
         self.api_key = ApiKey(getattr(o, "llm_api_key_env", "OPENAI_API_KEY"),
-                              [environment.host] + [getattr(u, "host", None) for u in environment.user_classes])
+                              [getattr(environment, "host", None)]
+                              + [getattr(u, "host", None) for u in getattr(environment, "user_classes", ())])
         self.out = getattr(o, "llm_out", "") or ""
         self.quota: int | None = None
         self.inflight = 0
+        self.due = 0              # open-loop arrivals due, waiting for a --max-concurrency slot
+        self.draining = False     # the run is ending: start nothing new (see `drain`)
+        self._drain_perf: float | None = None
+        self.drain_waited_s: float | None = None
+        self.interrupted = False  # stopped by a signal: no drain
         self.finished_event = gevent.event.Event()
         self.done_sent = False
         self.started_perf: float | None = None
@@ -137,9 +152,11 @@ class LLMState:
         self._by_name_sets: dict[str, HistogramSet] = {}     # every name's set, for reuse
         self.window = HistogramSet()
         self.window_counters = Counters()
+        self.pending_token_bins: token_bins.Bins = {}   # output tokens by when they streamed
         self.outside = HistogramSet()    # warm-up / cool-down records (whole window only)
         self._outside_used = False
         self.log: RequestLog | None = None
+        self.started_log: RequestLog | None = None   # STARTED_FILE: one line as each request is sent
         self.cpu_samples: list[float] = []
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)
@@ -155,6 +172,8 @@ class LLMState:
         self.burstiness = float(getattr(o, "llm_burstiness", 1.0))
         self.max_concurrency = int(getattr(o, "llm_max_concurrency", 0) or 0)
         self.timeout = float(getattr(o, "llm_timeout", 600.0))
+        drain = float(getattr(o, "llm_drain_timeout", -1.0))
+        self.drain_timeout = self.timeout if drain < 0 else drain
         self.seed = int(getattr(o, "llm_seed", 0))
         self.slos: list[Slo] = [parse_slo(s) for s in (getattr(o, "llm_slo", "") or "").split(",") if s.strip()]
         self.spec = WorkloadSpec(
@@ -165,6 +184,7 @@ class LLMState:
             shared_prefix_len=int(getattr(o, "llm_shared_prefix_len", 0)), seed=self.seed)
         if self.spec.soak_mix:
             self.spec.output_len = int(getattr(o, "llm_output_len", 128))
+        self.window_s = float(getattr(o, "llm_window", 5.0))
         self.warmup = float(getattr(o, "llm_warmup", 0.0))
         self.cooldown = float(getattr(o, "llm_cooldown", 0.0))
         self.run_time = getattr(o, "run_time", None)
@@ -227,6 +247,25 @@ class LLMState:
         self.quota -= 1
         return True
 
+    # -- the end of a run ------------------------------------------------------------
+    def scheduled_before_drain(self, t_perf: float) -> bool:
+        """An open-loop arrival due before the drain began is still sent."""
+        return self._drain_perf is not None and t_perf <= self._drain_perf
+
+    def drain(self) -> float:
+        """Stop starting requests and wait for those in flight (and arrivals already due) to
+        finish, up to `drain_timeout`; returns the seconds waited. What is still running
+        afterwards is killed by Locust's stop and recorded as incomplete (LLMUser.send)."""
+        if not self.draining:
+            self.draining = True
+            self._drain_perf = time.perf_counter()
+        t0 = time.monotonic()
+        deadline = t0 + self.drain_timeout
+        gevent.sleep(0)   # let a dispatcher holding a due arrival send it first
+        while (self.inflight or self.due) and time.monotonic() < deadline:
+            gevent.sleep(DRAIN_POLL_S)
+        return time.monotonic() - t0
+
     def wait_finished(self) -> None:
         """A user with nothing left to send parks here until the run ends."""
         self.check_finished()
@@ -274,6 +313,12 @@ class LLMState:
             return False
         return True
 
+    def started(self, line: dict[str, Any]) -> None:
+        """A request is about to be sent: its line in STARTED_FILE, so that one in flight in a
+        worker that is killed still gets its requests.jsonl line (`reconcile_started`)."""
+        if self.started_log is not None:
+            self.started_log.write(orjson.dumps(line) + b"\n")
+
     def record(self, rec, user_class: str, name: str) -> None:
         """One finished request: its requests.jsonl line, and its latencies into one histogram
         set -- its name's (measured) or the warm-up/cool-down set. The report's three views
@@ -281,8 +326,9 @@ class LLMState:
         (`_report_sets`): recording each request three times cost ~30 us per request."""
         if self.log is not None:
             self.log.write(rec.to_json_line())
-        d = {f: getattr(rec, f) for f in RECORD_FIELDS}
+        d = {f: getattr(rec, f) for f in REQUEST_FIELDS}
         self.window_counters.add(d, self.slos)
+        token_bins.book(self.pending_token_bins, d, self.window_s)
         if not self.in_window(rec):
             self.outside.add_record(d)
             self._outside_used = True
@@ -338,7 +384,8 @@ class LLMState:
 
         rep = {"hist": enc(pending), "counters": self.pending_counters.to_dict(),
                "by_name": {k: enc(v) for k, v in by_name.items()},
-               "win": enc(window), "win_counters": self.window_counters.to_dict()}
+               "win": enc(window), "win_counters": self.window_counters.to_dict(),
+               "token_bins": token_bins.to_pairs(self.pending_token_bins)}
         if sample_cpu:
             rep["cpu"] = self.sample_cpu()
         from harness import stamp_delay
@@ -356,6 +403,7 @@ class LLMState:
         self.pending_by_name = {}
         self.window.reset()
         self.window_counters = Counters()
+        self.pending_token_bins = {}
         if self._outside_used:
             self.outside.reset()
             self._outside_used = False
@@ -374,11 +422,24 @@ class Aggregate:
         self.cpu: dict[str, list[float]] = {}
         self.requests_by_worker: dict[str, int] = {}   # every recorded request, warm-up included
         self.done_workers: set[str] = set()
+        self.drained_workers: set[str] = set()
         self.ts_file = None
         self.last_window = time.time()
         # Called with each timeseries line before it is written (may add keys to it):
         # harness.server_metrics adds the server's state, harness.webui keeps it for charts.
         self.window_hooks: list[Callable[[dict], None]] = []
+        # Output tokens by when they streamed (harness.token_bins). A line covers whole bins; as
+        # requests finish, earlier lines gain tokens: revision hooks get (line, tokens) then, and
+        # timeseries.jsonl is rewritten with every line's final count at the end of the run.
+        self.token_bins: token_bins.Bins = {}
+        self.bin_cursor: int | None = None      # the first bin no line covers yet
+        self.lines: list[tuple[dict, range]] = []
+        self._line_of_bin: dict[int, int] = {}
+        self._changed_bins: set[int] = set()
+        self.revision_hooks: list[Callable[[dict], None]] = []
+
+    def merge_token_bins(self, pairs) -> None:
+        self._changed_bins |= token_bins.merge(self.token_bins, pairs or ())
 
     def merge_report(self, client_id: str, rep: dict[str, Any]) -> None:
         """Merge one worker's report (`LLMState.take_report`, shipped encoded)."""
@@ -386,6 +447,7 @@ class Aggregate:
                     {name: HistogramSet.decode(enc) for name, enc in rep.get("by_name", {}).items()},
                     HistogramSet.decode(rep["win"]), Counters.from_dict(rep["win_counters"]),
                     rep.get("cpu"), rep.get("stamp_delay"))
+        self.merge_token_bins(rep.get("token_bins"))
 
     def merge_local(self, sample_cpu: bool = True) -> None:
         """A local runner's merge: the same as `merge_report("local", state.take_report())`,
@@ -394,6 +456,7 @@ class Aggregate:
         from harness import stamp_delay
         st = self.state
         pending, by_name, window = st._report_sets()
+        self.merge_token_bins(token_bins.to_pairs(st.pending_token_bins))
         self._merge("local", pending, st.pending_counters, by_name, window,
                     st.window_counters, st.sample_cpu() if sample_cpu else None,
                     stamp_delay.take())
@@ -415,7 +478,7 @@ class Aggregate:
         self.window.merge(window)
         self.window_counters.merge(window_counters)
         self.requests_by_worker[client_id] = (self.requests_by_worker.get(client_id, 0)
-                                              + int(window_counters.completed) + int(window_counters.failed))
+                                              + window_counters.recorded)
         if cpu is not None:
             self.cpu.setdefault(client_id, []).append(float(cpu))
 
@@ -425,14 +488,28 @@ class Aggregate:
         if isinstance(self.state.env.runner, LocalRunner):
             self.merge_local(sample_cpu=False)
 
-    def flush_window(self, users: int) -> None:
+    def start_windows(self, started_at: float) -> None:
+        self.last_window = started_at
+        self.bin_cursor = token_bins.bin_of(started_at, self.state.window_s)
+
+    def flush_window(self, users: int, final: bool = False) -> None:
+        """One timeseries line: requests that finished since the last line, and the output
+        tokens that streamed in its bins (those of the bin in progress too when `final`)."""
         now = time.time()
         span = max(1e-9, now - self.last_window)
         self.last_window = now
         c = self.window_counters
+        width = self.state.window_s
+        if self.bin_cursor is None:
+            self.bin_cursor = token_bins.bin_of(now - span, width)
+        end = max(token_bins.bin_of(now, width) + (1 if final else 0), self.bin_cursor + 1)
+        bins = range(self.bin_cursor, end)
+        self.bin_cursor = end
+        tokens = token_bins.tokens_in(self.token_bins, bins)
         line = {"t": now, "window_s": span, "users": users, "target_rate": self.state.rate,
-                "completed": c.completed, "failed": c.failed, "errors_by_kind": c.errors_by_kind,
-                "output_tokens_per_s": c.output_tokens / span, "requests_per_s": c.completed / span,
+                "completed": c.completed, "failed": c.failed, "incomplete": c.incomplete,
+                "errors_by_kind": c.errors_by_kind, "output_tokens": tokens,
+                "output_tokens_per_s": tokens / span, "requests_per_s": c.completed / span,
                 "goodput_rps": c.good / span}
         for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "schedule_lag_ms"):
             s = self.window.summary(key)
@@ -444,9 +521,38 @@ class Aggregate:
                 hook(line)
             except Exception:  # an observer must never cost the run its timeseries
                 logging.getLogger(__name__).exception("timeseries hook %r failed", hook)
+        for k in bins:
+            self._line_of_bin[k] = len(self.lines)
+            self._changed_bins.discard(k)
+        self.lines.append((line, bins))
+        self._revise_lines()
         if self.ts_file is not None:
             self.ts_file.write(json.dumps(line) + "\n")
             self.ts_file.flush()
+
+    def _revise_lines(self) -> None:
+        """Lines whose bins gained tokens since they were written (requests that streamed there
+        finished later) get their new count, and the revision hooks hear of it."""
+        touched = {self._line_of_bin[k] for k in self._changed_bins if k in self._line_of_bin}
+        self._changed_bins = {k for k in self._changed_bins if k not in self._line_of_bin}
+        for i in sorted(touched):
+            line, bins = self.lines[i]
+            line["output_tokens"] = token_bins.tokens_in(self.token_bins, bins)
+            line["output_tokens_per_s"] = line["output_tokens"] / max(1e-9, line["window_s"])
+            for hook in self.revision_hooks:
+                try:
+                    hook(line)
+                except Exception:  # an observer must never cost the run its timeseries
+                    logging.getLogger(__name__).exception("revision hook %r failed", hook)
+
+    def rewrite_timeseries(self, path: pathlib.Path) -> None:
+        """timeseries.jsonl with every line's final token count (atomically replaced)."""
+        self._revise_lines()
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as f:
+            for line, _bins in self.lines:
+                f.write(json.dumps(line) + "\n")
+        os.replace(tmp, path)
 
     def generator(self) -> dict[str, Any]:
         st = self.state
@@ -509,10 +615,20 @@ def _on_init(environment, **_kw) -> None:
             if len(agg.done_workers) >= max(1, len(runner.clients)):
                 gevent.spawn_later(0.1, runner.quit)
         runner.register_message("llm_done", on_done)
+        def on_drained(msg, **_):
+            environment.llm_aggregate.drained_workers.add(str(msg.node_id))
+        runner.register_message("llm_drained", on_drained)
     if isinstance(runner, WorkerRunner):
         def on_set_rate(msg, **_):
             state.change_rate(float(msg.data["rate"]))
         runner.register_message("llm_set_rate", on_set_rate)
+
+        def on_drain(msg, **_):
+            def drain_and_answer():
+                state.drain()
+                runner.send_message("llm_drained", {"inflight": state.inflight})
+            gevent.spawn(drain_and_answer)   # a message handler must not block the worker
+        runner.register_message("llm_drain", on_drain)
 
 
 def set_rate(environment, rate: float) -> None:
@@ -543,6 +659,7 @@ def _on_test_start(environment, **_kw) -> None:
     state.started_perf = time.perf_counter()
     state.done_sent = False
     state.finished_event.clear()
+    state.draining, state._drain_perf, state.drain_waited_s, state.interrupted = False, None, None, False
     runner = environment.runner
     # The web UI's start form (local/master) and the master's spawn message (workers)
     # update parsed_options after init; re-read what can change.
@@ -560,23 +677,27 @@ def _on_test_start(environment, **_kw) -> None:
         # does it before it sends the spawn messages, so before any worker appends).
         state._files_fresh = True
         pathlib.Path(state.out).mkdir(parents=True, exist_ok=True)
-        for name in ("requests.jsonl", "timeseries.jsonl"):
+        for name in ("requests.jsonl", "timeseries.jsonl", STARTED_FILE):
             try:
                 os.unlink(pathlib.Path(state.out) / name)
             except FileNotFoundError:
                 pass
     if state.out and not isinstance(runner, MasterRunner) and state.log is None:
         state.log = RequestLog(pathlib.Path(state.out) / "requests.jsonl")
+        state.started_log = RequestLog(pathlib.Path(state.out) / STARTED_FILE)
     if isinstance(runner, (MasterRunner, LocalRunner)):
         agg: Aggregate = environment.llm_aggregate
         if state.out:
             pathlib.Path(state.out).mkdir(parents=True, exist_ok=True)
             agg.ts_file = open(pathlib.Path(state.out) / "timeseries.jsonl", "a")
-        agg.last_window = time.time()
+        agg.start_windows(state.started_at)
 
         def windows():
             while True:
-                gevent.sleep(float(getattr(state.options, "llm_window", 5.0)))
+                # wake just after the next boundary of the token-bin grid: each line covers whole
+                # bins (harness.token_bins), and the windows do not drift
+                w = state.window_s
+                gevent.sleep(max(0.0, (math.floor(time.time() / w) + 1) * w - time.time()) + WINDOW_LATE_S)
                 if isinstance(runner, LocalRunner):
                     agg.merge_local()
                 agg.flush_window(runner.user_count)
@@ -609,6 +730,63 @@ _ENV: dict[str, Any] = {}
 @events.init.add_listener
 def _remember_env(environment, **_kw) -> None:
     _ENV["env"] = environment
+
+
+@events.test_stopping.add_listener
+def _on_test_stopping(environment, **_kw) -> None:
+    """The run is ending by its bound (--run-time, --llm-num-requests), a load shape or the web
+    UI's Stop: drain before Locust stops the users. A signal (Ctrl-C, SIGTERM) stops now."""
+    state: LLMState | None = getattr(environment, "llm", None)
+    runner = environment.runner
+    if state is None or state.interrupted or isinstance(runner, WorkerRunner):
+        return
+    if isinstance(runner, MasterRunner):
+        state.drain_waited_s = _drain_workers(environment)
+    else:
+        state.drain_waited_s = state.drain()
+
+
+def _drain_workers(environment) -> float:
+    """Every worker drains (LLMState.drain) and answers; the master waits for the answers."""
+    state: LLMState = environment.llm
+    runner = environment.runner
+    agg: Aggregate = environment.llm_aggregate
+    agg.drained_workers = set()
+    waiting = {str(c.id) for c in runner.clients.all}
+    state.draining = True
+    t0 = time.monotonic()
+    if waiting:
+        runner.send_message("llm_drain", {})
+    deadline = t0 + state.drain_timeout + WORKER_REPLY_MARGIN_S
+    while time.monotonic() < deadline:
+        # a worker that answered, left (quit) or went silent (killed: no heartbeat for a few
+        # seconds, long before Locust's own timeout calls it missing) is no longer waited for
+        waiting &= {str(c.id) for c in runner.clients.all
+                    if c.heartbeat > HEARTBEAT_LIVENESS - SILENT_WORKER_S}
+        waiting -= agg.drained_workers
+        if not waiting:
+            break
+        gevent.sleep(DRAIN_POLL_S)
+    return time.monotonic() - t0
+
+
+def _wait_for_workers(runner: MasterRunner, timeout: float) -> None:
+    """Before the master writes the summary: its workers' last reports. Interrupted, it tells
+    them to quit (each stops its users, recording what was in flight as incomplete, ships a
+    last report and says goodbye) and waits for them; then for forked workers to exit, so
+    that requests.jsonl is complete when the summary is checked against it."""
+    from locust.rpc import Message
+
+    deadline = time.monotonic() + timeout
+    if runner.state in (STATE_RUNNING, STATE_SPAWNING):
+        for client in list(runner.clients.all):
+            runner.server.send_to_client(Message("quit", None, client.id))
+        while runner.clients.all and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+    try:
+        psutil.wait_procs(psutil.Process().children(), timeout=max(0.0, deadline - time.monotonic()))
+    except psutil.Error:
+        pass
 
 
 @events.test_stop.add_listener
@@ -678,8 +856,19 @@ def _worker_last_report(environment, **_kw) -> None:
         pass
 
 
+def _mark_interrupted(environment, **_kw) -> None:
+    """Quitting while the test runs means a signal (Ctrl-C, SIGTERM), not the run's end: stop
+    now, no drain. Registered at init, after the runner's own quitting listener, so that (they
+    run in reverse) it comes first: the runner's listener stops the test, which would drain."""
+    state: LLMState | None = getattr(environment, "llm", None)
+    runner = environment.runner
+    if state is not None and runner is not None and runner.state in (STATE_RUNNING, STATE_SPAWNING):
+        state.interrupted = True
+
+
 @events.init.add_listener
 def _worker_init(environment, **_kw) -> None:
+    environment.events.quitting.add_listener(_mark_interrupted)
     if isinstance(environment.runner, WorkerRunner):
         environment.events.quitting.add_listener(_worker_last_report)
         if getattr(environment.parsed_options, "processes", None):
@@ -734,10 +923,13 @@ def _on_quitting(environment, **_kw) -> None:
     if state is None:
         return
     runner = environment.runner
-    if isinstance(runner, LocalRunner) and runner.state in (STATE_RUNNING, STATE_SPAWNING):
+    if isinstance(runner, LocalRunner) and state.interrupted:
         runner.stop()   # interrupted: stop the users first, so the summary has all they did
+    if isinstance(runner, MasterRunner):
+        _wait_for_workers(runner, WORKER_REPLY_MARGIN_S)
     if state.log is not None:
         state.log.close()
+        state.started_log.close()
         state.log = None
     if not isinstance(runner, (MasterRunner, LocalRunner)):
         return
@@ -748,12 +940,17 @@ def _on_quitting(environment, **_kw) -> None:
     if isinstance(runner, LocalRunner):
         agg.merge_local()
     stopped = time.time()
+    if state.out:   # requests sent by a worker that died before it could record them
+        reconcile_started(pathlib.Path(state.out))
     recovered = _recover_from_log(state, agg)
-    extra = None
+    # How the run ended: the measured window (first send to last finish) includes the drain.
+    extra: dict[str, Any] = {"interrupted": state.interrupted,
+                             "drain": {"timeout_s": state.drain_timeout, "waited_s": state.drain_waited_s,
+                                       "interrupted": state.interrupted}}
     if recovered is not None:
         agg.hist, agg.counters, agg.by_name = recovered
-        extra = {"recovered": "requests.jsonl held requests no worker report carried (a worker "
-                              "was interrupted or killed); this summary was rebuilt from it"}
+        extra["recovered"] = ("requests.jsonl held requests no worker report carried (a worker "
+                              "was interrupted or killed); this summary was rebuilt from it")
     summary = build_summary(
         extra=extra,
         hist=agg.hist, counters=agg.counters, duration_s=_duration(state, agg, stopped),
@@ -772,8 +969,9 @@ def _on_quitting(environment, **_kw) -> None:
     _write_final_locust_csv(environment)
     if state.out:
         if agg.ts_file is not None:
-            agg.flush_window(0)
+            agg.flush_window(0, final=True)
             agg.ts_file.close()
+            agg.rewrite_timeseries(pathlib.Path(state.out) / "timeseries.jsonl")
         write_json(pathlib.Path(state.out) / "summary.json", summary)
     # Always set: Locust's own rule (exit 1 on any failure) does not know our SLOs.
     environment.process_exit_code = run_exit_code(summary)

@@ -13,8 +13,11 @@ from typing import Any, Iterable
 
 from harness.histograms import HistogramSet
 from harness.slo import Slo, evaluate, request_is_good
+from harness.timing import INCOMPLETE, RequestRecord
 
 SCHEMA = 1
+# A requests.jsonl line's fields, in contract order (harness.timing.RequestRecord).
+REQUEST_FIELDS = tuple(RequestRecord.__dataclass_fields__)
 LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "icl_ms", "e2e_ms", "schedule_lag_ms",
                 "ttft_from_schedule_ms")
 
@@ -42,6 +45,7 @@ class Counters:
 
     completed: int = 0
     failed: int = 0
+    incomplete: int = 0   # in flight when the run stopped: neither completed nor failed
     good: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
@@ -59,6 +63,8 @@ class Counters:
                 self.estimated += 1
             if request_is_good(slos, rec):
                 self.good += 1
+        elif rec.get("error_kind") == INCOMPLETE:
+            self.incomplete += 1
         else:
             self.failed += 1
             kind = rec.get("error_kind") or "error"
@@ -66,11 +72,13 @@ class Counters:
         sent, fin = rec.get("sent_at"), rec.get("finished_at")
         if sent is not None and (self.first_sent is None or sent < self.first_sent):
             self.first_sent = sent
+        if rec.get("error_kind") == INCOMPLETE:
+            return   # it never finished: the measured window ends at the last request that did
         if fin is not None and (self.last_finished is None or fin > self.last_finished):
             self.last_finished = fin
 
     def merge(self, other: "Counters") -> None:
-        for name in ("completed", "failed", "good", "input_tokens", "output_tokens", "estimated"):
+        for name in ("completed", "failed", "incomplete", "good", "input_tokens", "output_tokens", "estimated"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for k, v in other.errors_by_kind.items():
             self.errors_by_kind[k] = self.errors_by_kind.get(k, 0) + v
@@ -79,6 +87,11 @@ class Counters:
         if other.last_finished is not None and (self.last_finished is None
                                                 or other.last_finished > self.last_finished):
             self.last_finished = other.last_finished
+
+    @property
+    def recorded(self) -> int:
+        """Every request with a requests.jsonl line."""
+        return self.completed + self.failed + self.incomplete
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -115,7 +128,7 @@ def build_summary(*, hist: HistogramSet, counters: Counters, duration_s: float,
         "target": target,
         "workload": workload,
         "requests": {"completed": counters.completed, "failed": counters.failed,
-                     "errors_by_kind": counters.errors_by_kind,
+                     "incomplete": counters.incomplete, "errors_by_kind": counters.errors_by_kind,
                      "tokens_estimated": counters.estimated},
         "input_tokens": counters.input_tokens,
         "output_tokens": counters.output_tokens,
@@ -144,6 +157,32 @@ def read_requests(path: str | os.PathLike) -> list[dict[str, Any]]:
                 break
             out.append(json.loads(line))
     return out
+
+
+STARTED_FILE = "started.jsonl"
+STARTED_FIELDS = ("id", "user_class", "url", "model", "scheduled_at", "sent_at", "input_tokens")
+
+
+def reconcile_started(out: pathlib.Path) -> int:
+    """Give every request that was sent but never recorded (its worker was killed) its
+    requests.jsonl line: incomplete, with what was known when it was sent and nothing
+    measured. Returns how many lines it wrote."""
+    started_path, log_path = out / STARTED_FILE, out / "requests.jsonl"
+    if not started_path.exists():
+        return 0
+    recorded = {d.get("id") for d in read_requests(log_path)} if log_path.exists() else set()
+    lost = [d for d in read_requests(started_path) if d.get("id") not in recorded]
+    if not lost:
+        return 0
+    log = RequestLog(log_path)
+    try:
+        for d in lost:
+            rec = {f: None for f in REQUEST_FIELDS} | {k: d.get(k) for k in STARTED_FIELDS}
+            rec.update(ok=False, error_kind=INCOMPLETE, tokens_estimated=False, itl_ms=[], icl_ms=[])
+            log.write(json.dumps(rec).encode() + b"\n")
+    finally:
+        log.close()
+    return len(lost)
 
 
 def summary_from_requests(records: Iterable[dict[str, Any]], slos: list[Slo] | None = None) -> dict[str, Any]:
@@ -186,8 +225,19 @@ def format_table(summary: dict[str, Any]) -> str:
     req = summary.get("requests", {})
     rate = lambda k: fmt(summary.get(k))  # noqa: E731
     lines.append("")
+    incomplete = req.get("incomplete") or 0
+    drain = summary.get("drain") or {}
     lines.append(f"requests: {req.get('completed', 0)} ok, {req.get('failed', 0)} failed "
-                 f"{req.get('errors_by_kind') or ''} over {summary.get('duration_s', 0):.1f} s")
+                 f"{req.get('errors_by_kind') or ''}"
+                 + (f", {incomplete} incomplete" if incomplete else "")
+                 + f" over {summary.get('duration_s', 0):.1f} s")
+    if drain:
+        waited = drain.get("waited_s")
+        lines.append(f"end of run: " + ("interrupted (no drain); " if drain.get("interrupted") else
+                                        f"drained {waited:.1f} s of up to {drain.get('timeout_s'):g} s; "
+                                        if waited is not None else "")
+                     + (f"{incomplete} still in flight recorded as incomplete" if incomplete
+                        else "no request left in flight"))
     lines.append(f"throughput: {rate('output_tokens_per_s')} output tok/s, {rate('total_tokens_per_s')} "
                  f"total tok/s, {rate('requests_per_s')} req/s, goodput {rate('goodput_rps')} req/s")
     slo = summary.get("slo") or {}

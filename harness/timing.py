@@ -22,7 +22,9 @@ exactly (see ``/work/shared/design.md``, "Metric definitions"):
 
 Failed requests keep no latencies (``null`` in ``requests.jsonl``, as the design says); they keep
 ``schedule_lag_ms`` (a property of the load generator, not of the server) and whatever token
-counts arrived.
+counts arrived. An **incomplete** request (still streaming when the run stopped: after the drain,
+or on Ctrl-C/SIGTERM) is not a failure of the server: it keeps what was measured before the stop,
+TTFT if its first token came and the tokens so far, and no E2E/TPOT (it had no end).
 
 All times are ``time.perf_counter_ns()`` values. Wall-clock fields (``scheduled_at``,
 ``sent_at``, ``finished_at``: epoch seconds) are derived with one offset captured at import, so
@@ -50,6 +52,7 @@ __all__ = [
     "CONNECT",
     "DISCONNECT",
     "EMPTY_OUTPUT",
+    "INCOMPLETE",
     "MALFORMED_EVENT",
     "STREAM_ERROR",
     "TIMEOUT",
@@ -68,6 +71,7 @@ EMPTY_OUTPUT = "empty_output"  # a complete stream with no token-carrying event
 STREAM_ERROR = "stream_error"  # the server sent an error object inside the stream
 TIMEOUT = "timeout"
 CONNECT = "connect"
+INCOMPLETE = "incomplete"  # still in flight when the run stopped (not a server failure)
 
 _WALL_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
 _NS_PER_MS = 1_000_000.0
@@ -394,7 +398,7 @@ class StreamTimer:
 
         output_tokens = self._completion_tokens
         estimated = False
-        if output_tokens is None and self._texts is not None and self._times:
+        if output_tokens is None and self._texts is not None and self._times and kind != INCOMPLETE:
             text = "".join(t if isinstance(t, str) else orjson.loads(t) for t in self._texts)
             output_tokens = self._count_tokens(text)  # type: ignore[misc]
             estimated = True
@@ -409,6 +413,8 @@ class StreamTimer:
             ttft_ms=None, tpot_ms=None, e2e_ms=None,
             schedule_lag_ms=_ms(sent - sched) if sched is not None else None,
             finished_at=perf_ns_to_epoch(end_ns))
+        if kind == INCOMPLETE:
+            self._measured_so_far(rec)
         if not ok:
             return rec
 
@@ -422,6 +428,19 @@ class StreamTimer:
             rec.tpot_ms = round((last - first) / _NS_PER_MS / (output_tokens - 1), 3)
         rec.icl_ms, rec.itl_ms = _gaps(times, self._counts)
         return rec
+
+
+    def _measured_so_far(self, rec: RequestRecord) -> None:
+        """An incomplete request's partial figures: TTFT if the first token came, and the
+        tokens so far (the last usage the server sent, else one per token-carrying event or the
+        event's continuous-usage count, then marked estimated)."""
+        if self._times:
+            rec.ttft_ms = _ms(self._times[0] - self.sent_ns)
+            if self.scheduled_ns is not None:
+                rec.ttft_from_schedule_ms = _ms(self._times[0] - self.scheduled_ns)
+        if rec.output_tokens is None:
+            rec.output_tokens = sum(self._counts)
+            rec.tokens_estimated = bool(self._counts)
 
 
 def _template(payload: bytes, obj: dict) -> tuple[bytes, bytes, int, int] | None:

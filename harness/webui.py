@@ -15,7 +15,9 @@ Routes (under `--web-base-path` when set):
                           one point per timeseries window (`--llm-window`), plus a form
                           that changes the open-loop rate; drawn with uPlot, vendored
                           in `harness/static/` (works offline).
-- `GET  /llm/timeseries`  the windows so far as JSON (`?since=<epoch s>` for new ones).
+- `GET  /llm/timeseries`  the windows so far as JSON (`?since=<epoch s>` for new ones, and
+                          `&rev=<n>` for the earlier ones whose output tokens grew since
+                          revision n: tokens are booked to the window they streamed in).
 - `GET  /llm/stats`       the tab's numbers as JSON.
 - `POST /llm/rate`        `rate=<requests/s>` (form or JSON): the open-loop rate of the
                           running test on every worker; 0 switches to closed loop.
@@ -99,16 +101,31 @@ def live_stats(environment) -> dict[str, Any]:
 
 
 class Timeline:
-    """The timeseries windows kept in memory for the charts page (a window hook)."""
+    """The timeseries windows kept in memory for the charts page (a window hook, and a revision
+    hook: a window's output tokens grow as requests that streamed in it finish later)."""
+
+    REVISED = ("output_tokens", "output_tokens_per_s")
 
     def __init__(self, maxlen: int = TIMELINE_MAX) -> None:
         self.lines: collections.deque[dict[str, Any]] = collections.deque(maxlen=maxlen)
+        self.revision = 0
 
     def __call__(self, line: dict[str, Any]) -> None:
         self.lines.append(json.loads(json.dumps(line, default=str)))   # a frozen copy
 
+    def revise(self, line: dict[str, Any]) -> None:
+        for mine in reversed(self.lines):   # revisions touch the latest windows
+            if mine.get("t") == line.get("t"):
+                self.revision += 1
+                mine.update({k: line.get(k) for k in self.REVISED}, rev=self.revision)
+                return
+
     def since(self, t: float) -> list[dict[str, Any]]:
         return [ln for ln in self.lines if ln.get("t", 0) > t]
+
+    def revised_since(self, rev: int, t: float) -> list[dict[str, Any]]:
+        """Lines up to `t` whose tokens changed after revision `rev` (the page has the rest)."""
+        return [ln for ln in self.lines if ln.get("t", 0) <= t and ln.get("rev", 0) > rev]
 
 
 def parse_rate(value: Any) -> float:
@@ -145,6 +162,7 @@ def install(environment, web_ui) -> None:
     timeline = Timeline()
     environment.llm_timeline = timeline
     environment.llm_aggregate.window_hooks.append(timeline)
+    environment.llm_aggregate.revision_hooks.append(timeline.revise)
 
     web_ui.template_args.update({
         "extended_tabs": [{"title": "LLM", "key": TAB_KEY}],
@@ -208,10 +226,12 @@ def install(environment, web_ui) -> None:
     def llm_timeseries():
         try:
             since = float(request.args.get("since", "0") or 0)
+            rev = int(request.args.get("rev", "0") or 0)
         except ValueError:
-            since = 0.0
+            since, rev = 0.0, 0
         runner = environment.runner
-        return jsonify({"lines": timeline.since(since), "rate": environment.llm.rate,
+        return jsonify({"lines": timeline.since(since), "revised": timeline.revised_since(rev, since),
+                        "rev": timeline.revision, "rate": environment.llm.rate,
                         "state": getattr(runner, "state", None),
                         "user_count": getattr(runner, "user_count", 0),
                         "window_s": float(getattr(environment.parsed_options, "llm_window", 5.0)),

@@ -32,7 +32,7 @@ def _check_visible(out, records, n):
             assert r["ttft_ms"] is None and r["e2e_ms"] is None and r["tpot_ms"] is None
     assert s["requests"]["errors_by_kind"] == counted
     assert s["requests"]["failed"] == sum(counted.values())
-    assert s["requests"]["completed"] + s["requests"]["failed"] == n
+    assert s["requests"]["completed"] + s["requests"]["failed"] + s["requests"]["incomplete"] == n
     # Locust's own stats: one entry per request, failures included (no pseudo-requests)
     agg = locust_aggregated(out)
     assert int(agg["Request Count"]) == n

@@ -63,10 +63,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cooldown", type=float, default=0.0, help="seconds excluded at the end")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request read timeout, s")
+    p.add_argument("--drain-timeout", type=float, default=None,
+                   help="at the end, wait up to this many seconds for requests in flight (default: "
+                        "--timeout); what is still unfinished is recorded as incomplete")
     p.add_argument("--cpu-limit", type=float, default=None,
                    help="generator invalid when a worker's median CPU %% exceeds this (default 90)")
     p.add_argument("--lag-limit-ms", type=float, default=None,
                    help="generator invalid when open-loop schedule lag p99 exceeds this (default 10)")
+    p.add_argument("--stamp-delay-limit-ms", type=float, default=None,
+                   help="generator invalid when the p99 of its read-to-stamp delay exceeds this "
+                        "(default 10; 0 = not judged)")
     p.add_argument("--out", required=True, help="results directory")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus /metrics on 127.0.0.1:PORT during the run (0 = off)")
@@ -132,6 +138,10 @@ def locust_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--llm-dataset", args.dataset]
     if args.soak_mix:
         cmd += ["--llm-soak-mix"]
+    if args.drain_timeout is not None:
+        if args.drain_timeout < 0:
+            raise UsageError("--drain-timeout must be >= 0 seconds (0: no wait for requests in flight)")
+        cmd += ["--llm-drain-timeout", str(args.drain_timeout)]
     if getattr(args, "window", None):
         cmd += ["--llm-window", str(args.window)]
     if args.slo:
@@ -140,6 +150,8 @@ def locust_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--llm-cpu-limit", str(args.cpu_limit)]
     if getattr(args, "lag_limit_ms", None) is not None:
         cmd += ["--llm-lag-limit-ms", str(args.lag_limit_ms)]
+    if getattr(args, "stamp_delay_limit_ms", None) is not None:
+        cmd += ["--llm-stamp-delay-limit-ms", str(args.stamp_delay_limit_ms)]
     if args.workers > 1:
         # Locust's master would listen on every interface at port 5557: a second run on the
         # same machine then fails to start, and the port is open to the network. Loopback and a

@@ -3,6 +3,7 @@
   "use strict";
   var POLL_MS = 1000;
   var lastT = 0;
+  var lastRev = 0;
   // Column arrays, uPlot's data layout: x first.
   var cols = {
     t: [], ttft50: [], ttft99: [], tpot50: [], tpot99: [],
@@ -93,12 +94,18 @@
   }
 
   function poll() {
-    fetch("timeseries?since=" + lastT, { cache: "no-store" })
+    fetch("timeseries?since=" + lastT + "&rev=" + lastRev, { cache: "no-store" })
       .then(function (r) { return r.json(); })
       .then(function (ts) {
+        // earlier windows gain tokens as the requests that streamed in them finish
+        (ts.revised || []).forEach(function (line) {
+          var i = cols.t.indexOf(line.t);
+          if (i >= 0) cols.tok[i] = num(line.output_tokens_per_s);
+        });
+        lastRev = ts.rev || lastRev;
         ts.lines.forEach(function (line) { push(line); lastT = Math.max(lastT, line.t); });
         window.llmPoints = cols.t.length;
-        if (ts.lines.length) {
+        if (ts.lines.length || (ts.revised || []).length) {
           document.getElementById("empty").style.display = "none";
           redraw();
         }

@@ -77,6 +77,13 @@ _SSE_HEADERS = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=ut
                 b"connection: keep-alive\r\n\r\n")
 
 
+def _request_id(header: str | None) -> str | None:
+    """A client's X-Request-Id, if it is a sane id (it goes into JSON and logs)."""
+    if header and len(header) <= 128 and all(c.isalnum() or c in "-_." for c in header):
+        return header
+    return None
+
+
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
@@ -87,7 +94,8 @@ _DONE_CHUNKS = _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 class GenerationRequest:
     """One generation in flight: turns engine tokens into bytes on the wire."""
 
-    def __init__(self, replica: "Replica", conn: "HttpConnection", body: dict, chat: bool):
+    def __init__(self, replica: "Replica", conn: "HttpConnection", body: dict, chat: bool,
+                 request_id: str | None = None):
         self.replica = replica
         self.conn = conn
         self.chat = chat
@@ -96,7 +104,9 @@ class GenerationRequest:
         self.include_usage = bool(opts.get("include_usage", False))
         # As vLLM: continuous usage stats only count when include_usage is on too.
         self.continuous_usage = self.include_usage and bool(opts.get("continuous_usage_stats", False))
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        # As vLLM: the client's X-Request-Id (when it sends one) names the request, so a
+        # client's record and the server's truth line can be matched exactly.
+        self.id = ("chatcmpl-" if chat else "cmpl-") + (request_id or uuid.uuid4().hex[:24])
         self.created = int(time.time())
         self.model = replica.profile.served_model_name
         self.prompt_tokens = 0
@@ -636,7 +646,7 @@ class HttpConnection(asyncio.Protocol):
             del self.buf[:end + 4 + length]
             path = target.split("?", 1)[0]
             try:
-                self._dispatch(method, path, body)
+                self._dispatch(method, path, body, headers.get("x-request-id"))
             except ApiError as e:
                 self._write_error(e.status, e.message, e.type)
 
@@ -649,13 +659,14 @@ class HttpConnection(asyncio.Protocol):
             raise ApiError(400, "request body must be a JSON object")
         return obj
 
-    def _dispatch(self, method: str, path: str, body: bytes) -> None:
+    def _dispatch(self, method: str, path: str, body: bytes, request_id: str | None = None) -> None:
         r = self.replica
         write = self.transport.write
         if path in ("/v1/chat/completions", "/v1/completions"):
             if method != "POST":
                 raise ApiError(405, f"{method} not allowed on {path}", "MethodNotAllowed")
-            self._generate(self._json(body), chat=path.endswith("chat/completions"))
+            self._generate(self._json(body), chat=path.endswith("chat/completions"),
+                           request_id=_request_id(request_id))
         elif path == "/health" and method == "GET":
             write(_response(200, b""))
         elif path == "/metrics" and method == "GET":
@@ -695,14 +706,14 @@ class HttpConnection(asyncio.Protocol):
         else:
             raise ApiError(404, f"no route for {method} {path}", "NotFoundError")
 
-    def _generate(self, body: dict, chat: bool) -> None:
+    def _generate(self, body: dict, chat: bool, request_id: str | None = None) -> None:
         r = self.replica
         f = r.faults
         if f.http_500 and r.rng.random() < f.http_500:
             raise ApiError(500, "injected fault: internal server error", "InternalServerError")
         if f.http_429 and r.rng.random() < f.http_429:
             raise ApiError(429, "injected fault: too many requests", "RateLimitError")
-        req = GenerationRequest(r, self, body, chat)
+        req = GenerationRequest(r, self, body, chat, request_id)
         prompt_tokens, n_out = req.parse(body)
         if prompt_tokens + n_out > r.engine.max_prompt_tokens():
             raise ApiError(400, f"request needs {prompt_tokens + n_out} tokens of KV cache; "
