@@ -11,10 +11,10 @@ import sys
 from typing import Sequence
 
 from harness.errors import UsageError
+from harness.slo import EXIT_BAD_INPUT
 
 # Exit codes are part of the contract (documented in the README).
 EXIT_OK = 0
-EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,9 +23,11 @@ import gevent.pool
 import orjson
 from gevent import GreenletExit
 from locust import User, constant, task
+from locust.exception import StopUser
 from locust.user.users import LOCUST_STATE_STOPPING
 
 from harness.arrivals import ArrivalSchedule
+from harness.errors import TargetError, UsageError
 from harness.http_stream import HTTPClientError, StreamingConnection, last_read_ns
 from harness.sse import SSEParser
 from harness.timing import (CONNECT, INCOMPLETE, StreamTimer, exception_error_kind, failed_record,
@@ -133,6 +135,11 @@ class LLMUser(User):
             # The server is not reachable (yet): every request this user would have sent is
             # recorded as failed with its error kind (`connect`, ...) until it is.
             pass
+        except (TargetError, UsageError) as exc:
+            # Nothing this user could send would work (the key is refused, no such model, a
+            # broken dataset): the run ends now with the reason, instead of idling on.
+            self.state.abort(str(exc))
+            raise StopUser() from None
 
     def _prepare(self) -> None:
         """Resolve the model and build the prompts (calibrated against the server)."""
@@ -193,17 +200,22 @@ class LLMUser(User):
                 continue
             if self._state == LOCUST_STATE_STOPPING or not st.take_quota():
                 break
-            if cap:
-                st.due += 1   # a drain waits for it too
-                try:
+            st.due += 1   # counted from its quota until it is sending: a drain or the last
+            try:          # request's end waits for it too
+                if cap:
                     pool.wait_available()
-                finally:
-                    st.due -= 1
-            g = pool.spawn(self.send, int(t * 1e9))
+                g = pool.spawn(self._send_due, int(t * 1e9))
+            except BaseException:
+                st.due -= 1
+                raise
             if pool is not self._inflight:
                 self._inflight.add(g)
         self._inflight.join()
         st.wait_finished()
+
+    def _send_due(self, scheduled_ns: int) -> None:
+        self.state.due -= 1   # and at once (no switch between) in flight
+        self.send(scheduled_ns)
 
     def send(self, scheduled_ns: int | None):
         """Send one request, record it (requests.jsonl, histograms, one Locust stats entry)."""

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Callable
 
@@ -31,10 +32,11 @@ from locust.runners import (HEARTBEAT_LIVENESS, STATE_CLEANUP, STATE_RUNNING, ST
 
 from harness import token_bins
 from harness.credentials import ApiKey
+from harness.errors import TargetError, UsageError
 from harness.histograms import HistogramSet
 from harness.results import (REQUEST_FIELDS, STARTED_FILE, Counters, RequestLog, build_summary, read_requests,
                              reconcile_started, write_json)
-from harness.slo import Slo, parse_slo, run_exit_code
+from harness.slo import EXIT_BAD_INPUT, Slo, parse_slo, run_exit_code
 from harness.workload import Workload, WorkloadSpec, server_token_counter
 
 
@@ -131,11 +133,12 @@ class LLMState:
         self.out = getattr(o, "llm_out", "") or ""
         self.quota: int | None = None
         self.inflight = 0
-        self.due = 0              # open-loop arrivals due, waiting for a --max-concurrency slot
+        self.due = 0              # open-loop arrivals taken from the quota and not yet sending
         self.draining = False     # the run is ending: start nothing new (see `drain`)
         self._drain_perf: float | None = None
         self.drain_waited_s: float | None = None
         self.interrupted = False  # stopped by a signal: no drain
+        self.fatal: str | None = None   # why the run could not go on (`abort`)
         self.finished_event = gevent.event.Event()
         self.done_sent = False
         self.started_perf: float | None = None
@@ -247,6 +250,19 @@ class LLMState:
         self.quota -= 1
         return True
 
+    def abort(self, reason: str) -> None:
+        """Nothing can run (the target refuses us, the workload cannot be built): end the run
+        now with `reason` and exit 2, instead of idling until its time is up with dead users."""
+        if self.fatal is not None:
+            return
+        self.fatal = reason
+        logging.getLogger(__name__).error("stopping the run: %s", reason)
+        runner = self.env.runner
+        if isinstance(runner, WorkerRunner):
+            runner.send_message("llm_fatal", {"reason": reason})
+        elif runner is not None:
+            gevent.spawn_later(0.1, runner.quit)
+
     # -- the end of a run ------------------------------------------------------------
     def scheduled_before_drain(self, t_perf: float) -> bool:
         """An open-loop arrival due before the drain began is still sent."""
@@ -272,7 +288,7 @@ class LLMState:
         self.finished_event.wait(timeout=1.0)
 
     def check_finished(self) -> None:
-        if self.quota == 0 and self.inflight == 0 and not self.done_sent:
+        if self.quota == 0 and self.inflight == 0 and self.due == 0 and not self.done_sent:
             self.done_sent = True
             runner = self.env.runner
             if isinstance(runner, WorkerRunner):
@@ -288,8 +304,13 @@ class LLMState:
         if base not in self._models:
             conn = conn_factory()
             status, _, body = conn.request("GET", "/v1/models", None, self.api_key.headers_for(base))
+            if status in (401, 403):
+                key = (f"the key from ${self.api_key.env_var} was refused" if self.api_key.present else
+                       f"no API key was sent: set ${self.api_key.env_var} (or name another variable "
+                       f"with --llm-api-key-env)")
+                raise TargetError(f"GET {base}/v1/models answered {status}: {key}")
             if status != 200:
-                raise RuntimeError(f"GET {base}/v1/models answered {status}; pass --llm-model")
+                raise TargetError(f"GET {base}/v1/models answered {status}; pass --llm-model")
             self._models[base] = json.loads(body)["data"][0]["id"]
         return self._models[base]
 
@@ -423,6 +444,8 @@ class Aggregate:
         self.requests_by_worker: dict[str, int] = {}   # every recorded request, warm-up included
         self.done_workers: set[str] = set()
         self.drained_workers: set[str] = set()
+        self.lost_workers: set[str] = set()   # went silent mid-run (killed)
+        self.lost_requests = 0                # sent by a worker that died before recording them
         self.ts_file = None
         self.last_window = time.time()
         # Called with each timeseries line before it is written (may add keys to it):
@@ -579,6 +602,10 @@ class Aggregate:
         late = stamp_delay.verdict(delays, delay_limit)
         if late:
             reasons.append(late)
+        if self.lost_workers or self.lost_requests:
+            reasons.append(f"a load generator worker stopped mid-run ({len(self.lost_workers)} went silent; "
+                           f"{self.lost_requests} of its requests in flight recorded as incomplete): the load "
+                           f"was not what was asked for; find out why it died and run again")
         return {"valid": not reasons, "reasons": reasons, "cpu_max_pct": cpu_max,
                 "cpu_by_worker": per_worker,
                 "workers": max(1, len(self.cpu), len(self.requests_by_worker)),
@@ -606,6 +633,11 @@ def _on_init(environment, **_kw) -> None:
     state = LLMState(environment)
     environment.llm = state
     runner = environment.runner
+    try:
+        state.spec.validate()   # under plain locust too: a bad dataset is named before any load
+    except UsageError as exc:
+        sys.stderr.write(f"locust: error: {exc}\n")
+        raise SystemExit(EXIT_BAD_INPUT) from None
     if isinstance(runner, (MasterRunner, LocalRunner)):
         environment.llm_aggregate = Aggregate(state)
     if isinstance(runner, MasterRunner):
@@ -615,6 +647,10 @@ def _on_init(environment, **_kw) -> None:
             if len(agg.done_workers) >= max(1, len(runner.clients)):
                 gevent.spawn_later(0.1, runner.quit)
         runner.register_message("llm_done", on_done)
+        def on_fatal(msg, **_):
+            state.abort(f"worker {msg.node_id}: {msg.data['reason']}")
+        runner.register_message("llm_fatal", on_fatal)
+
         def on_drained(msg, **_):
             environment.llm_aggregate.drained_workers.add(str(msg.node_id))
         runner.register_message("llm_drained", on_drained)
@@ -701,10 +737,20 @@ def _on_test_start(environment, **_kw) -> None:
                 if isinstance(runner, LocalRunner):
                     agg.merge_local()
                 agg.flush_window(runner.user_count)
+                if _all_users_gone(runner, state):
+                    state.abort("every Locust user has stopped (see the errors above) and nothing is "
+                                "sending; fix the cause and run again")
         old = getattr(environment, "llm_window_greenlet", None)
         if old is not None:   # a second run started from the web UI
             old.kill(block=False)
         environment.llm_window_greenlet = gevent.spawn(windows)
+
+
+def _all_users_gone(runner, state: LLMState) -> bool:
+    """Users were asked for and none is left (each died of an error), while the run is not
+    ending: nothing will ever be sent again."""
+    return (runner.state == STATE_RUNNING and runner.target_user_count > 0 and runner.user_count == 0
+            and not state.draining)
 
 
 @events.report_to_master.add_listener
@@ -761,8 +807,7 @@ def _drain_workers(environment) -> float:
     while time.monotonic() < deadline:
         # a worker that answered, left (quit) or went silent (killed: no heartbeat for a few
         # seconds, long before Locust's own timeout calls it missing) is no longer waited for
-        waiting &= {str(c.id) for c in runner.clients.all
-                    if c.heartbeat > HEARTBEAT_LIVENESS - SILENT_WORKER_S}
+        waiting &= {str(c.id) for c in runner.clients.all if not _silent(c)}
         waiting -= agg.drained_workers
         if not waiting:
             break
@@ -770,21 +815,29 @@ def _drain_workers(environment) -> float:
     return time.monotonic() - t0
 
 
-def _wait_for_workers(runner: MasterRunner, timeout: float) -> None:
-    """Before the master writes the summary: its workers' last reports. Interrupted, it tells
-    them to quit (each stops its users, recording what was in flight as incomplete, ships a
-    last report and says goodbye) and waits for them; then for forked workers to exit, so
-    that requests.jsonl is complete when the summary is checked against it."""
+def _silent(client) -> bool:
+    """A worker that has missed its last heartbeats (one a second): killed, or hung."""
+    return client.heartbeat <= HEARTBEAT_LIVENESS - SILENT_WORKER_S
+
+
+def _quit_workers(runner: MasterRunner, timeout: float) -> None:
+    """Interrupted: tell the workers to quit now -- each stops its users, recording what was in
+    flight as incomplete, ships a last report and says goodbye -- and wait for them, while the
+    master still listens (Locust's own quit stops listening half a second after it asks)."""
     from locust.rpc import Message
 
     deadline = time.monotonic() + timeout
-    if runner.state in (STATE_RUNNING, STATE_SPAWNING):
-        for client in list(runner.clients.all):
-            runner.server.send_to_client(Message("quit", None, client.id))
-        while runner.clients.all and time.monotonic() < deadline:
-            gevent.sleep(0.05)
+    for client in list(runner.clients.all):
+        runner.server.send_to_client(Message("quit", None, client.id))
+    while any(not _silent(c) for c in runner.clients.all) and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+
+
+def _wait_for_forked_workers(timeout: float) -> None:
+    """Forked workers (--processes) exit before the master reads requests.jsonl, so that the
+    file is complete when the summary is checked against it."""
     try:
-        psutil.wait_procs(psutil.Process().children(), timeout=max(0.0, deadline - time.monotonic()))
+        psutil.wait_procs(psutil.Process().children(), timeout=timeout)
     except psutil.Error:
         pass
 
@@ -864,6 +917,8 @@ def _mark_interrupted(environment, **_kw) -> None:
     runner = environment.runner
     if state is not None and runner is not None and runner.state in (STATE_RUNNING, STATE_SPAWNING):
         state.interrupted = True
+        if isinstance(runner, MasterRunner):
+            _quit_workers(runner, WORKER_REPLY_MARGIN_S)
 
 
 @events.init.add_listener
@@ -926,7 +981,7 @@ def _on_quitting(environment, **_kw) -> None:
     if isinstance(runner, LocalRunner) and state.interrupted:
         runner.stop()   # interrupted: stop the users first, so the summary has all they did
     if isinstance(runner, MasterRunner):
-        _wait_for_workers(runner, WORKER_REPLY_MARGIN_S)
+        _wait_for_forked_workers(WORKER_REPLY_MARGIN_S)
     if state.log is not None:
         state.log.close()
         state.started_log.close()
@@ -941,10 +996,12 @@ def _on_quitting(environment, **_kw) -> None:
         agg.merge_local()
     stopped = time.time()
     if state.out:   # requests sent by a worker that died before it could record them
-        reconcile_started(pathlib.Path(state.out))
+        agg.lost_requests = reconcile_started(pathlib.Path(state.out))
+    if isinstance(runner, MasterRunner):
+        agg.lost_workers = {str(c.id) for c in runner.clients.all if _silent(c)}
     recovered = _recover_from_log(state, agg)
     # How the run ended: the measured window (first send to last finish) includes the drain.
-    extra: dict[str, Any] = {"interrupted": state.interrupted,
+    extra: dict[str, Any] = {"interrupted": state.interrupted, "error": state.fatal,
                              "drain": {"timeout_s": state.drain_timeout, "waited_s": state.drain_waited_s,
                                        "interrupted": state.interrupted}}
     if recovered is not None:
@@ -974,7 +1031,7 @@ def _on_quitting(environment, **_kw) -> None:
             agg.rewrite_timeseries(pathlib.Path(state.out) / "timeseries.jsonl")
         write_json(pathlib.Path(state.out) / "summary.json", summary)
     # Always set: Locust's own rule (exit 1 on any failure) does not know our SLOs.
-    environment.process_exit_code = run_exit_code(summary)
+    environment.process_exit_code = EXIT_BAD_INPUT if state.fatal else run_exit_code(summary)
 
 
 # Live observability (web UI tab and charts, Prometheus exporter, server /metrics scraping).

@@ -90,6 +90,7 @@ def parse_slo(text: str) -> Slo:
 # post-run soak step both decide with run_exit_code; 2 (bad input) comes from harness/cli.py.
 EXIT_OK = 0
 EXIT_SLO_BREACH = 1
+EXIT_BAD_INPUT = 2   # one line says what to fix; nothing (more) runs
 EXIT_GENERATOR_INVALID = 3
 EXIT_REQUEST_ERRORS = 4
 

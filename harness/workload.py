@@ -96,6 +96,8 @@ class WorkloadSpec:
             raise UsageError("--shared-prefix-len must be smaller than --input-len")
         if self.dataset and not pathlib.Path(self.dataset).is_file():
             raise UsageError(f"dataset {self.dataset!r} not found; give a ShareGPT JSON or a JSONL file")
+        if self.dataset:
+            load_dataset(self.dataset)   # parsed before any load: a bad line is named now
 
 
 def _words(rng: random.Random, n: int) -> str:
@@ -133,15 +135,32 @@ def load_dataset(path: str) -> list[dict]:
     """ShareGPT (`[{"conversations": [{"from": "human", "value": ...}, ...]}]`) or JSONL
     lines with `prompt` or `messages` (and optional `max_tokens`/`output_len`)."""
     p = pathlib.Path(path)
-    raw = p.read_text()
-    items: Iterable
     try:
-        if p.suffix == ".jsonl":
-            items = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        else:
+        raw = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"dataset {path!r} cannot be read ({e})") from None
+    items: Iterable
+    jsonl = p.suffix == ".jsonl"
+    if jsonl:
+        items = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError as e:
+                raise UsageError(f"dataset {path}:{n}: not a JSON line ({e.msg} at column "
+                                 f"{getattr(e, 'colno', '?')})") from None
+            if not isinstance(item, dict) or not _usable(item):
+                raise UsageError(f"dataset {path}:{n}: expected an object with 'prompt' (a string), "
+                                 f"'messages' (a list of chat messages) or ShareGPT 'conversations'")
+            items.append(item)
+    else:
+        try:
             items = json.loads(raw)
-    except ValueError as e:
-        raise UsageError(f"dataset {path!r} is not valid JSON/JSONL ({e}); see README, 'Datasets'") from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"dataset {path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                             f"see README, 'Datasets'") from None
     out = []
     for item in items if isinstance(items, list) else []:
         if not isinstance(item, dict):
@@ -158,6 +177,16 @@ def load_dataset(path: str) -> list[dict]:
         raise UsageError(f"dataset {path!r} has no usable entries: expected ShareGPT "
                          f"'conversations' or JSONL lines with 'prompt' or 'messages'")
     return out
+
+
+def _usable(item: dict) -> bool:
+    """A JSONL entry the workload can send."""
+    if "conversations" in item:
+        return isinstance(item["conversations"], list)
+    if "prompt" in item:
+        return isinstance(item["prompt"], str)
+    messages = item.get("messages")
+    return isinstance(messages, list) and bool(messages) and all(isinstance(m, dict) for m in messages)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import signal
 import time
 
 import psutil
+import pytest
 
 from loadrun import read_jsonl, start_load, summary, wait_for, whole_lines
 
@@ -16,7 +17,7 @@ def _start_long_run(url, out, workers="2"):
                      "--input-len", "32", "--output-len", "16", "--out", str(out), "--quiet",
                      # about interruption, not generator health: a busy shared machine's
                      # start-up CPU samples must not turn the exit code into 3
-                     "--cpu-limit", "1000")
+                     "--cpu-limit", "1000", "--stamp-delay-limit-ms", "0")
     assert wait_for(lambda: whole_lines(out / "requests.jsonl") >= 8 or run.proc.poll() is not None, 30), \
         run.output()
     assert run.proc.poll() is None, run.output()
@@ -40,8 +41,22 @@ def test_sigint_to_the_process_group_still_writes_a_complete_summary(start_sim, 
     # the workers shipped their last measurements before leaving: nothing was lost
     assert s["requests"]["completed"] + s["requests"]["failed"] + s["requests"]["incomplete"] == len(records) >= 8, log
     assert "recovered" not in s
-    assert rc == 0, log
+    assert s["interrupted"] is True
+    assert rc == 128 + signal.SIGINT, log
 
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_harness_load_alone_reaches_locust_once_and_exits_128_plus_it(start_sim, tmp_path, sig):
+    url, _ = start_sim()
+    out = tmp_path / "run"
+    run = _start_long_run(url, out)
+    run.proc.send_signal(sig)                # `kill -INT PID` / `kill PID`: not the group
+    rc, log = run.wait(30)
+    assert rc == 128 + sig, log
+    s = summary(out)
+    assert s["interrupted"] is True and "recovered" not in s
+    records = read_jsonl(out / "requests.jsonl")
+    assert s["requests"]["completed"] + s["requests"]["failed"] + s["requests"]["incomplete"] == len(records)
 
 def test_sigkill_of_the_whole_run_leaves_only_whole_lines(start_sim, tmp_path):
     url, _ = start_sim()
@@ -139,3 +154,6 @@ def test_summary_is_rebuilt_from_requests_jsonl_when_a_worker_is_killed(start_si
     s = summary(out)
     assert "recovered" in s, s.get("generator")
     assert s["requests"]["completed"] + s["requests"]["failed"] + s["requests"]["incomplete"] == len(records)
+    # a run that lost a worker did not offer the load it was asked for
+    assert s["generator"]["valid"] is False and rc == 3, (rc, s["generator"])
+    assert any("worker stopped mid-run" in r for r in s["generator"]["reasons"])

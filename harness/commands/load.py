@@ -16,6 +16,7 @@ from harness.errors import UsageError
 from harness.ports import free_port_block
 
 LOCUSTFILE = pathlib.Path(__file__).resolve().parent.parent / "default_locustfile.py"
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _duration(text: str) -> int:
@@ -204,24 +205,26 @@ def run(args: argparse.Namespace) -> int:
     if args.endpoints:
         env["HARNESS_ENDPOINTS"] = str(pathlib.Path(args.endpoints).resolve())
         env["HARNESS_ENDPOINT_KIND"] = args.endpoint
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+    # Locust runs in a session of its own: a terminal's Ctrl-C (the foreground group), a
+    # SIGINT to this PID alone, and SIGTERM all come here, and Locust gets each exactly once
+    # (a second SIGINT landing in its shutdown would cut the summary short).
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, start_new_session=True,
+                            stdin=subprocess.DEVNULL)
+    received: list[int] = []
 
     def forward(signum, _frame):
-        # SIGTERM (a CI job cancelled, `kill`): Locust shuts down cleanly on it and writes
-        # its results; Ctrl-C's SIGINT already reaches the whole process group.
+        received.append(signum)
         if proc.poll() is None:
             proc.send_signal(signum)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
-        while True:
-            try:
-                code = proc.wait()
-                break
-            except KeyboardInterrupt:
-                continue   # Locust got the same SIGINT; let it write its results
+        code = proc.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code < 0:   # Locust itself was killed by a signal
+        code = 128 - code
     summary_path = out / "summary.json"
     if summary_path.exists() and (out / "requests.jsonl").exists():
         add_breakdowns(out)
@@ -238,6 +241,8 @@ def run(args: argparse.Namespace) -> int:
     elif not summary_path.exists():
         print(f"harness load: no summary was written (locust exited with {code}); "
               f"see the output above", file=sys.stderr)
+    if received:   # interrupted: the shell's convention, whatever the partial run's verdict
+        return 128 + received[0]
     return code
 
 
