@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
+DEFAULT_ENV_VAR = "OPENAI_API_KEY"   # the openai client's own, and --llm-api-key-env's default
+
 
 def origin(url: str) -> str | None:
     """'http://HOST:PORT' of a URL (port 80 when absent), or None when it names no host."""

@@ -31,6 +31,7 @@ from locust.runners import (HEARTBEAT_LIVENESS, STATE_CLEANUP, STATE_RUNNING, ST
                             MasterRunner, WorkerRunner)
 
 from harness import token_bins
+from harness.credentials import DEFAULT_ENV_VAR as DEFAULT_API_KEY_ENV
 from harness.credentials import ApiKey
 from harness.errors import TargetError, UsageError
 from harness.histograms import HistogramSet
@@ -107,7 +108,7 @@ def _add_options(parser) -> None:
                    env_var="LOCUST_LLM_STAMP_DELAY_LIMIT_MS",
                    help="generator invalid when the p99 of its read-to-stamp delay (kernel receive "
                         "time to its timestamp, harness.stamp_delay) exceeds this; 0 = not judged")
-    g.add_argument("--llm-api-key-env", include_in_web_ui=False, default="OPENAI_API_KEY",
+    g.add_argument("--llm-api-key-env", include_in_web_ui=False, default=DEFAULT_API_KEY_ENV,
                    help="environment variable holding the API key (never logged)")
     g.add_argument("--llm-expected-workers", include_in_web_ui=False, type=int, default=0, help=argparse_hidden())
 
@@ -127,7 +128,7 @@ class LLMState:
         # Fixed at start, whatever a web form or a spawn message says later (harness.credentials):
         # where the key comes from and goes to, and where results are written (and deleted).
         o = environment.parsed_options
-        self.api_key = ApiKey(getattr(o, "llm_api_key_env", "OPENAI_API_KEY"),
+        self.api_key = ApiKey(getattr(o, "llm_api_key_env", DEFAULT_API_KEY_ENV),
                               [getattr(environment, "host", None)]
                               + [getattr(u, "host", None) for u in getattr(environment, "user_classes", ())])
         self.out = getattr(o, "llm_out", "") or ""

@@ -120,3 +120,19 @@ def test_a_run_whose_users_all_died_stops_with_exit_2(sim_server, tmp_path):
                      timeout=60)
     assert rc == 2, log
     assert time.monotonic() - t0 < 30 and "every Locust user has stopped" in log
+
+
+def test_a_dead_url_is_one_line_and_exit_2_before_any_load(tmp_path):
+    port = free_port_block(1)
+    rc, log = harness_load("--url", f"http://127.0.0.1:{port}", "--users", "2", "--duration", "60",
+                           "--out", str(tmp_path / "run"), timeout=30)
+    assert rc == 2, log
+    assert log.strip().splitlines() == [log.strip()] and f"127.0.0.1:{port}: no server answers" in log
+    assert not (tmp_path / "run" / "requests.jsonl").exists()
+
+
+def test_a_model_the_server_does_not_serve_names_the_ones_it_does(sim_server, tmp_path):
+    rc, log = harness_load("--url", sim_server, "--model", "no-such-model", "--users", "1",
+                           "--duration", "60", "--out", str(tmp_path / "run"), timeout=30)
+    assert rc == 2, log
+    assert "'no-such-model' is not served" in log and "meta-llama/Meta-Llama-3-8B-Instruct" in log

@@ -80,6 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-linger", type=float, default=0.0,
                    help="keep /metrics up this many seconds after the run (>= the scrape interval)")
     p.add_argument("--quiet", action="store_true", help="do not print the summary table")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the check that the server answers /v1/models and serves --model "
+                        "(e.g. for a server that comes up during the run)")
     p.set_defaults(func=run)
 
 
@@ -198,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
     from harness.results import format_table
 
     cmd = locust_command(args)
+    if not args.no_preflight:
+        preflight(args)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -244,6 +249,21 @@ def run(args: argparse.Namespace) -> int:
     if received:   # interrupted: the shell's convention, whatever the partial run's verdict
         return 128 + received[0]
     return code
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Every target answers /v1/models, takes the key and serves the model, before any load."""
+    from harness.credentials import DEFAULT_ENV_VAR, ApiKey
+    from harness.preflight import check_target
+
+    if args.endpoints:
+        from servers.launcher import read_endpoints
+        targets = [(e.url, e.model, "--endpoints") for e in read_endpoints(args.endpoints).endpoints]
+    else:
+        targets = [(args.url, args.model or None, "--url")]
+    key = ApiKey(DEFAULT_ENV_VAR, [url for url, _m, _o in targets])
+    for url, model, option in targets:
+        check_target(url, model, key, option)
 
 
 def add_breakdowns(out: pathlib.Path) -> None:
