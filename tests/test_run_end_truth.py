@@ -175,3 +175,18 @@ def test_plain_locust_run_time_drains_and_records_every_request(start_sim, tmp_p
     truth = _truth(truth_path, len(recs))
     assert set(truth) == set(recs) and all(r["ok"] for r in recs.values())
     assert summary(out)["drain"]["waited_s"] > 0.2
+
+
+def test_num_requests_with_a_concurrency_cap_sends_and_records_every_one(start_sim, tmp_path):
+    """The last arrivals wait for a --max-concurrency slot: the run must not end under them."""
+    truth_path = tmp_path / "truth.jsonl"
+    url, _ = start_sim("--truth-log", str(truth_path))
+    out = tmp_path / "run"
+    rc, log = harness_load("--url", url, "--rate", "50", "--max-concurrency", "2", "--num-requests", "7",
+                           *LOAD, "--out", str(out), "--quiet",
+                           "--lag-limit-ms", "1000000",   # the wait for a slot is schedule lag
+                           timeout=90)
+    assert rc == 0, log
+    recs = _records(out)
+    assert len(recs) == 7 and all(r["ok"] for r in recs.values())
+    assert set(_truth(truth_path, 7)) == set(recs)
