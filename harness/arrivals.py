@@ -6,6 +6,29 @@ import random
 
 ARRIVALS = ("poisson", "gamma", "constant")
 
+# The open-loop rate's ceiling (requests/s over all workers), for every way of setting it:
+# harness load --rate, --llm-rate, set_rate (load shapes) and the web UI's POST /llm/rate.
+MAX_RATE = 10_000.0
+MAX_RATE_REASON = (f"at most {MAX_RATE:g} requests/s: a Locust worker sends a few hundred to a "
+                   f"few thousand a second, so a higher rate would measure the load generator, "
+                   f"not the server")
+
+
+def check_rate(rate) -> float:
+    """An open-loop rate as a float in [0, MAX_RATE] (0: closed loop); ValueError otherwise
+    (booleans, non-numbers, NaN, negative, above the ceiling)."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, str)):
+        raise ValueError(f"rate must be a number of requests/s, not {rate!r}")
+    try:
+        value = float(rate)
+    except ValueError:
+        raise ValueError(f"rate must be a number of requests/s, not {rate!r}") from None
+    if not value >= 0:   # (NaN too)
+        raise ValueError(f"rate must be >= 0 requests/s (0 = closed loop), not {rate!r}")
+    if value > MAX_RATE:
+        raise ValueError(f"{value:g} requests/s is too high: {MAX_RATE_REASON}")
+    return value
+
 
 class ArrivalSchedule:
     """Successive send times for a rate that may change while running.

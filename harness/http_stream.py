@@ -20,9 +20,16 @@ has been written, nothing is ever retried: a server that closes the connection w
 may have seen the request, and a load test must count that as a failure (``disconnect``) rather
 than hide it.
 
-Failures are exceptions carrying ``error_kind`` (``connect``, ``timeout``, ``disconnect``,
-``protocol``); HTTP status codes are returned, not raised, because deciding that a status is a
-failure (``http_<status>``) is the caller's business.
+Failures are exceptions carrying ``error_kind`` (``connect``, ``timeout``, ``deadline``,
+``disconnect``, ``protocol``, ``too_large``, ``not_event_stream``); HTTP status codes are
+returned, not raised, because deciding that a status is a failure (``http_<status>``) is the
+caller's business.
+
+Bounds: ``timeout`` is the longest silence; ``deadline`` (optional) bounds the whole request
+from its send, however the bytes trickle (an endless ``: keepalive`` stream, a head sent a line
+a second); ``max_body_bytes`` (optional) caps the bytes read for one response body. Under gevent
+the deadline rides on the read-timeout timer (nothing per read); the byte cap is one
+subtraction per read.
 
 Plain ``http://`` only; one request at a time per connection (no pipelining); not thread-safe:
 one connection per simulated user.
@@ -44,6 +51,9 @@ __all__ = [
     "ReadTimeout",
     "Disconnected",
     "ProtocolError",
+    "DeadlineExceeded",
+    "ResponseTooLarge",
+    "NotEventStream",
     "StreamResponse",
     "StreamingConnection",
     "last_read_ns",
@@ -52,6 +62,7 @@ __all__ = [
 _RECV_SIZE = 65536
 _NS = 1_000_000_000
 _MAX_HEAD = 65536
+_NO_CAP = 1 << 62   # max_body_bytes=None: no cap (a budget nothing reaches)
 _perf_ns = time.perf_counter_ns
 _wall_ns = time.time_ns
 
@@ -101,6 +112,27 @@ class ProtocolError(HTTPClientError):
     error_kind = "protocol"
 
 
+class DeadlineExceeded(HTTPClientError):
+    """The whole request, from its send, took longer than the connection's ``deadline``,
+    though the server never went silent for the read timeout (bytes trickled or never ended)."""
+
+    error_kind = "deadline"
+
+
+class ResponseTooLarge(HTTPClientError):
+    """The response body outgrew the connection's ``max_body_bytes``."""
+
+    error_kind = "too_large"
+
+
+class NotEventStream(HTTPClientError):
+    """``post_stream`` got a 200 whose Content-Type is not ``text/event-stream`` (an HTML page,
+    a whole JSON answer): the server answered, but not with a stream. Raised when the body is
+    read (``pump`` or iteration), so the caller has the response's status and headers."""
+
+    error_kind = "not_event_stream"
+
+
 class StreamResponse:
     """One response: status and headers are read; iterate for ``(body_bytes, t_ns)`` chunks.
 
@@ -119,7 +151,7 @@ class StreamResponse:
     """
 
     __slots__ = ("status", "reason", "headers", "sent_ns", "headers_ns", "connect_ns", "reused",
-                 "_body", "_chunks", "_done", "_conn")
+                 "_body", "_chunks", "_done", "_conn", "refused")
 
     def __init__(self, status: int, reason: str, headers: dict[str, str], sent_ns: int,
                  headers_ns: int, connect_ns: int, reused: bool, body: "_Body",
@@ -135,11 +167,19 @@ class StreamResponse:
         self._chunks: Iterator[tuple[bytes, int]] | None = None
         self._done = False
         self._conn = conn
+        self.refused: HTTPClientError | None = None   # raised instead of reading the body
+
+    def _refuse(self) -> None:
+        exc = self.refused
+        self.close()   # the body is not read: the connection goes
+        raise exc
 
     def __iter__(self) -> Iterator[tuple[bytes, int]]:
         """Yield ``(bytes, t_ns)`` per socket read until the body ends."""
         if self._done:
             raise RuntimeError("response body already consumed")
+        if self.refused is not None:
+            self._refuse()
         self._done = True
         self._chunks = self._conn._body(self._body)
         return self._chunks
@@ -161,6 +201,8 @@ class StreamResponse:
         """
         if self._done:
             raise RuntimeError("response body already consumed")
+        if self.refused is not None:
+            self._refuse()
         self._done = True
         self._conn._pump(self._body, sink)
 
@@ -188,14 +230,21 @@ class StreamingConnection:
     ``timeout`` is the read (idle) timeout: the longest silence tolerated while waiting for
     response bytes; it raises ``ReadTimeout``. ``connect_timeout`` (default: ``timeout``) bounds
     opening the connection; it raises ``ConnectTimeout``. ``None`` means wait forever.
+    ``deadline`` bounds each whole request, from its send to the end of its body, however the
+    bytes come (``DeadlineExceeded``); ``max_body_bytes`` caps the bytes read for one response
+    body (``ResponseTooLarge``). ``None``: no bound.
     """
 
     def __init__(self, host: str, port: int, timeout: float | None = 60.0,
-                 connect_timeout: float | None = None) -> None:
+                 connect_timeout: float | None = None, deadline: float | None = None,
+                 max_body_bytes: int | None = None) -> None:
         self.host = host
         self.port = port
         self.read_timeout = timeout
         self.connect_timeout = timeout if connect_timeout is None else connect_timeout
+        self.deadline = None
+        self._deadline_ns = 0   # this request's deadline (perf_counter_ns; 0 = none)
+        self.max_body_bytes = None
         self._host_header = host if port == 80 else f"{host}:{port}"
         if ":" in host and not host.startswith("["):
             self._host_header = f"[{host}]" if port == 80 else f"[{host}]:{port}"
@@ -222,9 +271,17 @@ class StreamingConnection:
                     headers: Mapping[str, str] | None = None) -> StreamResponse:
         """POST ``body`` (JSON) and return once the response head is read; iterate it for the body.
 
-        Defaults ``Content-Type: application/json`` and ``Accept: text/event-stream``.
+        Defaults ``Content-Type: application/json`` and ``Accept: text/event-stream``. A 200
+        whose Content-Type is given and is not ``text/event-stream`` raises ``NotEventStream``
+        when its body is read.
         """
-        return self.open("POST", path, body, headers, accept=b"text/event-stream")
+        resp = self.open("POST", path, body, headers, accept=b"text/event-stream")
+        if resp.status == 200:
+            ctype = resp.headers.get("content-type")
+            if ctype is not None and ctype.split(";", 1)[0].strip().lower() != "text/event-stream":
+                resp.refused = None and NotEventStream(f"{self._host_header} answered 200 with Content-Type "
+                                              f"{ctype[:80]!r}, not text/event-stream")
+        return resp
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: Mapping[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -259,14 +316,16 @@ class StreamingConnection:
         if coop is not None:
             coop.arm()
         sent_ns = _perf_ns()
+        if self.deadline:
+            self._deadline_ns = sent_ns + int(self.deadline * _NS)
         try:
             if coop is not None:
                 coop.sendall(sock, request)
             else:
                 sock.sendall(request)
-        except (socket.timeout, _ReadWatchdog) as e:
+        except (socket.timeout, _ReadWatchdog, _DeadlineWatchdog) as e:
             self._drop()
-            raise ReadTimeout(f"timed out writing request to {self._host_header}") from e
+            raise self._timed_out(e, "writing the request") from e
         except OSError as e:
             self._drop()
             if not reused:
@@ -281,14 +340,16 @@ class StreamingConnection:
             if coop is not None:
                 coop.arm()
             sent_ns = _perf_ns()
+            if self.deadline:
+                self._deadline_ns = sent_ns + int(self.deadline * _NS)
             try:
                 if coop is not None:
                     coop.sendall(sock, request)
                 else:
                     sock.sendall(request)
-            except (socket.timeout, _ReadWatchdog) as e2:
+            except (socket.timeout, _ReadWatchdog, _DeadlineWatchdog) as e2:
                 self._drop()
-                raise ReadTimeout(f"timed out writing request to {self._host_header}") from e2
+                raise self._timed_out(e2, "writing the request") from e2
             except OSError as e2:
                 self._drop()
                 raise Disconnected(f"connection lost while writing request: {e2}") from e2
@@ -353,7 +414,7 @@ class StreamingConnection:
             # Cooperative reads (see _CooperativeReads): the socket itself never times out.
             sock.settimeout(None)
             self._coop = _CooperativeReads(sock, self.read_timeout,
-                                           stamp_delay.enable_kernel_stamps(sock))
+                                           stamp_delay.enable_kernel_stamps(sock), self.deadline)
         else:
             sock.settimeout(self.read_timeout)
         self._sock = sock
@@ -397,16 +458,32 @@ class StreamingConnection:
         del data
         return False
 
+    def _timed_out(self, e: BaseException, doing: str = "") -> HTTPClientError:
+        """The failure a watchdog or a socket timeout stands for: the deadline's, once it has
+        passed, else the read timeout's."""
+        if isinstance(e, _DeadlineWatchdog) or (self._deadline_ns and _perf_ns() >= self._deadline_ns):
+            return DeadlineExceeded(f"request to {self._host_header} not finished within its "
+                                    f"{self.deadline}s deadline" + (f" ({doing})" if doing else ""))
+        if doing:
+            return ReadTimeout(f"timed out {doing} to {self._host_header}")
+        return ReadTimeout(f"no data from {self._host_header} for {self.read_timeout}s")
+
     def _recv(self, sock: socket.socket) -> tuple[bytes, int]:
         coop = self._coop
         try:
             if coop is not None:
                 data = coop.recv(sock)
             else:
+                if self._deadline_ns:   # blocking socket: wait no longer than the deadline
+                    left = (self._deadline_ns - _perf_ns()) / _NS
+                    if left <= 0:
+                        raise socket.timeout()
+                    rt = self.read_timeout
+                    sock.settimeout(left if rt is None or left < rt else rt)
                 data = sock.recv(_RECV_SIZE)
-        except (socket.timeout, _ReadWatchdog) as e:
+        except (socket.timeout, _ReadWatchdog, _DeadlineWatchdog) as e:
             self._drop()
-            raise ReadTimeout(f"no data from {self._host_header} for {self.read_timeout}s") from e
+            raise self._timed_out(e) from e
         except OSError as e:
             self._drop()
             raise Disconnected(f"connection to {self._host_header} broken: {e}") from e
@@ -422,6 +499,9 @@ class StreamingConnection:
                     raise Disconnected("connection closed in the middle of the response head")
                 raise Disconnected("connection closed before any response byte")
             buf = buf + data if buf else data
+            if False:   # not an HTTP response at all: say so now
+                self._drop()
+                raise ProtocolError(f"bad status line {buf[:100]!r}")
             while True:
                 end = buf.find(b"\r\n\r\n")
                 if end < 0:
@@ -433,6 +513,9 @@ class StreamingConnection:
                 rest = buf[end + 4:]
                 if 100 <= status < 200 and status != 101:
                     buf = rest  # interim response (100 Continue, 103 Early Hints): skip it
+                    if buf[:5] != b"HTTP/"[:len(buf)]:
+                        self._drop()
+                        raise ProtocolError(f"bad status line {buf[:100]!r}")
                     continue
                 conn_tokens = headers.get("connection", "").lower()
                 if version == "HTTP/1.0":
@@ -450,8 +533,10 @@ class StreamingConnection:
         try:
             status = int(parts[1])
         except ValueError:
+            status = 0
+        if not 100 <= status <= 999:
             self._drop()
-            raise ProtocolError(f"bad status line {lines[0][:100]!r}") from None
+            raise ProtocolError(f"bad status line {lines[0][:100]!r}")
         headers: dict[str, str] = {}
         for line in lines[1:]:
             name, sep, value = line.partition(":")
@@ -479,16 +564,16 @@ class StreamingConnection:
         complete = False
         try:
             decoder = _ChunkedDecoder()
+            budget = self._budget(len(body.rest))
             if body.rest:
                 out = decoder.feed(body.rest)
                 if out:
                     sink(out, body.t_head)
             if not decoder.done:
                 try:
-                    ended = coop.pump(decoder, sink)
-                except _ReadWatchdog as e:
-                    raise ReadTimeout(f"no data from {self._host_header} for "
-                                      f"{self.read_timeout}s") from e
+                    ended = coop.pump(decoder, sink, budget, self._too_large)
+                except (_ReadWatchdog, _DeadlineWatchdog) as e:
+                    raise self._timed_out(e) from e
                 except (ProtocolError, Disconnected):
                     raise
                 except OSError as e:
@@ -505,6 +590,20 @@ class StreamingConnection:
                 if not (complete and keep_alive):
                     self._drop()
 
+    def _budget(self, used: int) -> int:
+        """What ``max_body_bytes`` leaves after ``used`` bytes (a budget nothing reaches without
+        a cap); ``ResponseTooLarge`` when nothing is left."""
+        cap = self.max_body_bytes
+        if cap is None:
+            return _NO_CAP
+        if used > cap:
+            raise self._too_large()
+        return cap - used
+
+    def _too_large(self) -> "ResponseTooLarge":
+        return ResponseTooLarge(f"response from {self._host_header} larger than "
+                                f"{self.max_body_bytes} bytes")
+
     def _body(self, body: "_Body") -> Iterator[tuple[bytes, int]]:
         """Generator of decoded body chunks; leaves the socket reusable only after a clean end."""
         sock, method, status, headers = body.sock, body.method, body.status, body.headers
@@ -517,6 +616,7 @@ class StreamingConnection:
                     keep_alive = False
                 return
             te = headers.get("transfer-encoding", "").lower()
+            budget = self._budget(len(rest))
             if "chunked" in te:
                 decoder = _ChunkedDecoder()
                 data, t_ns = rest, t_head
@@ -533,12 +633,18 @@ class StreamingConnection:
                     data, t_ns = self._recv(sock)
                     if not data:
                         raise Disconnected("connection closed in the middle of a chunked body")
+                    budget -= len(data)
+                    if budget < 0:
+                        raise self._too_large()
             cl = headers.get("content-length")
             if cl is not None and not te:
                 try:
                     remaining = int(cl.split(",")[0])
                 except ValueError:
                     raise ProtocolError(f"bad Content-Length {cl!r}") from None
+                if remaining < 0:
+                    raise ProtocolError(f"bad Content-Length {cl!r}")
+                self._budget(remaining)   # a declared length over the cap fails now
                 data, t_ns = rest, t_head
                 while True:
                     if data:
@@ -562,6 +668,9 @@ class StreamingConnection:
                 if not data:
                     complete = True
                     return
+                budget -= len(data)
+                if budget < 0:
+                    raise self._too_large()
                 yield data, t_ns
         finally:
             if self._sock is sock:
@@ -596,6 +705,10 @@ class _ReadWatchdog(Exception):
     """Thrown into a greenlet whose wait for bytes outlasted the read timeout (gevent only)."""
 
 
+class _DeadlineWatchdog(Exception):
+    """Thrown into a greenlet still waiting on its request when its deadline passed (gevent only)."""
+
+
 class _CooperativeReads:
     """Reads of one gevent socket: one io-watcher wait, then one ``recv`` that finds the bytes.
 
@@ -606,13 +719,16 @@ class _CooperativeReads:
     request: when it fires it checks whether the current wait (``recv`` or ``sendall``) has
     lasted ``timeout`` seconds, throws ``_ReadWatchdog`` into the waiting greenlet if so, and
     otherwise re-arms for the rest. Same semantics as a socket timeout: the longest single wait.
+    The request's deadline (optional) rides on the same timer: it fires by the deadline at the
+    latest and throws ``_DeadlineWatchdog`` into a greenlet still waiting then; a wait that
+    begins after the deadline fails at once.
     """
 
     __slots__ = ("hub", "watcher", "timeout", "timer", "extra", "greenlet", "waiting", "since",
-                 "_wait", "_recv", "_raw", "_recvmsg")
+                 "deadline", "deadline_ns", "_wait", "_recv", "_raw", "_recvmsg")
 
     def __init__(self, sock: socket.socket, timeout: float | None,
-                 kernel_stamps: bool = False) -> None:
+                 kernel_stamps: bool = False, deadline: float | None = None) -> None:
         from gevent import get_hub
 
         self.hub = get_hub()
@@ -627,7 +743,11 @@ class _CooperativeReads:
         # recvmsg calls that bring the stamp along: the generator's check on its own lateness.
         self._recvmsg = self._raw.recvmsg if kernel_stamps and self._raw is not None else None
         self.timeout = timeout
-        self.timer = self.hub.loop.timer(timeout, ref=False) if timeout is not None else None
+        self.deadline = deadline if deadline else None
+        self.deadline_ns = 0   # this request's (0: none)
+        first = timeout if self.deadline is None else (
+            self.deadline if timeout is None else min(timeout, self.deadline))
+        self.timer = self.hub.loop.timer(first, ref=False) if first is not None else None
         self.extra = None  # a re-armed timer for the rest of a wait that began late
         self.greenlet = None
         self.waiting = False
@@ -641,6 +761,8 @@ class _CooperativeReads:
         from greenlet import getcurrent
 
         self.greenlet = getcurrent()
+        if self.deadline is not None:
+            self.deadline_ns = _perf_ns() + int(self.deadline * _NS)
         self._stop_extra()
         timer.stop()
         timer.start(self._fire)
@@ -659,6 +781,8 @@ class _CooperativeReads:
 
     def recv(self, sock: socket.socket) -> bytes:
         self.since = _perf_ns()
+        if self.deadline_ns and self.since >= self.deadline_ns:
+            raise _DeadlineWatchdog()   # (the timer throws only into a wait)
         self.waiting = True
         try:
             raw_recv = self._recv
@@ -674,8 +798,10 @@ class _CooperativeReads:
         finally:
             self.waiting = False
 
-    def pump(self, decoder: "_ChunkedDecoder", sink: Callable[[bytes, int], None]) -> bool:
+    def pump(self, decoder: "_ChunkedDecoder", sink: Callable[[bytes, int], None],
+             budget: int = _NO_CAP, too_large: Callable[[], Exception] | None = None) -> bool:
         """Read the rest of a chunked body in watcher callbacks; True at its end, False on EOF.
+        More than ``budget`` bytes read raises ``too_large()``.
 
         The calling greenlet waits once, for the whole body; the callback (in the event loop's
         greenlet) does one ``recv`` per readiness, stamps it, de-chunks it and hands the bytes to
@@ -724,6 +850,7 @@ class _CooperativeReads:
                 watcher.stop()
                 waiter.throw(e)
                 return
+            nonlocal budget
             t_ns = perf_ns()
             if anc is not None and data:
                 record(anc, wall_ns())
@@ -733,7 +860,10 @@ class _CooperativeReads:
                 watcher.stop()
                 waiter.switch(False)
                 return
+            budget -= len(data)
             try:
+                if budget < 0:
+                    raise too_large()
                 out = feed(data)
                 if out:
                     sink(out, t_ns)
@@ -792,14 +922,27 @@ class _CooperativeReads:
 
     def _fire(self) -> None:
         remaining = self.timeout
+        now = _perf_ns()
+        deadline_ns = self.deadline_ns
         if self.waiting:
-            waited = (_perf_ns() - self.since) / _NS
-            if waited >= self.timeout:
+            exc = None
+            if deadline_ns and now >= deadline_ns:
+                exc = _DeadlineWatchdog()
+            elif remaining is not None:
+                waited = (now - self.since) / _NS
+                if waited >= remaining:
+                    exc = _ReadWatchdog()
+                remaining -= waited
+            if exc is not None:
                 g = self.greenlet
                 if g is not None and not g.dead:
-                    g.throw(_ReadWatchdog())
+                    g.throw(exc)
                 return
-            remaining = self.timeout - waited
+        if deadline_ns:
+            left = (deadline_ns - now) / _NS
+            if left <= 0:
+                return   # not waiting now: the next wait fails at once (recv)
+            remaining = left if remaining is None or left < remaining else remaining
         self._stop_extra()
         extra = self.extra = self.hub.loop.timer(max(remaining, 0.001), ref=False)
         extra.start(self._fire)

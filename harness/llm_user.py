@@ -125,7 +125,9 @@ class LLMUser(User):
     def _conn(self) -> StreamingConnection:
         if self._idle:
             return self._idle.pop()
-        return StreamingConnection(*self._addr, timeout=self.state.timeout, connect_timeout=10.0)
+        return StreamingConnection(*self._addr, timeout=self.state.timeout, connect_timeout=10.0,
+                                   deadline=self.state.request_deadline,
+                                   max_body_bytes=self.state.max_response_bytes)
 
     def on_start(self) -> None:
         self._workload = None
@@ -210,6 +212,10 @@ class LLMUser(User):
                 raise
             if pool is not self._inflight:
                 self._inflight.add(g)
+            # Yield at every arrival: behind schedule (a rate faster than this loop) it never
+            # sleeps above, and nothing else -- the run's end, signals, the web UI, the
+            # requests it spawned -- would ever run.
+            gevent.sleep(0)
         self._inflight.join()
         st.wait_finished()
 

@@ -82,8 +82,30 @@ def _add_options(parser) -> None:
                    help="ShareGPT JSON or JSONL prompts file")
     g.add_argument("--llm-soak-mix", include_in_web_ui=False, action="store_true", default=False,
                    help="the seed plan's three prompts (128 tokens out)")
-    g.add_argument("--llm-rate", type=float, default=0.0, include_in_web_ui=True,
-                   help="open loop: requests/s across all workers (0 = closed loop, one request per user at a time)")
+    import argparse
+    from harness.arrivals import MAX_RATE, check_rate
+    from harness.timing import MAX_RESPONSE_BYTES
+
+    def rate(text: str) -> float:   # argparse types whose error says what is wrong, in one line
+        try:
+            return check_rate(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    def at_least_0(kind, unit: str):
+        def convert(text: str):
+            try:
+                value = kind(text)
+            except ValueError:
+                value = -1
+            if not 0 <= value < float("inf"):
+                raise argparse.ArgumentTypeError(f"give {unit} >= 0, not {text!r}")
+            return value
+        return convert
+
+    g.add_argument("--llm-rate", type=rate, default=0.0, include_in_web_ui=True,
+                   help=f"open loop: requests/s across all workers (0 = closed loop, one request per "
+                        f"user at a time; at most {MAX_RATE:g})")
     g.add_argument("--llm-arrival", include_in_web_ui=False, default="poisson", choices=["poisson", "gamma", "constant"],
                    help="open-loop arrival process")
     g.add_argument("--llm-burstiness", include_in_web_ui=False, type=float, default=1.0, help="gamma shape (1 = Poisson)")
@@ -95,6 +117,13 @@ def _add_options(parser) -> None:
     g.add_argument("--llm-slo", default="", include_in_web_ui=True,
                    help="comma-separated SLOs, e.g. 'ttft_p99_ms<=200,tpot_p99_ms<=30,error_rate<=0.01'")
     g.add_argument("--llm-timeout", include_in_web_ui=False, type=float, default=600.0, help="read timeout per request, seconds")
+    g.add_argument("--llm-request-deadline", include_in_web_ui=False, default=0.0,
+                   type=at_least_0(float, "seconds"),
+                   help="whole-request deadline, seconds from the send (0 = --llm-timeout plus a "
+                        "second per output token)")
+    g.add_argument("--llm-max-response-bytes", include_in_web_ui=False, default=MAX_RESPONSE_BYTES,
+                   type=at_least_0(int, "bytes"),
+                   help="cap on the bytes read for one response (0 = no cap)")
     g.add_argument("--llm-drain-timeout", include_in_web_ui=False, type=float, default=-1.0,
                    help="when the run ends, wait up to this many seconds for the requests in flight "
                         "(default: --llm-timeout); what is still unfinished is recorded as incomplete")
@@ -168,7 +197,9 @@ class LLMState:
 
     def _read_options(self, o) -> None:
         self.options = o
-        self.rate = float(getattr(o, "llm_rate", 0.0) or 0.0)
+        from harness.arrivals import MAX_RATE
+        from harness.timing import MAX_RESPONSE_BYTES, default_request_deadline
+        self.rate = min(float(getattr(o, "llm_rate", 0.0) or 0.0), MAX_RATE)   # (a start form's is unchecked)
         # bumped whenever the rate may have changed (set_rate, options re-read at a test
         # start): open-loop dispatchers then re-plan their next arrival at once
         self.rate_version = getattr(self, "rate_version", 0) + 1
@@ -193,6 +224,9 @@ class LLMState:
         self.cooldown = float(getattr(o, "llm_cooldown", 0.0))
         self.run_time = getattr(o, "run_time", None)
         self.num_requests = int(getattr(o, "llm_num_requests", 0) or 0)
+        self.request_deadline = float(getattr(o, "llm_request_deadline", 0.0) or 0.0) or default_request_deadline(
+            self.timeout, self.spec.output_len * (1 + self.spec.output_len_range))
+        self.max_response_bytes = int(getattr(o, "llm_max_response_bytes", MAX_RESPONSE_BYTES) or 0) or None
 
     def reload_options(self) -> None:
         """Re-read the options at each test start: the web UI's start form (and a master's
@@ -674,11 +708,12 @@ def set_rate(environment, rate: float) -> None:
     Works on a local runner and on the master (which tells every worker with an
     `llm_set_rate` message; each worker runs its share, rate / workers). Dispatchers
     re-plan their next arrival at once. 0 turns the users back into closed loops.
-    Locust load shapes (locustfiles/shapes.py) and web routes call this.
+    Locust load shapes (locustfiles/shapes.py) and web routes call this. ValueError for a
+    rate outside 0..harness.arrivals.MAX_RATE (the ceiling, and why, in its message).
     """
-    rate = float(rate)
-    if rate < 0:
-        raise ValueError("rate must be >= 0 requests/s")
+    from harness.arrivals import check_rate
+
+    rate = check_rate(rate)
     state: LLMState = environment.llm
     state.change_rate(rate)
     if environment.parsed_options is not None:

@@ -50,12 +50,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONNECT",
+    "DEADLINE",
     "DISCONNECT",
     "EMPTY_OUTPUT",
+    "ERROR_KINDS",
     "INCOMPLETE",
     "MALFORMED_EVENT",
+    "NOT_EVENT_STREAM",
+    "PROTOCOL",
     "STREAM_ERROR",
     "TIMEOUT",
+    "TOO_LARGE",
     "RequestRecord",
     "StreamTimer",
     "exception_error_kind",
@@ -69,9 +74,32 @@ MALFORMED_EVENT = "malformed_event"  # an SSE data payload that is not valid JSO
 DISCONNECT = "disconnect"  # the stream ended without [DONE] and without a finish_reason
 EMPTY_OUTPUT = "empty_output"  # a complete stream with no token-carrying event
 STREAM_ERROR = "stream_error"  # the server sent an error object inside the stream
-TIMEOUT = "timeout"
+TIMEOUT = "timeout"  # silence: no byte for the read timeout (--timeout)
 CONNECT = "connect"
+# The transport's kinds (harness.http_stream's exceptions carry these names):
+DEADLINE = "deadline"  # the whole request outlasted its deadline (--request-deadline)
+TOO_LARGE = "too_large"  # the response outgrew the cap on buffered bytes (--max-response-bytes)
+NOT_EVENT_STREAM = "not_event_stream"  # a 200 whose Content-Type is not text/event-stream
+PROTOCOL = "protocol"  # not valid HTTP/1.x (bad status line, bad chunk framing, head too large)
 INCOMPLETE = "incomplete"  # still in flight when the run stopped (not a server failure)
+# Every error kind a request can end with, besides ``http_<status>`` (README, "Errors");
+# ``error`` is the catch-all for an exception nothing here classifies.
+ERROR_KINDS = (CONNECT, TIMEOUT, DEADLINE, DISCONNECT, PROTOCOL, NOT_EVENT_STREAM, TOO_LARGE,
+               MALFORMED_EVENT, STREAM_ERROR, EMPTY_OUTPUT, "error")
+
+# Bounds on one request (harness load's --request-deadline and --max-response-bytes; the
+# plugin's --llm-request-deadline and --llm-max-response-bytes). The deadline is there to end
+# streams that never end (an endless ``: keepalive`` stream, a head trickled a line at a time:
+# the read timeout measures only silence), not to judge latency, so its default is generous:
+# the read timeout (the wait before the first token) plus a second per output token.
+DEADLINE_S_PER_TOKEN = 1.0
+MAX_RESPONSE_BYTES = 32 << 20   # ~100,000 streamed chat tokens of vLLM's events; 0 = no cap
+
+
+def default_request_deadline(timeout_s: float, max_output_tokens: float) -> float:
+    """The whole-request deadline (seconds) when none is given."""
+    return timeout_s + DEADLINE_S_PER_TOKEN * max(1.0, max_output_tokens)
+
 
 _WALL_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
 _NS_PER_MS = 1_000_000.0

@@ -129,10 +129,13 @@ class Timeline:
 
 
 def parse_rate(value: Any) -> float:
-    rate = float(value)
-    if not math.isfinite(rate) or rate < 0:
-        raise ValueError("rate must be a finite number >= 0 (requests/s; 0 = closed loop)")
-    return rate
+    """A posted rate (form text or a JSON number): requests/s in 0..harness.arrivals.MAX_RATE;
+    ValueError (the ceiling and why, a boolean, a list, a missing value) otherwise."""
+    from harness.arrivals import check_rate
+
+    if value is None or value == "":
+        raise ValueError("give rate=<requests/s> (0 = closed loop)")
+    return check_rate(value)
 
 
 # Start-form keys Locust handles itself (`/swarm`), each with its own parsing. Any other posted
@@ -242,7 +245,9 @@ def install(environment, web_ui) -> None:
     def llm_rate():
         payload = request.get_json(silent=True) if request.is_json else request.form
         try:
-            rate = parse_rate((payload or {}).get("rate"))
+            if not isinstance(payload, Mapping):
+                raise ValueError("post a form or a JSON object with rate=<requests/s>")
+            rate = parse_rate(payload.get("rate"))
         except (TypeError, ValueError) as exc:
             return jsonify({"ok": False, "message": str(exc)}), 400
         set_rate(environment, rate)

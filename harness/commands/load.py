@@ -30,6 +30,8 @@ def _duration(text: str) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from harness.arrivals import MAX_RATE
+
     p = sub.add_parser("load", help="one headless load run through Locust",
                        description="Stream chat/completions at a server with Locust users and "
                                    "write summary.json, requests.jsonl, timeseries.jsonl.")
@@ -39,7 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                             "evenly over every replica, reported per replica")
     p.add_argument("--model", default="", help="served model name (default: the server's first)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--rate", type=float, help="open loop: requests/s (Poisson unless --arrival)")
+    mode.add_argument("--rate", type=float,
+                      help=f"open loop: requests/s over all workers (Poisson unless --arrival; "
+                           f"at most {MAX_RATE:g})")
     mode.add_argument("--users", type=int, help="closed loop: concurrent users (default 8)")
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "constant"])
     p.add_argument("--burstiness", type=float, default=1.0)
@@ -63,7 +67,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=float, default=0.0, help="seconds excluded at the start")
     p.add_argument("--cooldown", type=float, default=0.0, help="seconds excluded at the end")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request read timeout, s")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="per-request read timeout: the longest silence, s")
+    p.add_argument("--request-deadline", type=float, default=None,
+                   help="whole-request deadline, s from the send, however the bytes trickle "
+                        "(default: --timeout plus 1 s per output token)")
+    p.add_argument("--max-response-bytes", type=int, default=None,
+                   help="cap on the bytes read for one response (default 32 MiB; 0 = no cap)")
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="at the end, wait up to this many seconds for requests in flight (default: "
                         "--timeout); what is still unfinished is recorded as incomplete")
@@ -90,11 +100,40 @@ def locust_command(args: argparse.Namespace) -> list[str]:
     from harness.slo import parse_slo
     from harness.workload import WorkloadSpec
 
+    import math
+
+    from harness.arrivals import check_rate
+
     if args.endpoints:
         args.url = _first_endpoint_url(args.endpoints)
+    url_opt = "--endpoints" if args.endpoints else "--url"
     parts = urlsplit(args.url)
     if parts.scheme != "http" or not parts.hostname:
-        raise UsageError(f"--url {args.url!r} must be http://HOST:PORT (https is not supported yet)")
+        raise UsageError(f"{url_opt} {args.url!r} must be http://HOST:PORT (https is not supported yet)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:   # (None: no port given, 80)
+        raise UsageError(f"{url_opt} {args.url!r}: the port must be a number in 1..65535")
+
+    def positive(option: str, value, what: str, zero_ok: bool = False) -> None:
+        if value is not None and not (0 <= value if zero_ok else 0 < value) or value == math.inf:
+            raise UsageError(f"{option} must be {'>= 0' if zero_ok else '> 0'} {what}, not {value}")
+
+    positive("--timeout", args.timeout, "seconds (the longest silence a request may have)")
+    positive("--request-deadline", args.request_deadline, "seconds (a whole request, from its send)")
+    positive("--max-response-bytes", args.max_response_bytes, "bytes (0: no cap)", zero_ok=True)
+    positive("--max-concurrency", args.max_concurrency, "requests in flight (0: no cap)", zero_ok=True)
+    if args.num_requests < 0:
+        raise UsageError(f"--num-requests must be at least 1, not {args.num_requests}")
+    positive("--burstiness", args.burstiness, "(the gamma shape; 1 is Poisson)")
+    positive("--warmup", args.warmup, "seconds", zero_ok=True)
+    positive("--cooldown", args.cooldown, "seconds", zero_ok=True)
+    if args.locustfile:
+        for f in args.locustfile.split(","):
+            if "://" not in f and not pathlib.Path(f).exists():
+                raise UsageError(f"--locustfile {f!r} not found")
     for s in args.slo:
         parse_slo(s)
     WorkloadSpec(input_len=args.input_len, output_len=args.output_len,
@@ -103,11 +142,28 @@ def locust_command(args: argparse.Namespace) -> list[str]:
                  soak_mix=args.soak_mix).validate()
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
-    if args.rate is not None and args.rate <= 0:
-        raise UsageError("--rate must be > 0 requests/s")
+    if args.rate is not None:
+        if not args.rate > 0:
+            raise UsageError(f"--rate must be > 0 requests/s (a closed loop: --users), not {args.rate:g}")
+        try:
+            check_rate(args.rate)
+        except ValueError as e:
+            raise UsageError(f"--rate {e}") from None
     if not args.duration and not args.num_requests:
         raise UsageError("give --duration or --num-requests: every run is bounded")
-    run_time = _duration(args.duration) if args.duration else 3600
+    run_time = 3600
+    if args.duration:
+        try:
+            run_time = _duration(args.duration)
+        except (UsageError, OverflowError):
+            run_time = 0
+        if not 1 <= run_time <= 10**8:
+            raise UsageError(f"--duration {args.duration!r}: give at least 1 second, as 90, 90s, "
+                             f"15m or 2h")
+        if args.warmup + args.cooldown >= run_time:
+            also = f" plus --cooldown {args.cooldown:g} s" if args.cooldown else ""
+            raise UsageError(f"--warmup {args.warmup:g} s{also} leaves nothing of --duration "
+                             f"{args.duration} to measure")
     from harness.soak import apply_defaults
     apply_defaults(args, _duration(args.duration) if args.duration else None)
     if args.cooldown and not args.duration:
@@ -116,6 +172,21 @@ def locust_command(args: argparse.Namespace) -> list[str]:
     if users < 1:
         raise UsageError("--users must be at least 1")
     out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out!r} is a file; give a directory for the results")
+    missing = [d for d in (out, *out.parents) if not d.exists()]   # (the deepest first)
+    try:   # made and removed again: an unwritable path is one line here, before anything runs
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        raise UsageError(f"--out {args.out!r} cannot be written ({e.strerror or e})") from None
+    finally:
+        for d in missing:
+            try:
+                d.rmdir()
+            except OSError:
+                break
     cmd = [sys.executable, "-m", "locust", "-f", args.locustfile or str(LOCUSTFILE), "--headless",
            "-u", str(users), "-r", str(users),
            "--run-time", f"{run_time}s", "--only-summary",
@@ -129,6 +200,10 @@ def locust_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--llm-model", args.model]
     if args.rate:
         cmd += ["--llm-rate", str(args.rate)]
+    if args.request_deadline:
+        cmd += ["--llm-request-deadline", str(args.request_deadline)]
+    if args.max_response_bytes is not None:
+        cmd += ["--llm-max-response-bytes", str(args.max_response_bytes)]
     if args.max_concurrency:
         cmd += ["--llm-max-concurrency", str(args.max_concurrency)]
     if args.num_requests:

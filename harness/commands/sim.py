@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=int, default=1, help="replicas on consecutive ports")
     p.add_argument("--layout", default=None,
                    help="serve a launcher layout (single, tp2, mixed12 or FILE.yaml) as simulated "
-                        "replicas on consecutive ports; writes OUT/endpoints.json")
+                        "replicas on consecutive ports; writes OUT/endpoints.json (removed on exit)")
     p.add_argument("--gpu", default="l40s", help="with --layout: the GPU the replicas simulate")
     p.add_argument("--gpus", type=int, default=12, help="with --layout: GPUs in the simulated machine")
     p.add_argument("--out", default=None, help="with --layout: where endpoints.json goes")
@@ -118,7 +118,27 @@ def _write_endpoints(args: argparse.Namespace) -> None:
     os.makedirs(args.out, exist_ok=True)
     path = write_endpoints(os.path.join(args.out, "endpoints.json"), eps, layout=args.layout,
                            layout_source="simulator", extra={"simulated_gpu": args.gpu})
+    args.endpoints_written = path
     print(f"harness sim: {len(eps)} replicas of layout {args.layout}; endpoint list {path}", flush=True)
+
+
+def _remove_endpoints(args: argparse.Namespace) -> None:
+    """On exit: the endpoint list goes with the replicas it names (a later `harness load
+    --endpoints` would get only connect errors). Left alone if another process has since
+    written its own there."""
+    import json
+    import os
+
+    path = getattr(args, "endpoints_written", None)
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            ours = json.load(f).get("launcher_pid") == os.getpid()
+        if ours:
+            os.remove(path)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # (a clean exit: see _remove_endpoints)
             loop.add_signal_handler(sig, stop.set)
         ready = asyncio.Event()
         task = asyncio.ensure_future(serve(replicas, ready, stop))
@@ -160,4 +180,6 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"port in use ({e.strerror}) in {args.port}..{args.port + args.replicas - 1} "
                              f"on {args.host}; pick free ports with --port") from None
         raise
+    finally:
+        _remove_endpoints(args)
     return 0
