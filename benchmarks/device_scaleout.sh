@@ -18,14 +18,16 @@
 #   report.md       the report alone (client_cost.py report --json scaleout.jsonl)
 #   machine.txt     nproc, lscpu, topology, Python, package versions
 #
-# Knobs (environment): PY (python3), SITE (/tmp/site), SPW ("48 128": streams per worker),
+# Knobs (environment): PY (python3), SITE (/tmp/site), WHL (.whl: the wheels' folder, relative to
+# the repository root or absolute; installed once per SITE), SPW ("48 128": streams per worker),
 # WORKERS ("": auto, e.g. "1 2 4 8"), SIMS / SIM_CPUS / CLIENT_CPUS ("": auto), RUN_SECONDS (10:
 # steady load per case), REPEATS (1), DEADLINE_S (330), NO_RT (1: no real-time priority),
-# EXTRA (more client_cost.py arguments).
+# EXTRA (more client_cost.py arguments, e.g. "--variants before=DIR after=." for an A/B).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 SITE=${SITE:-/tmp/site}
+WHL=${WHL:-.whl}
 OUT=${OUT:-runs/device-scaleout-$(date +%Y%m%d-%H%M%S)}
 SPW=${SPW:-48 128}
 RUN_SECONDS=${RUN_SECONDS:-10}
@@ -50,17 +52,20 @@ T0=$(date +%s)
   echo "-- loadavg: $(cat /proc/loadavg)"
 } 2>&1 | tee "$OUT/machine.txt"
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  echo "== installing $(ls .whl/*.whl | wc -l) wheels into $SITE"
+if [ -f "$SITE/.device_scaleout_installed" ]; then
+  echo "== wheels already installed in $SITE"
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+elif ls "$WHL"/*.whl >/dev/null 2>&1; then
+  echo "== installing $(ls "$WHL"/*.whl | wc -l) wheels into $SITE"
   if [ "${FORCE_UNZIP:-0}" != 1 ] && "$PY" -m pip --version >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" .whl/*.whl > "$OUT/pip.log" 2>&1 \
-      || { cat "$OUT/pip.log"; echo "pip install of .whl/ failed"; exit 2; }
+        --target "$SITE" "$WHL"/*.whl > "$OUT/pip.log" 2>&1 \
+      || { cat "$OUT/pip.log"; echo "pip install of $WHL/ failed"; exit 2; }
   else
     # No pip for this Python: a wheel is a zip of what goes into site-packages (only greenlet
     # has a .data/ part, its C headers, not needed).
     echo "(no pip: unpacking the wheels)"
-    "$PY" - "$SITE" .whl/*.whl <<'EOF' || { echo "unpacking .whl/ failed"; exit 2; }
+    "$PY" - "$SITE" "$WHL"/*.whl <<'EOF' || { echo "unpacking $WHL/ failed"; exit 2; }
 import os, sys, zipfile
 site = sys.argv[1]
 os.makedirs(site, exist_ok=True)
@@ -69,6 +74,7 @@ for w in sys.argv[2:]:
         z.extractall(site, [n for n in z.namelist() if not n.split("/", 1)[0].endswith(".data")])
 EOF
   fi
+  touch "$SITE/.device_scaleout_installed"
   export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
   echo "== no .whl/ here: using the packages $PY already has"

@@ -1037,9 +1037,11 @@ def _on_quitting(environment, **_kw) -> None:
         agg.lost_workers = {str(c.id) for c in runner.clients.all if _silent(c)}
     recovered = _recover_from_log(state, agg)
     # How the run ended: the measured window (first send to last finish) includes the drain.
-    extra: dict[str, Any] = {"interrupted": state.interrupted, "error": state.fatal,
+    extra: dict[str, Any] = {"interrupted": state.interrupted,
                              "drain": {"timeout_s": state.drain_timeout, "waited_s": state.drain_waited_s,
                                        "interrupted": state.interrupted}}
+    if state.fatal:   # why the run stopped early (only then: readers take "error" as failure)
+        extra["error"] = state.fatal
     if recovered is not None:
         agg.hist, agg.counters, agg.by_name = recovered
         extra["recovered"] = ("requests.jsonl held requests no worker report carried (a worker "
