@@ -23,36 +23,10 @@ def _pct(values, p):
 
 
 def _match(records, truths):
-    """Pair each client record with the server's truth line by time.
-
-    Client records carry epoch seconds derived from perf_counter_ns with the Locust
-    process's offset; this process's offset is the same up to clock adjustment, and the
-    residual is removed with the median gap before pairing (greedy by total distance of
-    send/receive, first and last token)."""
-    off = time.time_ns() - time.perf_counter_ns()
-
-    def client_ns(rec):
-        sent = rec["sent_at"] * 1e9 - off
-        return sent, sent + rec["ttft_ms"] * 1e6, sent + rec["e2e_ms"] * 1e6
-
-    est = [client_ns(r) for r in records]
-    residual = statistics.median(
-        min((t["received_ns"] - e[0] for t in truths), key=abs) for e in est)
-    pairs = []
-    for i, (s, f, l) in enumerate(est):
-        s, f, l = s + residual, f + residual, l + residual
-        for j, t in enumerate(truths):
-            cost = abs(t["received_ns"] - s) + abs(t["event_ns"][0] - f) + abs(t["event_ns"][-1] - l)
-            pairs.append((cost, i, j))
-    pairs.sort()
-    used_i, used_j, out = set(), set(), {}
-    for cost, i, j in pairs:
-        if i in used_i or j in used_j:
-            continue
-        used_i.add(i)
-        used_j.add(j)
-        out[i] = (j, cost)
-    return [(records[i], truths[j], cost) for i, (j, cost) in sorted(out.items())]
+    """Pair each client record with the server's truth line: the client sends its request id as
+    X-Request-Id and the simulator names the request after it ("chatcmpl-<id>")."""
+    by_id = {t["id"].split("-", 1)[1]: t for t in truths}
+    return [(rec, by_id[rec["id"]]) for rec in records if rec["id"] in by_id]
 
 
 def test_client_latencies_match_simulator_truth(start_sim, tmp_path):
@@ -76,8 +50,7 @@ def test_client_latencies_match_simulator_truth(start_sim, tmp_path):
     pairs = _match(records, truths)
     assert len(pairs) == N
     ttft_err, e2e_err, itl_err = [], [], []
-    for rec, t, cost in pairs:
-        assert cost < 30e6, f"no truth line near request {rec['id']} (distance {cost / 1e6:.1f} ms)"
+    for rec, t in pairs:
         # token counts come from usage and equal what the server generated
         assert rec["output_tokens"] == t["completion_tokens"] == 16
         assert rec["input_tokens"] == t["prompt_tokens"] == 64
@@ -102,9 +75,9 @@ def test_client_latencies_match_simulator_truth(start_sim, tmp_path):
 
     # The summary's percentiles are those of the truth, within the same small error.
     s = summary(out)
-    truth_ttft = [(t["event_ns"][0] - t["received_ns"]) / 1e6 for _, t, _ in pairs]
+    truth_ttft = [(t["event_ns"][0] - t["received_ns"]) / 1e6 for _, t in pairs]
     assert s["ttft_ms"]["count"] == N
     assert 0.0 <= s["ttft_ms"]["p50"] - _pct(truth_ttft, 50) < 5.0
-    truth_tpot = [(t["event_ns"][-1] - t["event_ns"][0]) / 1e6 / 15 for _, t, _ in pairs]
+    truth_tpot = [(t["event_ns"][-1] - t["event_ns"][0]) / 1e6 / 15 for _, t in pairs]
     assert abs(s["tpot_ms"]["p50"] - _pct(truth_tpot, 50)) < 1.0
     assert s["requests"]["completed"] == N and s["output_tokens"] == 16 * N
