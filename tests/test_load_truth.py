@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 
 from loadrun import harness_load, read_jsonl, summary, wait_for, whole_lines
 
