@@ -39,6 +39,10 @@ class ApiKey:
         self._warned: set[str] = set()
 
     @property
+    def origins(self) -> list[str]:
+        return sorted(self._origins)
+
+    @property
     def present(self) -> bool:
         return bool(self._key)
 

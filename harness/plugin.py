@@ -140,6 +140,8 @@ def _add_options(parser) -> None:
     g.add_argument("--llm-api-key-env", include_in_web_ui=False, default=DEFAULT_API_KEY_ENV,
                    help="environment variable holding the API key (never logged)")
     g.add_argument("--llm-expected-workers", include_in_web_ui=False, type=int, default=0, help=argparse_hidden())
+    # set by the master at its start, for its workers: where the API key may be sent
+    g.add_argument("--llm-key-origins", include_in_web_ui=False, nargs="*", default=None, help=argparse_hidden())
 
 
 def argparse_hidden() -> str:
@@ -233,9 +235,19 @@ class LLMState:
         spawn message) may have changed them since init. Prompts are recalibrated only
         when the workload changed."""
         old_spec = self.spec
-        self._read_options(self.env.parsed_options)
+        o = self.env.parsed_options
+        self._read_options(o)
         if self.spec != old_spec:
             self._workloads.clear()
+        if isinstance(self.env.runner, WorkerRunner):
+            # A worker takes these from its master, which fixed them at its own start (a web
+            # form cannot set them there): the results directory, the key's variable and the
+            # origins the key may go to.
+            self.out = getattr(o, "llm_out", "") or ""
+            env_var = getattr(o, "llm_api_key_env", DEFAULT_API_KEY_ENV)
+            origins = getattr(o, "llm_key_origins", None) or self.api_key.origins
+            if (env_var, list(origins)) != (self.api_key.env_var, self.api_key.origins):
+                self.api_key = ApiKey(env_var, origins)
 
     # -- workers and rates ------------------------------------------------------
     def worker_index(self) -> int:
@@ -668,6 +680,8 @@ def _on_init(environment, **_kw) -> None:
     state = LLMState(environment)
     environment.llm = state
     runner = environment.runner
+    if isinstance(runner, MasterRunner):
+        environment.parsed_options.llm_key_origins = state.api_key.origins   # for the workers
     try:
         state.spec.validate()   # under plain locust too: a bad dataset is named before any load
     except UsageError as exc:

@@ -99,27 +99,29 @@ def parse_server_metrics(text: str) -> dict[str, float | None]:
     return out
 
 
-def _fetch(url: str, timeout: float, conn: StreamingConnection | None) -> str:
+def _fetch(url: str, timeout: float, conn: StreamingConnection | None,
+           headers: dict[str, str] | None = None) -> str:
     if conn is None:
         # https, or a caller without a connection: urllib (it builds an SSL context each time,
         # tens of milliseconds, which is why the scraper keeps plain-http connections open).
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (our target)
+        req = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (our target)
             return resp.read().decode("utf-8", errors="replace")
     parts = urlsplit(url)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    status, _, body = conn.request("GET", path)
+    status, _, body = conn.request("GET", path, None, headers)
     if status != 200:
         raise ValueError(f"HTTP {status}")
     return body.decode("utf-8", errors="replace")
 
 
-def scrape(url: str, timeout: float = 1.0,
-           conn: StreamingConnection | None = None) -> dict[str, Any]:
-    """GET one `/metrics` URL (over ``conn`` when given); the parsed values plus `scrape_ms`
-    and `error`."""
+def scrape(url: str, timeout: float = 1.0, conn: StreamingConnection | None = None,
+           headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """GET one `/metrics` URL (over ``conn`` when given, with ``headers``: the API key of a
+    key-protected target); the parsed values plus `scrape_ms` and `error`."""
     t0 = time.perf_counter()
     try:
-        out: dict[str, Any] = dict(parse_server_metrics(_fetch(url, timeout, conn)))
+        out: dict[str, Any] = dict(parse_server_metrics(_fetch(url, timeout, conn, headers)))
         out["error"] = None
     except (OSError, urllib.error.URLError, ValueError, HTTPClientError) as exc:
         if conn is not None:
@@ -190,7 +192,9 @@ class ServerScraper:
         urls = metrics_urls(self.env)
         if not urls:
             return
-        results = {u: scrape(u, self.timeout, self._conn(u)) for u in urls}
+        key = getattr(getattr(self.env, "llm", None), "api_key", None)   # sent to targets only
+        results = {u: scrape(u, self.timeout, self._conn(u), key.headers_for(u) if key else None)
+                   for u in urls}
         for u, r in results.items():
             if r["error"] and u not in self._warned:
                 self._warned.add(u)

@@ -180,3 +180,28 @@ def test_api_key_is_sent_to_configured_origins_only(monkeypatch):
     assert key.headers_for("http://127.0.0.1:8000") == {"Authorization": "Bearer abc"}   # read once
     assert "abc" not in repr(key)
     assert origin("no scheme") is None
+
+
+def test_a_remote_worker_takes_the_key_source_and_origins_from_its_master(tmp_path):
+    """A worker started with no --llm-* options (compose, another host) sends the key its
+    master names, to the master's start-time target only, and writes where the master says."""
+    base = free_port_block(2)
+    target = Capture(base)
+    out = tmp_path / "run"
+    env = {"MY_KEY": TARGET_KEY}
+    master = Run([sys.executable, "-m", "locust", "-f", "locustfiles/chat.py", "--master", "--headless",
+                  "--expect-workers", "1", "--master-bind-port", str(base + 1), "--host", target.url,
+                  "-u", "1", "-r", "1", "--run-time", "4s", "--llm-rate", "4", "--llm-api-key-env", "MY_KEY",
+                  "--llm-out", str(out), "--llm-cpu-limit", "1000", "--llm-stamp-delay-limit-ms", "0"], env=env)
+    worker = Run([sys.executable, "-m", "locust", "-f", "locustfiles/chat.py", "--worker",
+                  "--master-port", str(base + 1)], env=env)
+    try:
+        rc, log = master.wait(60)
+        worker.wait(20)
+    finally:
+        master.cleanup()
+        worker.cleanup()
+        target.close()
+    assert target.chats(), log
+    assert {auth for _m, _p, auth in target.seen} == {f"Bearer {TARGET_KEY}"}, [x for x in target.seen if x[2] is None]
+    assert (out / "requests.jsonl").read_text().count("\n") == len(target.chats())
