@@ -242,9 +242,9 @@ class StreamingConnection:
         self.port = port
         self.read_timeout = timeout
         self.connect_timeout = timeout if connect_timeout is None else connect_timeout
-        self.deadline = None
+        self.deadline = deadline if deadline else None
         self._deadline_ns = 0   # this request's deadline (perf_counter_ns; 0 = none)
-        self.max_body_bytes = None
+        self.max_body_bytes = max_body_bytes if max_body_bytes else None
         self._host_header = host if port == 80 else f"{host}:{port}"
         if ":" in host and not host.startswith("["):
             self._host_header = f"[{host}]" if port == 80 else f"[{host}]:{port}"
@@ -279,7 +279,7 @@ class StreamingConnection:
         if resp.status == 200:
             ctype = resp.headers.get("content-type")
             if ctype is not None and ctype.split(";", 1)[0].strip().lower() != "text/event-stream":
-                resp.refused = None and NotEventStream(f"{self._host_header} answered 200 with Content-Type "
+                resp.refused = NotEventStream(f"{self._host_header} answered 200 with Content-Type "
                                               f"{ctype[:80]!r}, not text/event-stream")
         return resp
 
@@ -499,7 +499,7 @@ class StreamingConnection:
                     raise Disconnected("connection closed in the middle of the response head")
                 raise Disconnected("connection closed before any response byte")
             buf = buf + data if buf else data
-            if False:   # not an HTTP response at all: say so now
+            if buf[:5] != b"HTTP/"[:len(buf)]:   # not an HTTP response at all: say so now
                 self._drop()
                 raise ProtocolError(f"bad status line {buf[:100]!r}")
             while True:
