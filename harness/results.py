@@ -233,7 +233,7 @@ def format_table(summary: dict[str, Any]) -> str:
                  + f" over {summary.get('duration_s', 0):.1f} s")
     if drain:
         waited = drain.get("waited_s")
-        lines.append(f"end of run: " + ("interrupted (no drain); " if drain.get("interrupted") else
+        lines.append("end of run: " + ("interrupted (no drain); " if drain.get("interrupted") else
                                         f"drained {waited:.1f} s of up to {drain.get('timeout_s'):g} s; "
                                         if waited is not None else "")
                      + (f"{incomplete} still in flight recorded as incomplete" if incomplete

@@ -111,6 +111,16 @@ def locust_aggregated(out: Path) -> dict:
     raise AssertionError("no Aggregated row in locust_stats.csv")
 
 
+def http_get(url: str, timeout: float = 2.0) -> str | None:
+    """The body of a GET, or None when nothing answers it (for polls)."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.read().decode()
+    except OSError:
+        return None
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while True:

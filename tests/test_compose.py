@@ -38,6 +38,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port_block
+from loadrun import http_get
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -527,14 +528,6 @@ class Stack:
 
     def tails(self) -> str:
         return "\n".join(f"--- {n} ---\n" + p.read_text(errors="replace")[-3000:] for n, p in self.logs.items())
-
-
-def http_get(url: str, timeout: float = 2.0) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.read().decode()
-    except OSError:
-        return None
 
 
 SERIES_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",),

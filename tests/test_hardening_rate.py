@@ -17,7 +17,7 @@ import pytest
 from conftest import free_port_block, launch_sim, stop_process
 from harness.arrivals import MAX_RATE
 from harness.webui import parse_rate
-from loadrun import REPO, Run, harness_load, summary, wait_for
+from loadrun import REPO, Run, http_get, harness_load, summary, wait_for
 
 DISPATCH = textwrap.dedent('''
     from gevent import monkey; monkey.patch_all()
@@ -118,7 +118,7 @@ def test_rate_route_answers_400_for_what_is_not_a_rate(tmp_path):
     run = Run([sys.executable, "-m", "locust", "-f", "locustfiles/chat.py", "--host", "http://127.0.0.1:9",
                "--web-port", str(web_port), "--llm-rate", "4", "--llm-out", str(tmp_path / "run")])
     try:
-        assert wait_for(lambda: _get(web + "/") is not None, 30), run.output()
+        assert wait_for(lambda: http_get(web + "/") is not None, 30), run.output()
         rate = web + "/llm/rate"
         for body in (b"[1, 2]", b'"5"', b'{"rate": true}', b'{"rate": 1e300}', b'{"rate": null}',
                      b"{}", b"not json"):
@@ -128,18 +128,10 @@ def test_rate_route_answers_400_for_what_is_not_a_rate(tmp_path):
         assert status == 400 and "too high" in answer["message"], answer
         assert _post(rate, b'{"rate": 5}', "application/json") == (200, {"ok": True, "rate": 5.0})
         assert _post(rate, b"rate=7.5", "application/x-www-form-urlencoded") == (200, {"ok": True, "rate": 7.5})
-        assert json.loads(_get(web + "/llm/stats"))["rate"] == 7.5
+        assert json.loads(http_get(web + "/llm/stats"))["rate"] == 7.5
     finally:
         run.kill()
         run.cleanup()
-
-
-def _get(url: str):
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.read()
-    except OSError:
-        return None
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -14,13 +14,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from harness.credentials import ApiKey, origin
 from harness.webui import forbidden_form_keys
-from loadrun import REPO, Run, wait_for
+from loadrun import Run, http_get, wait_for
 from conftest import free_port_block
 
 TARGET_KEY = "key-for-the-target-0123"
@@ -92,21 +91,13 @@ def ui(tmp_path):
                "--llm-cpu-limit", "1000"],
               env={"OPENAI_API_KEY": TARGET_KEY, "OTHER_SECRET": STOLEN})
     try:
-        assert wait_for(lambda: _get(web + "/") is not None, 30), run.output()
+        assert wait_for(lambda: http_get(web + "/") is not None, 30), run.output()
         yield web, target, elsewhere, run, tmp_path
     finally:
         run.kill()
         run.cleanup()
         target.close()
         elsewhere.close()
-
-
-def _get(url: str):
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.read()
-    except OSError:
-        return None
 
 
 def _post(url: str, form: dict) -> tuple[int, dict]:
@@ -138,7 +129,7 @@ def test_key_goes_only_to_the_target_given_at_start(ui):
     assert wait_for(lambda: len(elsewhere.chats()) >= 2, 20), run.output()[-3000:]
     assert all(auth is None for _m, _p, auth in elsewhere.seen), elsewhere.seen
     assert _post(web + "/stop", {})[0] == 200
-    assert wait_for(lambda: json.loads(_get(web + "/stats/requests") or b"{}").get("state") == "stopped", 20)
+    assert wait_for(lambda: json.loads(http_get(web + "/stats/requests") or "{}").get("state") == "stopped", 20)
     status, body = _post(web + "/swarm", {"user_count": 1, "spawn_rate": 1, "host": target.url})
     assert status == 200 and body["success"], body
     assert wait_for(lambda: len(target.chats()) >= 2, 20), run.output()[-3000:]

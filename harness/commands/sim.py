@@ -5,7 +5,6 @@ import argparse
 import asyncio
 import errno
 import signal
-import sys
 
 from harness.errors import UsageError
 
