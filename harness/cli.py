@@ -47,9 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stray_words_error(command: str, stray: Sequence[str]) -> str:
+    """One line for words no option took: the common case is an SLO written as three shell
+    words (`--slo ttft_p99_ms <= 200`), which must be one quoted word."""
+    line = f"harness {command}: error: unexpected arguments: {' '.join(stray)}"
+    if any(op in w for w in stray for op in ("<", ">", "=")):
+        line += "; write an SLO as one quoted word, e.g. --slo 'ttft_p99_ms<=200'"
+    return line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, stray = parser.parse_known_args(argv)
+    if stray:
+        print(stray_words_error(args.command, stray), file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:

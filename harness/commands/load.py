@@ -168,9 +168,9 @@ def locust_command(args: argparse.Namespace) -> list[str]:
     apply_defaults(args, _duration(args.duration) if args.duration else None)
     if args.cooldown and not args.duration:
         raise UsageError("--cooldown needs --duration (the end must be known in advance)")
+    if args.users is not None and args.users < 1:   # (0 used to run the default 8 users)
+        raise UsageError(f"--users must be at least 1 concurrent user, not {args.users}")
     users = args.workers if args.rate else (args.users or 8)
-    if users < 1:
-        raise UsageError("--users must be at least 1")
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} is a file; give a directory for the results")
