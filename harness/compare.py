@@ -289,13 +289,22 @@ def compare(baseline: Run, run: Run, *, threshold: float = 0.05, error_rate_thre
             "metrics": rows, "regressions": regressions, "regression": bool(regressions)}
 
 
+def _ci_unit(row: dict[str, Any]) -> str:
+    """The unit a change's confidence interval is in: the metric's own (ms for a latency, the
+    rate's unit for a rate: "output tok/s" is in tok/s), never the % of the change column."""
+    if row["unit"] == "/s":
+        return row["label"].split()[-1]
+    return row["unit"]
+
+
 def format_table(result: dict[str, Any]) -> str:
     conf = f"{result['confidence'] * 100:g}%"
     lines = [f"baseline: {result['baseline']}", f"run:      {result['run']}",
              f"regression = worse by more than {result['threshold'] * 100:g}% (error rate: "
              f"{result['error_rate_threshold']:g} absolute) with the {conf} CI of the change "
              f"excluding zero ({result['resamples']} bootstrap resamples, seed {result['seed']})", ""]
-    head = f"{'metric':<16}{'baseline':>12}{'run':>12}{'change':>10}  {conf + ' CI of change':<26}{'verdict':<16}"
+    head = (f"{'metric':<16}{'baseline':>12}{'run':>12}{'change %':>10}  "
+            f"{conf + ' CI of change (unit)':<34}{'verdict':<16}")
     lines.append(head)
 
     def num(v: float | None, unit: str) -> str:
@@ -317,10 +326,10 @@ def format_table(result: dict[str, Any]) -> str:
         else:
             change = f"{row['rel_change'] * 100:+.1f}%"
         ci = "-" if row["ci"] is None else (
-            f"[{row['ci'][0]:+.4f}, {row['ci'][1]:+.4f}]" if unit == "" else
-            f"[{row['ci'][0]:+,.1f}, {row['ci'][1]:+,.1f}]")
+            f"[{row['ci'][0]:+.4f}, {row['ci'][1]:+.4f}] absolute" if unit == "" else
+            f"[{row['ci'][0]:+,.1f}, {row['ci'][1]:+,.1f}] {_ci_unit(row)}")
         lines.append(f"{label:<16}{num(row['baseline'], unit):>12}{num(row['run'], unit):>12}"
-                     f"{change:>10}  {ci:<26}{row['verdict']:<16}")
+                     f"{change:>10}  {ci:<34}{row['verdict']:<16}")
     lines.append("")
     if result["regression"]:
         lines.append("REGRESSION: " + ", ".join(result["regressions"]))

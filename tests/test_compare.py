@@ -161,3 +161,16 @@ def test_cli_bad_input_is_exit_2_with_one_line(tmp_path, capsys, argv, needle):
     assert main(["compare", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("harness compare: error:") and needle in err and "\n" not in err
+
+
+def test_table_labels_the_change_in_percent_and_its_interval_in_the_metrics_unit(tmp_path, capsys):
+    a = write_run(tmp_path / "a", seed=1)
+    slow = write_run(tmp_path / "slow", seed=2, scale=1.5)
+    main(["compare", str(a), str(slow)])
+    lines = capsys.readouterr().out.splitlines()
+    head = next(line for line in lines if line.startswith("metric"))
+    assert "change %" in head and "CI of change (unit)" in head
+    ttft = next(line for line in lines if line.startswith("TTFT p50 ms"))
+    assert "%" in ttft and "] ms" in ttft, ttft
+    rate = next(line for line in lines if line.startswith("output tok/s"))
+    assert "] tok/s" in rate, rate
