@@ -46,6 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--slow-headers-seconds", type=float, default=2.0)
     g.add_argument("--fault-malformed", type=float, default=0.0, help="one broken JSON event")
     p.set_defaults(func=run)
+    # `harness sim replay ...`: virtual-time replay (harness/commands/sim_replay.py). Optional,
+    # so `harness sim --port P ...` (no word) still starts the server as before.
+    from harness.commands import sim_replay
+    sim_replay.add_parser(p.add_subparsers(dest="sim_command", metavar="[replay]", required=False))
 
 
 def build_replicas(args: argparse.Namespace):
