@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.commands import throughput as throughput_cmd
     from harness.commands import perplexity as perplexity_cmd
     from harness.commands import compare as compare_cmd
+    from harness.commands import capacity as capacity_cmd
 
     sim_cmd.add_parser(sub)
     load_cmd.add_parser(sub)
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     throughput_cmd.add_parser(sub)
     perplexity_cmd.add_parser(sub)
     compare_cmd.add_parser(sub)
+    capacity_cmd.add_parser(sub)
     return parser
 
 

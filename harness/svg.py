@@ -81,10 +81,28 @@ def _scales(xs: Sequence[float], ys: Sequence[float], y0: bool = True):
 
 def line_chart(title: str, xlabel: str, ylabel: str,
                series: Sequence[tuple[str, Sequence[tuple[float, float]]]], cls: str = "line",
-               markers: bool = True) -> str:
+               markers: bool = True,
+               rules: Sequence[tuple[str, float, str, int]] = ()) -> str:
+    """rules: dashed reference lines (axis "x" or "y", value, label, colour index), e.g. an
+    SLO's threshold (y) drawn in its series' colour, or a found capacity (x); the axes
+    stretch to show them."""
     pts = [(x, y) for _, s in series for x, y in s if x is not None and y is not None]
-    xt, yt, sx, sy = _scales([p[0] for p in pts], [p[1] for p in pts])
+    xs = [p[0] for p in pts] + [v for a, v, _, _ in rules if a == "x"]
+    ys = [p[1] for p in pts] + [v for a, v, _, _ in rules if a == "y"]
+    xt, yt, sx, sy = _scales(xs, ys)
     out = _frame(title, xlabel, ylabel, xt, yt, sx, sy, cls)
+    for axis, v, label, ci in rules:
+        color = PALETTE[ci % len(PALETTE)] if ci >= 0 else "#444"
+        if axis == "y":
+            out.append(f'<line class="rule" data-name="{escape(label)}" x1="{ML}" y1="{sy(v):.1f}" '
+                       f'x2="{W - MR}" y2="{sy(v):.1f}" stroke="{color}" stroke-dasharray="5 4"/>'
+                       f'<text x="{W - MR - 4}" y="{sy(v) - 4:.1f}" text-anchor="end" class="tk">'
+                       f"{escape(label)}</text>")
+        else:
+            out.append(f'<line class="rule" data-name="{escape(label)}" x1="{sx(v):.1f}" y1="{MT}" '
+                       f'x2="{sx(v):.1f}" y2="{H - MB}" stroke="{color}" stroke-width="1.5" '
+                       f'stroke-dasharray="2 3"/><text x="{sx(v) + 4:.1f}" y="{MT + 12}" class="tk">'
+                       f"{escape(label)}</text>")
     for i, (name, s) in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
         s = [(x, y) for x, y in s if x is not None and y is not None]
