@@ -31,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="override the KV-cache capacity (tokens), e.g. to provoke preemption")
+    from harness.commands.sim_replay import add_engine_options
+    add_engine_options(p)
     p.add_argument("--truth-log", default=None,
                    help="append per-request server-side event times (JSONL) to this file")
     p.add_argument("--seed", type=int, default=0)
@@ -55,11 +57,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def build_replicas(args: argparse.Namespace):
     from dataclasses import replace
 
-    from servers.simulator.profiles import DEFAULT_PROFILE, get_profile
+    from servers.simulator.profiles import DEFAULT_PROFILE, get_profile, with_options
     from servers.simulator.server import Faults, Replica
 
     try:
-        profile = get_profile(args.profile or DEFAULT_PROFILE)
+        profile = with_options(get_profile(args.profile or DEFAULT_PROFILE), engine=args.engine,
+                               kv_cache_dtype=args.kv_cache_dtype)
     except KeyError as e:
         raise UsageError(e.args[0]) from None
     overrides = {k: v for k, v in {
@@ -80,7 +83,8 @@ def build_replicas(args: argparse.Namespace):
         if not 0.0 <= v <= 1.0:
             raise UsageError(f"--fault-{name.replace('_', '-')} is a probability; give 0..1, not {v}")
     if args.layout:
-        profiles = _layout_profiles(args)
+        profiles = [with_options(p, engine=args.engine, kv_cache_dtype=args.kv_cache_dtype)
+                    for p in _layout_profiles(args)]
     else:
         profiles = [profile] * args.replicas
     return profile, [Replica(p, args.port + i, host=args.host, faults=faults,

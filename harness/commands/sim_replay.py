@@ -41,10 +41,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="override the KV-cache capacity (tokens), as `harness sim` takes it")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the profile's")
+    add_engine_options(p)
     p.add_argument("--out", default=None, metavar="OUT.jsonl",
                    help="write one line per request (times, TTFT/TPOT/E2E, ITLs)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """--engine and --kv-cache-dtype, shared with `harness sim` (servers/simulator/profiles.py)."""
+    p.add_argument("--engine", default=None,
+                   help="which engine's efficiency and overheads: vllm (default) or trtllm")
+    p.add_argument("--kv-cache-dtype", default=None,
+                   help="KV cache dtype as vLLM spells it: auto (the model's, default) or fp8 "
+                        "(half the bytes per token: twice the tokens fit, half read per step)")
 
 
 def _positive(args: argparse.Namespace) -> None:
@@ -86,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         profile = resolve_profile(args.profile, max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens,
                                   gpu_memory_utilization=args.gpu_memory_utilization,
-                                  max_model_len=args.max_model_len)
+                                  max_model_len=args.max_model_len, engine=args.engine,
+                                  kv_cache_dtype=args.kv_cache_dtype)
         arrivals, skipped = load_arrivals(args.requests)
     except KeyError as e:
         raise UsageError(e.args[0]) from None

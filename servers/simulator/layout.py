@@ -13,7 +13,8 @@ from servers.simulator.profiles import Profile, make_profile
 # Which architecture a layout's model id runs on (hub ids and local folder names alike).
 _MODEL_PATTERNS = [(re.compile(r"70b", re.I), "llama-3-70b"), (re.compile(r"13b", re.I), "llama-2-13b"),
                    (re.compile(r"mistral", re.I), "mistral-7b"), (re.compile(r"8b|7b", re.I), "llama-3-8b")]
-_PRECISIONS = {"bf16": "bf16", "fp16": "bf16", "fp32": "bf16", "int8": "int8", "awq": "awq", "gptq": "gptq"}
+_PRECISIONS = {"bf16": "bf16", "fp16": "bf16", "fp32": "bf16", "int8": "int8", "awq": "awq", "gptq": "gptq",
+               "fp8": "fp8"}
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ class ModelArch:
     vocab: int
 
     def kv_bytes_per_token(self, kv_dtype_bytes: float = 2.0) -> float:
+        # kv_dtype_bytes: 2 for the model's BF16 cache (vLLM's --kv-cache-dtype auto),
+        # 1 for --kv-cache-dtype fp8 (KV_CACHE_DTYPES).
         """K and V for every layer: what one token of context costs in cache."""
         return 2.0 * self.layers * self.kv_heads * self.head_dim * kv_dtype_bytes
 
@@ -36,7 +38,7 @@ class Precision:
     bytes_per_weight: float
     # Which tensor-core rate the GEMMs run at, and what fraction of it the
     # quantized kernels reach relative to a plain BF16 GEMM.
-    compute: str            # "bf16" or "int8"
+    compute: str            # "bf16", "int8" or "fp8": which tensor-core peak the GEMMs use
     kernel_efficiency: float
     note: str
 
@@ -52,9 +54,24 @@ PRECISIONS: dict[str, Precision] = {
     "w8a8": Precision("w8a8", 1.0, "int8", 0.8, "W8A8 int8 GEMMs on INT8 tensor cores"),
     # 4-bit weights with a fp16 scale and zero per group of 128: 4 + 32/128 bits.
     # GEMMs dequantize into BF16 (Marlin-class kernels reach ~0.8 of BF16 at batch).
+    # FP8 (E4M3) weights and activations, per-tensor or per-channel scales (vLLM's
+    # `quantization=fp8`, TensorRT-LLM's FP8 checkpoints): one byte a weight, GEMMs on the
+    # FP8 tensor cores where the card has them (Hopper, Ada: gpus.GpuSpec.fp8_tflops). FP8
+    # GEMMs reach a smaller share of their (doubled) peak than BF16 GEMMs of theirs: the
+    # scaling epilogue and the activation quantization are extra passes; 0.8 of the BF16
+    # GEMM's fraction. On a card without FP8 (A100) they run weight-only (FP8 Marlin:
+    # dequantize into BF16 GEMMs), see roofline.Deployment.peak_flops_per_gpu.
+    "fp8": Precision("fp8", 1.0, "fp8", 0.8, "FP8 E4M3 weights and activations"),
     "awq": Precision("awq", 0.53125, "bf16", 0.8, "AWQ INT4, group 128, BF16 compute"),
     "gptq": Precision("gptq", 0.53125, "bf16", 0.75, "GPTQ INT4, group 128, BF16 compute"),
 }
+
+
+# vLLM's --kv-cache-dtype: bytes per cached K or V element. "auto" keeps the model's
+# dtype (BF16 for every model here); "fp8" (E4M3, as vLLM's fp8 / fp8_e4m3) halves what
+# each token of context costs: twice the tokens fit, and a decode step reads half the
+# bytes per token of context.
+KV_CACHE_DTYPES: dict[str, float] = {"auto": 2.0, "bf16": 2.0, "fp8": 1.0, "fp8_e4m3": 1.0}
 
 
 MODELS: dict[str, ModelArch] = {

@@ -3,6 +3,7 @@ concurrency, in milliseconds of CPU instead of minutes of wall time."""
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,10 +43,20 @@ class LatencyResult:
     output_tokens_per_s: float
 
 
-def _drain(engine: Engine, now: float, on_finish=None, max_steps: int = 10_000_000) -> float:
+def _drain(engine: Engine, now: float, on_finish=None, max_steps: int = 10_000_000,
+           arriving: deque | None = None) -> float:
+    """Step `engine` to empty. `arriving`: (admit time, sequence) in time order, requests
+    still in the API server's front end (Efficiency.request_overhead_s), added once the
+    clock reaches their time."""
+    arriving = deque() if arriving is None else arriving
     for _ in range(max_steps):
+        while arriving and arriving[0][0] <= now:
+            engine.add(arriving.popleft()[1])
         step = engine.schedule(now)
         if step is None:
+            if arriving:
+                now = max(now, arriving[0][0])
+                continue
             if not engine.has_work():
                 return now
             raise RuntimeError("engine stalled: a request can never fit the KV cache")
@@ -66,7 +77,8 @@ def make_engine(dep: Deployment, **engine_kwargs) -> Engine:
 
 def run_offline(dep: Deployment, num_prompts: int = 1000, input_len: int = 512,
                 output_len: int = 256, **engine_kwargs) -> OfflineResult:
-    """vLLM's offline throughput benchmark: every prompt queued at t=0."""
+    """vLLM's offline throughput benchmark: every prompt queued at t=0 (the `LLM` class
+    tokenizes them all before the first step; no HTTP front end, no per-request cost)."""
     engine = make_engine(dep, **engine_kwargs)
     for i in range(num_prompts):
         engine.add(Sequence(str(i), input_len, output_len, 0.0))
@@ -78,8 +90,12 @@ def run_offline(dep: Deployment, num_prompts: int = 1000, input_len: int = 512,
 def run_concurrency(dep: Deployment, concurrency: int = 32, num_requests: int = 256,
                     input_len: int = 512, output_len: int = 256,
                     **engine_kwargs) -> LatencyResult:
-    """Closed loop: `concurrency` clients, each sending the next request when one ends."""
+    """Closed loop: `concurrency` clients, each sending the next request when one ends.
+    Each request reaches the engine after the API server's per-request cost
+    (Efficiency.request_overhead_s), as in the live server; its TTFT counts from the send."""
     engine = make_engine(dep, **engine_kwargs)
+    delay = dep.efficiency.request_overhead_s
+    arriving: deque = deque()
     done: list[Sequence] = []
     issued = 0
 
@@ -87,13 +103,13 @@ def run_concurrency(dep: Deployment, concurrency: int = 32, num_requests: int = 
         nonlocal issued
         done.append(seq)
         if issued < num_requests:
-            engine.add(Sequence(str(issued), input_len, output_len, now))
+            arriving.append((now + delay, Sequence(str(issued), input_len, output_len, now)))
             issued += 1
 
     for _ in range(min(concurrency, num_requests)):
-        engine.add(Sequence(str(issued), input_len, output_len, 0.0))
+        arriving.append((delay, Sequence(str(issued), input_len, output_len, 0.0)))
         issued += 1
-    elapsed = _drain(engine, 0.0, on_finish)
+    elapsed = _drain(engine, 0.0, on_finish, arriving=arriving)
     ttft = np.array([(s.first_token_time - s.arrival) * 1e3 for s in done])
     tpot = np.array([(s.finish_time - s.first_token_time) * 1e3 / (s.generated - 1)
                      for s in done if s.generated > 1])

@@ -5,8 +5,10 @@ the same step-time model (`Deployment.step_time`, via `Engine.schedule`) that th
 `harness sim` server runs, but steps a virtual clock instead of waiting for it:
 
 * the clock starts at the first arrival; a request is added to its replica's engine once
-  the clock reaches its `arrival_s` (arrivals during a step join at the next step, as they
-  do in the server, whose engine loop schedules again only when a step ends);
+  the clock reaches its `arrival_s` plus the engine's per-request front-end cost
+  (`Efficiency.request_overhead_s`, which the live server waits too before its engine
+  sees the request); arrivals during a step join at the next step, as they do in the
+  server, whose engine loop schedules again only when a step ends;
 * each step lasts what `Engine.schedule` says, and the tokens it samples are stamped with
   the step's end time (the server's `model_ns`, the time its truth log records);
 * an idle engine starts its next step at the next arrival, as the server's does;
@@ -47,7 +49,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from servers.simulator.engine import Engine, Sequence
-from servers.simulator.profiles import Profile, get_profile
+from servers.simulator.profiles import Profile, get_profile, with_options
 
 RETRY_S = 0.01          # the server's retry when no step can be scheduled
 MAX_STALLED_RETRIES = 100_000
@@ -220,11 +222,14 @@ def _positive(name: str, v: Any, kind=int) -> None:
 def resolve_profile(profile: Profile | str, *, max_num_seqs: int | None = None,
                     max_num_batched_tokens: int | None = None,
                     gpu_memory_utilization: float | None = None,
-                    max_model_len: int | None = None) -> Profile:
-    """The profile (by name or as given) with the server-side limits overridden.
-    Unknown names raise KeyError (the message names similar profiles)."""
+                    max_model_len: int | None = None, engine: str | None = None,
+                    kv_cache_dtype: str | None = None) -> Profile:
+    """The profile (by name or as given) with the server-side limits, the engine and the
+    KV-cache dtype overridden. Unknown names raise KeyError (the message names similar
+    profiles, or the known engines and dtypes)."""
     if isinstance(profile, str):
         profile = get_profile(profile)
+    profile = with_options(profile, engine=engine, kv_cache_dtype=kv_cache_dtype)
     _positive("max_num_seqs", max_num_seqs)
     _positive("max_num_batched_tokens", max_num_batched_tokens)
     _positive("max_model_len", max_model_len)
@@ -249,19 +254,20 @@ def _run_replica(engine: Engine, seqs: list[Sequence]) -> None:
     server's engine loop (Replica._next_step / _step_end) drives it in real time."""
     n = len(seqs)
     i = 0
-    now = seqs[0].arrival if seqs else 0.0
+    delay = engine.deployment.efficiency.request_overhead_s
+    now = seqs[0].arrival + delay if seqs else 0.0
     stalled = 0
     add = engine.add
     schedule = engine.schedule
     complete = engine.complete
     while True:
-        while i < n and seqs[i].arrival <= now:
+        while i < n and seqs[i].arrival + delay <= now:
             add(seqs[i])
             i += 1
         if not engine.has_work():
             if i >= n:
                 return
-            now = seqs[i].arrival       # idle until the next request comes
+            now = seqs[i].arrival + delay       # idle until the next request comes
             continue
         step = schedule(now)
         if step is None:
@@ -281,14 +287,16 @@ def replay(profile: Profile | str, arrivals: Iterable[Arrival | dict | tuple], *
            max_num_batched_tokens: int | None = None,
            gpu_memory_utilization: float | None = None,
            kv_cache_tokens: int | None = None,
-           max_model_len: int | None = None) -> ReplayResult:
+           max_model_len: int | None = None, engine: str | None = None,
+           kv_cache_dtype: str | None = None) -> ReplayResult:
     """Replay `arrivals` (Arrival, dicts with arrival_s/input_len/output_len[/id], or
     (arrival_s, input_len, output_len[, id]) tuples, any order) on `replicas` replicas of
     `profile` in virtual time. The limits default to the profile's (the live server's)."""
     prof = resolve_profile(profile, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens,
                            gpu_memory_utilization=gpu_memory_utilization,
-                           max_model_len=max_model_len)
+                           max_model_len=max_model_len, engine=engine,
+                           kv_cache_dtype=kv_cache_dtype)
     _positive("replicas", replicas)
     _positive("kv_cache_tokens", kv_cache_tokens)
     items = [_as_arrival(a, i) for i, a in enumerate(arrivals)]

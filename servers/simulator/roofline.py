@@ -1,39 +1,74 @@
 """The cost model: how long one engine step takes on a given deployment.
 
-A decode step must read every weight once plus the KV cache of every sequence in
-the batch (memory-bound); a prefill chunk does 2 x params FLOPs per token
-(compute-bound). A step takes the larger of the two, plus the tensor-parallel
-all-reduces and a fixed per-step overhead. `Efficiency` holds the only fitted
-numbers: how close vLLM's kernels get to the datasheet peaks. `IDEAL` (100%, no
-overhead) turns the same model into the physical floor.
+A step is a forward pass over every token the scheduler picked (one per decoding
+sequence, a chunk of each prefill). Its parts, in the order the GPU runs them:
+
+* the GEMMs (QKV, output, MLP, LM head): every weight read once, 2 x params FLOPs a
+  token; the larger of the two (a GEMM is memory-bound at small batch, compute-bound
+  at large);
+* attention: every cached token of every sequence read (memory-bound for decodes) and
+  the QK^T/AV FLOPs (compute-bound for prefills); again the larger of the two;
+* the tensor-parallel all-reduces (two a layer) over the interconnect;
+* the engine's host work: a fixed part per step and a part per scheduled sequence.
+
+GEMMs and attention are different kernels run one after the other, so a real step
+pays both: their times add. Only the physical floor (`IDEAL`) lets every byte and FLOP
+of a step overlap (one roofline max over the whole step), which no engine reaches but
+none can beat. `Efficiency` holds the fitted numbers of one engine: how close its
+kernels get to the datasheet peaks and what its host side costs; `ENGINES` names them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 from servers.simulator.gpus import GpuSpec
-from servers.simulator.models import ModelArch, Precision
+from servers.simulator.models import KV_CACHE_DTYPES, ModelArch, Precision
 
 GB = 1e9
+ACTIVATION_BYTES = 2.0   # hidden states cross the all-reduce in BF16, whatever the weights
 
 
 @dataclass(frozen=True)
 class Efficiency:
+    """One engine's distance from the datasheet, and its host-side costs."""
+
     # Decode GEMV + paged attention reach ~80% of peak DRAM bandwidth; a plain
     # device copy reaches ~90% (measured 3.02 of 3.35 TB/s on an H100 here).
     memory: float = 0.80
     # Prefill MFU: GEMMs reach 72-80% of peak BF16 on an H100 (measured here);
     # attention, norms, activations and sampling bring a whole step nearer 60%.
     compute: float = 0.60
-    # Scheduler, input preparation, sampling and kernel launches per step.
+    # Host work per step that does not depend on the batch: scheduling, building the
+    # step's inputs, launching (a CUDA graph replay), copying the sampled ids back.
     step_overhead_s: float = 0.003
+    # Host work per scheduled sequence: its slice of input preparation, the sampler's
+    # per-row work (penalties, top-p/top-k), the output processing of its token.
     per_seq_overhead_s: float = 5e-6
+    # Per request, outside the engine: the API server receiving and parsing the HTTP
+    # request, applying the chat template and tokenizing, and detokenizing and sending
+    # the first chunk. It delays the request's entry into the engine, so it is in TTFT
+    # and E2E (not in TPOT/ITL: the later chunks' share is pipelined with the steps).
+    request_overhead_s: float = 0.0
     # Memory vLLM keeps back for activations, CUDA graphs and the allocator.
     reserved_gb: float = 2.0
+    # True only for the physical floor: every byte and FLOP of a step overlapped.
+    overlapped: bool = False
 
 
 IDEAL = Efficiency(memory=1.0, compute=1.0, step_overhead_s=0.0,
-                   per_seq_overhead_s=0.0, reserved_gb=0.0)
+                   per_seq_overhead_s=0.0, request_overhead_s=0.0, reserved_gb=0.0,
+                   overlapped=True)
+
+# Each engine's constants. See benchmarks/fit_simulator.py for the fit they come from.
+ENGINES: dict[str, Efficiency] = {
+    "vllm": Efficiency(memory=0.80, compute=0.60, step_overhead_s=0.0010,
+                       per_seq_overhead_s=10e-6, request_overhead_s=0.010),
+    # TensorRT-LLM: the C++ executor schedules and prepares inputs without Python, and
+    # its published runs (trtllm-bench) feed tokenized requests straight in, no HTTP.
+    "trtllm": Efficiency(memory=0.80, compute=0.65, step_overhead_s=0.0005,
+                         per_seq_overhead_s=2e-6, request_overhead_s=0.002),
+}
+DEFAULT_ENGINE = "vllm"
 
 
 @dataclass(frozen=True)
@@ -45,7 +80,8 @@ class Deployment:
     precision: Precision
     tp: int = 1
     gpu_memory_utilization: float = 0.90
-    efficiency: Efficiency = field(default_factory=Efficiency)
+    efficiency: Efficiency = field(default_factory=lambda: ENGINES[DEFAULT_ENGINE])
+    kv_cache_dtype: str = "auto"     # vLLM's --kv-cache-dtype (models.KV_CACHE_DTYPES)
 
     def ideal(self) -> "Deployment":
         return replace(self, efficiency=IDEAL, gpu_memory_utilization=1.0)
@@ -56,7 +92,7 @@ class Deployment:
 
     @property
     def kv_bytes_per_token_per_gpu(self) -> float:
-        return self.model.kv_bytes_per_token() / self.tp
+        return self.model.kv_bytes_per_token(KV_CACHE_DTYPES[self.kv_cache_dtype]) / self.tp
 
     @property
     def kv_budget_bytes_per_gpu(self) -> float:
@@ -73,34 +109,64 @@ class Deployment:
 
     @property
     def peak_flops_per_gpu(self) -> float:
-        rate = self.gpu.int8_tops if self.precision.compute == "int8" else self.gpu.bf16_tflops
+        """The GEMMs' tensor-core peak: INT8 or FP8 where the precision and the card have
+        them, else BF16 (FP8 weights on an A100 are dequantized into BF16 GEMMs)."""
+        compute = self.precision.compute
+        if compute == "int8":
+            rate = self.gpu.int8_tops
+        elif compute == "fp8" and self.gpu.fp8_tflops:
+            rate = self.gpu.fp8_tflops
+        else:
+            rate = self.gpu.bf16_tflops
         return rate * 1e12 * self.precision.kernel_efficiency
 
     def step_time(self, num_tokens: int, kv_tokens_read: int, attn_units: float,
                   num_seqs: int) -> float:
-        """Seconds for one forward pass over `num_tokens` new tokens.
+        """Seconds for one forward pass over `num_tokens` new tokens (the module
+        docstring gives the parts).
 
         kv_tokens_read: cached tokens attention reads (sum of context lengths).
         attn_units: sum over sequences of new_tokens x context, for attention FLOPs.
         """
         eff = self.efficiency
         m = self.model
-        bytes_moved = (self.weight_bytes_per_gpu
-                       + (kv_tokens_read + num_tokens) * self.kv_bytes_per_token_per_gpu)
-        flops = (2.0 * m.params * num_tokens
-                 + 4.0 * m.layers * m.heads * m.head_dim * attn_units) / self.tp
-        t_mem = bytes_moved / (self.gpu.mem_bandwidth_gbs * GB * eff.memory)
-        t_compute = flops / (self.peak_flops_per_gpu * eff.compute)
+        bw = self.gpu.mem_bandwidth_gbs * GB * eff.memory
+        weight_bytes = self.weight_bytes_per_gpu
+        kv_bytes = (kv_tokens_read + num_tokens) * self.kv_bytes_per_token_per_gpu
+        gemm_flops = 2.0 * m.params * num_tokens / self.tp
+        attn_flops = 4.0 * m.layers * m.heads * m.head_dim * attn_units / self.tp
+        gemm_rate = self.peak_flops_per_gpu * eff.compute
+        # Attention runs in BF16 (the KV cache is dequantized on load when it is FP8).
+        attn_rate = self.gpu.bf16_tflops * 1e12 * eff.compute
+        if eff.overlapped:
+            t_gpu = max((weight_bytes + kv_bytes) / bw,
+                        gemm_flops / gemm_rate + attn_flops / attn_rate)
+        else:
+            t_gpu = (max(weight_bytes / bw, gemm_flops / gemm_rate)
+                     + max(kv_bytes / bw, attn_flops / attn_rate))
         return (eff.step_overhead_s + eff.per_seq_overhead_s * num_seqs
-                + max(t_mem, t_compute) + self.allreduce_time(num_tokens))
+                + t_gpu + self.allreduce_time(num_tokens))
 
     def allreduce_time(self, num_tokens: int) -> float:
-        """Two all-reduces per layer (attention out, MLP out) of the hidden states."""
-        if self.tp == 1:
+        """Two all-reduces per layer (after attention, after the MLP) of the step's
+        hidden states: num_tokens x hidden x 2 bytes (BF16).
+
+        A ring all-reduce over n GPUs moves 2(n-1)/n of the message through each GPU's
+        link (reduce-scatter then all-gather) in 2(n-1) steps, each paying the link's
+        per-step latency (`GpuSpec.p2p_latency_us`). Small decode messages (a few
+        hundred KB) are latency-bound, so TP=4/8 pays 6/14 step latencies per all-reduce,
+        160 all-reduces a step for 80 layers; big prefill chunks are bandwidth-bound,
+        which over PCIe (25 GB/s, the L40S pairs) is the larger part: a 2048-token chunk
+        of Llama-3 70B moves 33.5 MB per all-reduce, 1.3 ms each at TP=2.
+        The physical floor keeps the bandwidth term and drops the latency (vLLM's
+        one-shot custom all-reduce for small messages beats a ring's step count).
+        """
+        n = self.tp
+        if n == 1:
             return 0.0
-        payload = num_tokens * self.model.hidden * 2.0  # bf16 activations
-        ring = 2.0 * (self.tp - 1) / self.tp * payload / (self.gpu.p2p_bandwidth_gbs * GB)
-        latency = self.gpu.p2p_latency_us * 1e-6 if self.efficiency is not IDEAL else 0.0
+        payload = num_tokens * self.model.hidden * ACTIVATION_BYTES
+        ring = 2.0 * (n - 1) / n * payload / (self.gpu.p2p_bandwidth_gbs * GB)
+        latency = 0.0 if self.efficiency.overlapped else 2 * (n - 1) * self.gpu.p2p_latency_us * 1e-6
         return 2 * self.model.layers * (latency + ring)
 
     def decode_floor_s(self, batch: int, context: int) -> float:
@@ -128,9 +194,12 @@ def offline_throughput_ceiling(dep: Deployment, input_len: int, output_len: int,
         return 0.0
     m = dep.model
     tokens = input_len + output_len
-    flops_per_request = 2.0 * m.params * tokens + 4.0 * m.layers * m.heads * m.head_dim * (
+    gemm_flops = 2.0 * m.params * tokens
+    attn_flops = 4.0 * m.layers * m.heads * m.head_dim * (
         input_len * input_len / 2 + output_len * (input_len + output_len / 2))
-    t_compute = flops_per_request / dep.tp / ideal.peak_flops_per_gpu
+    # GEMMs at the precision's tensor-core peak, attention at BF16 (as Deployment.step_time).
+    t_compute = (gemm_flops / ideal.peak_flops_per_gpu
+                 + attn_flops / (dep.gpu.bf16_tflops * 1e12)) / dep.tp
     batch = max(1, min(max_num_seqs, ideal.kv_capacity_tokens // tokens))
     kv_bytes = output_len * (input_len + output_len / 2) * ideal.kv_bytes_per_token_per_gpu
     weight_bytes = output_len / batch * ideal.weight_bytes_per_gpu

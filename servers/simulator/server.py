@@ -427,6 +427,18 @@ class Replica:
             self._truth.close()
 
     def submit(self, seq: Sequence) -> None:
+        """A parsed request, into the engine once the API server's own per-request work
+        (Efficiency.request_overhead_s: tokenizing, templating, the HTTP front end) is done.
+        Replay waits the same time in virtual time (replay._run_replica)."""
+        delay = self.profile.deployment.efficiency.request_overhead_s
+        if delay > 0:
+            self._loop.call_later(delay, self._admit, seq)
+        else:
+            self._admit(seq)
+
+    def _admit(self, seq: Sequence) -> None:
+        if seq.aborted:      # the client went away while its request was being tokenized
+            return
         self.engine.add(seq)
         if not self._busy:
             # Start once this loop iteration's other arrivals are in, as the old task did.
@@ -725,7 +737,8 @@ class HttpConnection(asyncio.Protocol):
 def describe_profile(p: Profile) -> dict[str, Any]:
     d = p.deployment
     return {"name": p.name, "gpu": d.gpu.name, "model": d.model.name, "precision": d.precision.name,
-            "tensor_parallel": d.tp, "served_model_name": p.served_model_name,
+            "tensor_parallel": d.tp, "engine": p.engine, "kv_cache_dtype": d.kv_cache_dtype,
+            "served_model_name": p.served_model_name,
             "max_model_len": p.max_model_len, "max_num_seqs": p.max_num_seqs,
             "max_num_batched_tokens": p.max_num_batched_tokens,
             "kv_capacity_tokens": d.kv_capacity_tokens,
