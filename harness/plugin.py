@@ -1086,5 +1086,8 @@ def _on_quitting(environment, **_kw) -> None:
     environment.process_exit_code = EXIT_BAD_INPUT if state.fatal else run_exit_code(summary)
 
 
+# Live progress on the terminal or in the log, and progress.json (before `live`: its quit
+# listener, which may linger for a last scrape, then runs after the last progress line).
+from harness import live_progress  # noqa: E402,F401  (registers its listeners)
 # Live observability (web UI tab and charts, Prometheus exporter, server /metrics scraping).
 from harness import live  # noqa: E402,F401  (registers its listeners)

@@ -89,7 +89,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="serve Prometheus /metrics on 127.0.0.1:PORT during the run (0 = off)")
     p.add_argument("--metrics-linger", type=float, default=0.0,
                    help="keep /metrics up this many seconds after the run (>= the scrape interval)")
-    p.add_argument("--quiet", action="store_true", help="do not print the summary table")
+    p.add_argument("--quiet", action="store_true",
+                   help="print neither the live progress nor the summary table")
+    p.add_argument("--progress-interval", type=float, default=None,
+                   help="seconds between plain progress lines when stdout is not a terminal "
+                        "(default 5; a terminal gets a bar)")
+    p.add_argument("--locust-stats", action="store_true",
+                   help="also print Locust's own tables at the end (end-to-end request time in "
+                        "Locust's approximated buckets; by default they go to locust.json only)")
     p.add_argument("--no-preflight", action="store_true",
                    help="skip the check that the server answers /v1/models and serves --model "
                         "(e.g. for a server that comes up during the run)")
@@ -242,6 +249,16 @@ def locust_command(args: argparse.Namespace) -> list[str]:
     if args.metrics_port:
         cmd += ["--llm-metrics-port", str(args.metrics_port),
                 "--llm-metrics-linger", str(args.metrics_linger)]
+    if args.quiet:
+        cmd += ["--llm-progress", "off"]
+    if args.progress_interval is not None:
+        from harness.progress import MIN_INTERVAL_S
+        if not MIN_INTERVAL_S <= args.progress_interval < math.inf:
+            raise UsageError(f"--progress-interval must be at least {MIN_INTERVAL_S:g} seconds, "
+                             f"not {args.progress_interval:g}")
+        cmd += ["--llm-progress-interval", str(args.progress_interval)]
+    if not args.locust_stats:   # Locust's tables (E2E under latency-like names) go to a file
+        cmd += ["--json-file", str(out / "locust")]   # (Locust adds .json)
     if not args.endpoints:   # Locust's --host would override every replica's own host
         cmd += ["--host", f"http://{parts.hostname}:{parts.port or 80}"]
     if not args.locustfile and not args.endpoints:

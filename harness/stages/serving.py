@@ -159,23 +159,35 @@ def invalid_detail(reasons: list[str]) -> str:
     return " - load generator INVALID: " + "; ".join(reasons) if reasons else ""
 
 
-def _count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(1 for _ in f)
-    except OSError:
-        return 0
+PROGRESS_EVERY_S = 5.0
+
+
+def progress_line(out: Path, elapsed_s: float) -> str:
+    """The running load's figures, from the ``progress.json`` its Locust rewrites every 2 s
+    (harness.progress), named after its stage and run (``serving/load``, ``cluster/replica-a``)."""
+    from harness.progress import STATUS_FILE, format_line, read_status
+
+    name = f"{out.parent.name}/{out.name}"
+    p = read_status(out / STATUS_FILE)
+    if p is None:
+        return f"{name}: starting, {elapsed_s:.0f} s"
+    return format_line(p, label=name)
 
 
 def run_loads(jobs: list[tuple[str, list[str], Path]], timeout_s: float,
               log: Callable[[str], None], total: int | None = None) -> dict[str, dict[str, Any]]:
     """Run several ``harness load`` commands at once; label -> summary (or {"error": ...}).
 
-    Prints a progress line about every 5 s: requests finished (all jobs) of ``total``.
+    Prints each running job's progress line every ``PROGRESS_EVERY_S`` (:func:`progress_line`:
+    requests done of its bound or time of its duration, TTFT and TPOT p50, tokens/s, failures).
+    ``total`` is unused since the figures come from each run's own bound (kept for callers).
     """
+    from harness.progress import STATUS_FILE
+
     procs = []
     for label, argv, out in jobs:
         out.mkdir(parents=True, exist_ok=True)
+        (out / STATUS_FILE).unlink(missing_ok=True)   # an earlier attempt's figures are not this run's
         logf = open(out / "load.log", "wb")
         procs.append((label, subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
                                               env=dict(os.environ, PYTHONUNBUFFERED="1")), out, logf))
@@ -197,15 +209,11 @@ def run_loads(jobs: list[tuple[str, list[str], Path]], timeout_s: float,
                         p.kill()
                 log(f"load: stopped at the stage's bound of {timeout_s:.0f} s")
                 break
-            if now - last >= 5.0:
+            if now - last >= PROGRESS_EVERY_S:
                 last = now
-                done = sum(_count_lines(out / "requests.jsonl") for _, _, out, _ in procs)
-                of = f"/{total}" if total else ""
-                bar = ""
-                if total:
-                    filled = int(20 * min(1.0, done / total))
-                    bar = "[" + "#" * filled + "." * (20 - filled) + "] "
-                log(f"load: {bar}{done}{of} requests, {now - t0:.0f} s")
+                for _, p, out, _ in procs:
+                    if p.poll() is None:
+                        log(progress_line(out, now - t0))
     except BaseException:
         for _, p, _, _ in procs:
             if p.poll() is None:
