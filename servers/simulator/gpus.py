@@ -29,9 +29,12 @@ class GpuSpec:
     fp8_tflops: float | None = None
 
 
-# One ring step over NVLink (see GpuSpec.p2p_latency_us). Fitted: see NVLINK_HOP_US's
-# note in roofline.py's fit record (benchmarks/fit_simulator.py).
-NVLINK_HOP_US = 8.0
+# One ring step over NVLink (see GpuSpec.p2p_latency_us): NCCL's low-latency protocol
+# hands a chunk to the next GPU in ~1-2 us of link time, plus the flag polling and the
+# kernel's share of the launch; prior 3 us, i.e. ~18 us per all-reduce at TP=4, ~42 at
+# TP=8. Fitted value and date: benchmarks/fit_simulator.py, recorded next to ENGINES
+# in roofline.py.
+NVLINK_HOP_US = 3.0
 
 GPUS: dict[str, GpuSpec] = {
     "l40s": GpuSpec(
