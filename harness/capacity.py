@@ -188,7 +188,7 @@ def judge_slo(slo: Slo, records: list[dict[str, Any]], *, confidence: float, res
         out["note"] = "requests did not finish within the step"
     breaks = not (point < slo.threshold if slo.op == "<" else point <= slo.threshold)
     if boot is not None:
-        lo, hi = (float(x) for x in np.nanquantile(boot, [a, 1.0 - a]))
+        lo, hi = (float(x) for x in np.quantile(boot, [a, 1.0 - a], method="nearest"))   # (no inf - inf)
         out["ci"] = [_finite(lo), _finite(hi)]
         hi_ok = hi < slo.threshold if slo.op == "<" else hi <= slo.threshold
     else:

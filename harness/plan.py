@@ -15,7 +15,7 @@ A plan (see ``plans/*.yaml``)::
     cost: {...}                        # prices and layouts (harness/stages/cost.py)
     stages:
       - name: throughput-8b-bf16       # unique; the stage's folder in the run directory
-        stage: throughput              # hardware|throughput|perplexity|serving|cluster|soak|command
+        stage: throughput              # hardware|throughput|perplexity|serving|cluster|soak|command|capacity
         table: single GPU              # optional: the seed table and row it fills in the report
         row: Llama-3 8B BF16
         expect: {output_tokens_per_s: 4500}
@@ -44,6 +44,7 @@ STAGE_KINDS = {
     "cluster": "harness.stages.cluster",
     "soak": "harness.stages.soak",
     "command": "harness.stages.command",
+    "capacity": "harness.stages.capacity",
 }
 COMMON = {
     "name": Field("str", required=True),
@@ -210,9 +211,10 @@ def validate(doc: Any, source: str = "plan") -> dict[str, Any]:
                             f"stages[{seen[s['name']]}]")
         seen[s["name"]] = i
     for layout in (plan["cost"] or {}).get("layouts") or []:
-        st = layout.get("stage")
-        if st and st not in seen:
-            raise PlanError(f"{where}cost.layouts ({layout.get('name')}).stage: no stage named {st!r}")
+        for key in ("stage", "capacity_stage"):
+            st = layout.get(key)
+            if st and st not in seen:
+                raise PlanError(f"{where}cost.layouts ({layout.get('name')}).{key}: no stage named {st!r}")
     plan["stages"] = stages
     return plan
 

@@ -299,6 +299,24 @@ def plot_latency_vs_rate(results: dict[str, dict[str, Any]]) -> list[str]:
     return charts
 
 
+def plot_capacity(run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
+    """Each capacity stage's curve: SLO values vs offered rate, thresholds, the capacity."""
+    from harness.capacity_report import chart
+
+    charts = []
+    for name, r in results.items():
+        path = run_dir / name / "capacity.json"
+        if r.get("stage") != "capacity" or not path.exists():
+            continue
+        try:
+            svg_text = chart(json.loads(path.read_text()), f"{name}: latency at each step vs offered rate")
+        except (ValueError, KeyError):
+            continue
+        if svg_text:
+            charts.append(svg_text)
+    return charts
+
+
 def plot_over_time(run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
     charts = []
     for name, r in results.items():
@@ -440,7 +458,7 @@ def render_html(run_dir: Path) -> str:
     if ppl:
         parts.append('<h2 id="quality">Quality: perplexity per quantization</h2>')
         parts.append(_md_to_html_table(perplexity_table_md(ppl), "perplexity"))
-    charts = (plot_latency_vs_rate(results) + plot_over_time(run_dir, results) + plot_p2p(run_dir, results)
+    charts = (plot_latency_vs_rate(results) + plot_capacity(run_dir, results) + plot_over_time(run_dir, results) + plot_p2p(run_dir, results)
               + plot_perplexity(results))
     parts.append('<h2 id="plots">Plots</h2>')
     parts.extend(charts or ['<p class="muted">no data to plot in this run</p>'])

@@ -16,6 +16,7 @@ A plan's ``cost:`` section::
           expected_output_tokens_per_s: 54000
           stage: cluster-8b          # its measured output_tokens_per_s wins when it ran
           metric: output_tokens_per_s
+          capacity_stage: capacity-8b  # a capacity stage: its tokens/s at the SLO win over both
 
 Cost per hour of a layout on ``g`` GPUs is ``g * gpu_hour``, or
 ``purchase * g / gpu_count / (years * 8760) + g * watts / 1000 * pue * power_price_kwh``.
@@ -30,7 +31,7 @@ FIELDS = {"currency": str, "gpu_hour": (int, float), "purchase": (int, float),
           "amortization_years": (int, float), "power_price_kwh": (int, float), "pue": (int, float),
           "watts_per_gpu": (int, float), "layouts": list}
 LAYOUT_FIELDS = {"name": str, "gpus": int, "expected_output_tokens_per_s": (int, float),
-                 "stage": str, "metric": str}
+                 "stage": str, "metric": str, "capacity_stage": str}
 HOURS_PER_YEAR = 8760.0
 
 
@@ -85,8 +86,12 @@ def compute(plan: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[di
     for layout in cost.get("layouts") or []:
         g = int(layout["gpus"])
         metric = layout.get("metric") or "output_tokens_per_s"
-        tps, power = _measured(results, layout.get("stage"), metric)
-        tps_source = "measured" if tps else "expected"
+        # tokens/s at the SLO (a capacity stage's, when it ran) over tokens/s at saturation
+        tps, power = _measured(results, layout.get("capacity_stage"), "output_tokens_per_s")
+        tps_source, used = "measured at the SLO", layout.get("capacity_stage")
+        if not tps:
+            tps, power = _measured(results, layout.get("stage"), metric)
+            tps_source, used = ("measured" if tps else "expected"), layout.get("stage")
         if not tps:
             tps = layout.get("expected_output_tokens_per_s")
             tps_source = "expected" if tps else "none"
@@ -112,7 +117,7 @@ def compute(plan: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[di
         per_m = per_hour / (tps * 3600 / 1e6) if tps else None
         rows.append({
             "layout": layout["name"], "gpus": g, "output_tokens_per_s": tps,
-            "throughput_source": tps_source, "stage": layout.get("stage"),
+            "throughput_source": tps_source, "stage": used,
             "watts_per_gpu": round(watts_per_gpu, 1) if watts_per_gpu is not None else None,
             "power_source": power_source, "cost_per_hour": round(per_hour, 6), "basis": basis,
             "cost_per_million_tokens": per_m,
