@@ -51,3 +51,16 @@ def test_every_point_pins_its_workload_metric_and_regime():
         assert p["metric"] in METRICS, (p["id"], p["metric"])
         assert p["regime"] in REGIMES, (p["id"], p["regime"])
         assert isinstance(p["value"], (int, float)) and p["value"] > 0, p["id"]
+
+
+def test_committed_published_calibration_table_is_current():
+    """The doc's simulated-vs-published table is what the simulator gives now (rerun
+    benchmarks/calibration_published.py after changing the simulator or the points)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "calibration_published", POINTS.parents[2] / "benchmarks" / "calibration_published.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    committed = mod.current_table(mod.DOC.read_text())
+    assert committed is not None, "no published-calibration table in docs/simulator-calibration.md"
+    assert committed == mod.render(), "stale: run benchmarks/calibration_published.py"
