@@ -10,6 +10,7 @@ the merged view of the run, lives), never on workers.
 from __future__ import annotations
 
 import logging
+import sys
 
 import gevent
 from locust import events
@@ -52,7 +53,12 @@ def _on_init(environment, web_ui=None, **_kw) -> None:
     port = int(getattr(o, "llm_metrics_port", 0) or 0)
     if port:
         host = getattr(o, "llm_metrics_host", exporter.DEFAULT_HOST) or exporter.DEFAULT_HOST
-        environment.llm_metrics_server = exporter.serve(environment, host, port)
+        try:
+            environment.llm_metrics_server = exporter.serve(environment, host, port)
+        except OSError as exc:   # a taken port: one line and exit 2, not a traceback and exit 4
+            from harness.ports import bind_error
+            sys.stderr.write(f"locust: error: {bind_error('--llm-metrics-port', host, port, exc)}\n")
+            raise SystemExit(2) from None
         log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
 
 

@@ -35,8 +35,8 @@ from harness.credentials import DEFAULT_ENV_VAR as DEFAULT_API_KEY_ENV
 from harness.credentials import ApiKey
 from harness.errors import TargetError, UsageError
 from harness.histograms import HistogramSet
-from harness.results import (REQUEST_FIELDS, STARTED_FILE, Counters, RequestLog, build_summary, read_requests,
-                             reconcile_started, write_json)
+from harness.results import (REQUEST_FIELDS, STARTED_FILE, Counters, RequestLog, archive_run, build_summary,
+                             read_requests, reconcile_started, write_json)
 from harness.slo import EXIT_BAD_INPUT, Slo, parse_slo, run_exit_code
 from harness.workload import Workload, WorkloadSpec, server_token_counter
 
@@ -184,6 +184,7 @@ class LLMState:
         self.pending = HistogramSet()
         self.pending_counters = Counters()
         self.pending_by_name: dict[str, HistogramSet] = {}   # names recorded since the last one
+        self.pending_counters_by_name: dict[str, Counters] = {}   # the same names' counts
         self._by_name_sets: dict[str, HistogramSet] = {}     # every name's set, for reuse
         self.window = HistogramSet()
         self.window_counters = Counters()
@@ -402,6 +403,10 @@ class LLMState:
             self._outside_used = True
             return
         self.pending_counters.add(d, self.slos)
+        c = self.pending_counters_by_name.get(name)
+        if c is None:
+            c = self.pending_counters_by_name[name] = Counters()
+        c.add(d, self.slos)
         hs = self.pending_by_name.get(name)
         if hs is None:
             hs = self._by_name_sets.get(name)
@@ -452,6 +457,7 @@ class LLMState:
 
         rep = {"hist": enc(pending), "counters": self.pending_counters.to_dict(),
                "by_name": {k: enc(v) for k, v in by_name.items()},
+               "counters_by_name": {k: v.to_dict() for k, v in self.pending_counters_by_name.items()},
                "win": enc(window), "win_counters": self.window_counters.to_dict(),
                "token_bins": token_bins.to_pairs(self.pending_token_bins)}
         if sample_cpu:
@@ -466,6 +472,7 @@ class LLMState:
         at a few us per histogram instead of up to ~0.1 ms."""
         self.pending.reset()
         self.pending_counters = Counters()
+        self.pending_counters_by_name = {}
         for hs in self.pending_by_name.values():
             hs.reset()
         self.pending_by_name = {}
@@ -485,6 +492,7 @@ class Aggregate:
         self.hist = HistogramSet()
         self.counters = Counters()
         self.by_name: dict[str, HistogramSet] = {}
+        self.counters_by_name: dict[str, Counters] = {}   # per endpoint, as by_name
         self.window = HistogramSet()
         self.window_counters = Counters()
         self.cpu: dict[str, list[float]] = {}
@@ -516,7 +524,8 @@ class Aggregate:
         self._merge(client_id, HistogramSet.decode(rep["hist"]), Counters.from_dict(rep["counters"]),
                     {name: HistogramSet.decode(enc) for name, enc in rep.get("by_name", {}).items()},
                     HistogramSet.decode(rep["win"]), Counters.from_dict(rep["win_counters"]),
-                    rep.get("cpu"), rep.get("stamp_delay"))
+                    rep.get("cpu"), rep.get("stamp_delay"),
+                    {name: Counters.from_dict(d) for name, d in rep.get("counters_by_name", {}).items()})
         self.merge_token_bins(rep.get("token_bins"))
 
     def merge_local(self, sample_cpu: bool = True) -> None:
@@ -529,12 +538,13 @@ class Aggregate:
         self.merge_token_bins(token_bins.to_pairs(st.pending_token_bins))
         self._merge("local", pending, st.pending_counters, by_name, window,
                     st.window_counters, st.sample_cpu() if sample_cpu else None,
-                    stamp_delay.take())
+                    stamp_delay.take(), st.pending_counters_by_name)
         st._reset_pending()
 
     def _merge(self, client_id: str, hist: HistogramSet, counters: Counters,
                by_name: dict[str, HistogramSet], window: HistogramSet, window_counters: Counters,
-               cpu: float | None, stamp_delays: dict | None = None) -> None:
+               cpu: float | None, stamp_delays: dict | None = None,
+               counters_by_name: dict[str, Counters] | None = None) -> None:
         from harness import stamp_delay
         # the run's read-to-stamp delays, every worker's (harness.stamp_delay; exact sums)
         self.stamp_delay = stamp_delay.merge(getattr(self, "stamp_delay", None), stamp_delays)
@@ -545,12 +555,23 @@ class Aggregate:
             if mine is None:
                 mine = self.by_name[name] = HistogramSet()
             mine.merge(hs)
+        for name, c in (counters_by_name or {}).items():
+            self.counters_by_name.setdefault(name, Counters()).merge(c)
         self.window.merge(window)
         self.window_counters.merge(window_counters)
         self.requests_by_worker[client_id] = (self.requests_by_worker.get(client_id, 0)
                                               + window_counters.recorded)
         if cpu is not None:
             self.cpu.setdefault(client_id, []).append(float(cpu))
+
+    def reset(self) -> None:
+        """Forget every measurement (a new test started from the web UI: Locust clears its own
+        stats then too), keeping the observers hooked to this object."""
+        hooks, revision_hooks = self.window_hooks, self.revision_hooks
+        if self.ts_file is not None:
+            self.ts_file.close()
+        self.__init__(self.state)
+        self.window_hooks, self.revision_hooks = hooks, revision_hooks
 
     def refresh(self) -> None:
         """Bring a local runner's view up to date now (exact: the same merge as the window
@@ -683,7 +704,7 @@ def _on_init(environment, **_kw) -> None:
     if isinstance(runner, MasterRunner):
         environment.parsed_options.llm_key_origins = state.api_key.origins   # for the workers
     try:
-        state.spec.validate()   # under plain locust too: a bad dataset is named before any load
+        state.spec.validate(prefix="--llm-")   # under plain locust too: named before any load
     except UsageError as exc:
         sys.stderr.write(f"locust: error: {exc}\n")
         raise SystemExit(EXIT_BAD_INPUT) from None
@@ -701,6 +722,8 @@ def _on_init(environment, **_kw) -> None:
         runner.register_message("llm_fatal", on_fatal)
 
         def on_drained(msg, **_):
+            if msg.data.get("llm"):   # what it measured since its last report, drain included
+                environment.llm_aggregate.merge_report(str(msg.node_id), msg.data["llm"])
             environment.llm_aggregate.drained_workers.add(str(msg.node_id))
         runner.register_message("llm_drained", on_drained)
     if isinstance(runner, WorkerRunner):
@@ -711,7 +734,10 @@ def _on_init(environment, **_kw) -> None:
         def on_drain(msg, **_):
             def drain_and_answer():
                 state.drain()
-                runner.send_message("llm_drained", {"inflight": state.inflight})
+                # with its measurements: the master's books are whole when the test stops (the
+                # web UI writes summary.json then), not only after the next 3 s report
+                runner.send_message("llm_drained", {"inflight": state.inflight,
+                                                    "llm": state.take_report(sample_cpu=False)})
             gevent.spawn(drain_and_answer)   # a message handler must not block the worker
         runner.register_message("llm_drain", on_drain)
 
@@ -741,12 +767,25 @@ def set_rate(environment, rate: float) -> None:
 @events.test_start.add_listener
 def _on_test_start(environment, **_kw) -> None:
     state: LLMState = environment.llm
+    runner = environment.runner
+    if state.started_at is not None:
+        # Another test in the same process (the web UI's start after a stop): it starts from
+        # nothing, as Locust's own stats do, and the earlier test's results move aside
+        # (results.archive_run) so the directory again holds one run.
+        state._reset_pending()
+        if state.log is not None:
+            state.log.close()
+            state.started_log.close()
+            state.log = None
+        if isinstance(runner, (MasterRunner, LocalRunner)):
+            environment.llm_aggregate.reset()
+            if state.out:
+                archive_run(pathlib.Path(state.out))
     state.started_at = time.time()
     state.started_perf = time.perf_counter()
     state.done_sent = False
     state.finished_event.clear()
     state.draining, state._drain_perf, state.drain_waited_s, state.interrupted = False, None, None, False
-    runner = environment.runner
     # The web UI's start form (local/master) and the master's spawn message (workers)
     # update parsed_options after init; re-read what can change.
     state.reload_options()
@@ -898,6 +937,11 @@ def _on_test_stop(environment, **_kw) -> None:
     state.finished_event.set()
     if state.log is not None and not isinstance(environment.runner, MasterRunner):
         pass  # kept open: requests finishing during shutdown still get their line
+    if getattr(environment, "web_ui", None) is not None and not state.interrupted \
+            and isinstance(environment.runner, (MasterRunner, LocalRunner)):
+        # A test stopped in the web UI (STOP, its run time, a load shape), and Locust stays up
+        # for the next one: its results now, not only when Locust quits.
+        write_run_results(environment)
 
 
 def _write_final_locust_csv(environment) -> None:
@@ -1038,15 +1082,46 @@ def _on_quitting(environment, **_kw) -> None:
         state.log = None
     if not isinstance(runner, (MasterRunner, LocalRunner)):
         return
+    write_run_results(environment)
+
+
+def run_summary(environment, stopped_at: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's summary (summary.json's content) from the merged view as it is now: written
+    at the end, and what the web UI judges the SLOs with while the test runs."""
+    state: LLMState = environment.llm
+    agg: Aggregate = environment.llm_aggregate
+    return build_summary(
+        extra=extra,
+        hist=agg.hist, counters=agg.counters, duration_s=_duration(state, agg, stopped_at),
+        started_at=state.started_at or stopped_at,
+        target={"url": environment.host, "model": getattr(state.options, "llm_model", "") or
+                (next(iter(state._models.values()), None))},
+        workload={"input_len": state.spec.input_len, "output_len": state.spec.output_len,
+                  "dataset": state.spec.dataset, "soak_mix": state.spec.soak_mix,
+                  "rate": state.rate, "arrival": state.arrival if state.rate else None,
+                  "burstiness": state.burstiness if state.rate else None,
+                  "users": getattr(state.options, "num_users", None),
+                  "num_requests": state.num_requests or None, "warmup_s": state.warmup,
+                  "cooldown_s": state.cooldown, "seed": state.seed},
+        slos=state.slos, generator=agg.generator(), by_name=agg.by_name)
+
+
+def write_run_results(environment) -> dict[str, Any]:
+    """End the run's books (master or local runner): the last timeseries window, summary.json
+    and Locust's final CSVs, and the exit code. At quit, and at each test stop in the web UI
+    (so its user has the results without quitting); a second call changes nothing measured."""
+    state: LLMState = environment.llm
+    runner = environment.runner
     agg: Aggregate = environment.llm_aggregate
     g = getattr(environment, "llm_window_greenlet", None)
     if g is not None:
         g.kill(block=False)
+        environment.llm_window_greenlet = None
     if isinstance(runner, LocalRunner):
         agg.merge_local()
     stopped = time.time()
     if state.out:   # requests sent by a worker that died before it could record them
-        agg.lost_requests = reconcile_started(pathlib.Path(state.out))
+        agg.lost_requests += reconcile_started(pathlib.Path(state.out))
     if isinstance(runner, MasterRunner):
         agg.lost_workers = {str(c.id) for c in runner.clients.all if _silent(c)}
     recovered = _recover_from_log(state, agg)
@@ -1060,32 +1135,24 @@ def _on_quitting(environment, **_kw) -> None:
         agg.hist, agg.counters, agg.by_name = recovered
         extra["recovered"] = ("requests.jsonl held requests no worker report carried (a worker "
                               "was interrupted or killed); this summary was rebuilt from it")
-    summary = build_summary(
-        extra=extra,
-        hist=agg.hist, counters=agg.counters, duration_s=_duration(state, agg, stopped),
-        started_at=state.started_at or stopped,
-        target={"url": environment.host, "model": getattr(state.options, "llm_model", "") or
-                (next(iter(state._models.values()), None))},
-        workload={"input_len": state.spec.input_len, "output_len": state.spec.output_len,
-                  "dataset": state.spec.dataset, "soak_mix": state.spec.soak_mix,
-                  "rate": state.rate, "arrival": state.arrival if state.rate else None,
-                  "burstiness": state.burstiness if state.rate else None,
-                  "users": getattr(state.options, "num_users", None),
-                  "num_requests": state.num_requests or None, "warmup_s": state.warmup,
-                  "cooldown_s": state.cooldown, "seed": state.seed},
-        slos=state.slos, generator=agg.generator(), by_name=agg.by_name)
+    summary = run_summary(environment, stopped, extra)
     environment.llm_summary = summary
     _write_final_locust_csv(environment)
     if state.out:
         if agg.ts_file is not None:
             agg.flush_window(0, final=True)
             agg.ts_file.close()
+            agg.ts_file = None
             agg.rewrite_timeseries(pathlib.Path(state.out) / "timeseries.jsonl")
         write_json(pathlib.Path(state.out) / "summary.json", summary)
     # Always set: Locust's own rule (exit 1 on any failure) does not know our SLOs.
     environment.process_exit_code = EXIT_BAD_INPUT if state.fatal else run_exit_code(summary)
+    return summary
 
 
+# Option ranges, the web UI's port and the targets, before any load (before `live`, which binds
+# the /metrics port at init: an option out of range is named first).
+from harness import start_checks  # noqa: E402,F401  (registers its listeners)
 # Live progress on the terminal or in the log, and progress.json (before `live`: its quit
 # listener, which may linger for a last scrape, then runs after the last progress line).
 from harness import live_progress  # noqa: E402,F401  (registers its listeners)

@@ -9,8 +9,11 @@ where only an explicit bind can take them.
 """
 from __future__ import annotations
 
+import errno
 import random
 import socket
+
+from harness.errors import UsageError
 
 # Lowest port chosen when the ephemeral range leaves room below it.
 LOWEST = 15000
@@ -56,3 +59,27 @@ def free_port_block(n: int = 1, host: str = "127.0.0.1") -> int:
         if base + n - 1 <= 65535 and _all_free(host, base, n):
             return base
     raise RuntimeError(f"no block of {n} free ports found on {host}")
+
+
+def bind_error(option: str, host: str, port: int, exc: OSError) -> UsageError:
+    """The one line for a port we were told to listen on and could not: which port, why,
+    and the option that moves it (a traceback and Locust's exit 1 or 4 said neither)."""
+    where = f"{host or '*'}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return UsageError(f"{option} {port}: {where} is already in use by another process; stop it "
+                          f"or pick another port with {option} PORT")
+    return UsageError(f"{option} {port}: cannot listen on {where} ({exc.strerror or exc}); fix the "
+                      f"address or pick another port with {option} PORT")
+
+
+def require_free(host: str, port: int, option: str) -> None:
+    """Raise `bind_error` unless a listener could bind `host`:`port` now (as gevent's servers
+    bind: SO_REUSEADDR, so a port left in TIME_WAIT by an earlier run still counts as free).
+    Checked before anything starts; whoever binds it later still reports their own failure."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise bind_error(option, host, port, exc) from None

@@ -45,10 +45,16 @@ def served_models(base_url: str, key: ApiKey, option: str = "--url", timeout: fl
                          f"is this an OpenAI-compatible server?") from None
 
 
-def check_target(base_url: str, model: str | None, key: ApiKey, option: str = "--url") -> None:
-    """Raise a one-line UsageError unless `base_url` answers and serves `model` (any, if None)."""
+def check_target(base_url: str, model: str | None, key: ApiKey, option: str = "--url",
+                 model_option: str = "--model") -> None:
+    """Raise a one-line UsageError unless `base_url` answers and serves `model` (any, if None);
+    `option` and `model_option` are what the user set them with (harness load's flags, the
+    plugin's `--host`/`--llm-model`, or a user class's attribute)."""
+    parts = urlsplit(base_url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise UsageError(f"{option} {base_url!r} must be http://HOST:PORT (https is not supported yet)")
     models = served_models(base_url, key, option)
     if not models:
         raise UsageError(f"{option} {base_url} serves no model")
     if model and model not in models:
-        raise UsageError(f"--model {model!r} is not served by {base_url}; it serves: {', '.join(models)}")
+        raise UsageError(f"{model_option} {model!r} is not served by {base_url}; it serves: {', '.join(models)}")

@@ -206,6 +206,28 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+RUN_FILES = ("summary.json", "requests.jsonl", "timeseries.jsonl", STARTED_FILE)
+EARLIER_RUN_PREFIX = "test-"
+
+
+def archive_run(out: pathlib.Path) -> pathlib.Path | None:
+    """Move the run in `out` (its summary and append-only files) to `out/test-<n>/`, n the
+    first number free, so that the next run in the same process (a test started again from
+    Locust's web UI) starts with the directory empty and the earlier test's results kept.
+    Returns the new directory, or None when `out` held no run."""
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if not present:
+        return None
+    n = 1
+    while (out / f"{EARLIER_RUN_PREFIX}{n}").exists():
+        n += 1
+    dest = out / f"{EARLIER_RUN_PREFIX}{n}"
+    dest.mkdir()
+    for name in present:
+        os.replace(out / name, dest / name)
+    return dest
+
+
 def now() -> float:
     return time.time()
 

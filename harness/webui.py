@@ -38,6 +38,8 @@ from typing import Any, Iterable, Mapping
 
 from flask import Response, jsonify, request, send_from_directory
 
+from harness.histograms import HistogramSet
+
 log = logging.getLogger(__name__)
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
@@ -64,40 +66,71 @@ def _r(v: float | None, nd: int = 1) -> float | None:
     return round(float(v), nd)
 
 
+DASH = "\u2013"   # a cell with no value yet; `notes` says why
+
+
+def _row(name: str, hs, c, duration: float) -> tuple[dict[str, Any], list[str]]:
+    """One endpoint's (or the merged) row, and why each empty cell is empty."""
+    row: dict[str, Any] = {"name": name, "ok": c.completed, "failed": c.failed}
+    for short, metric, _label in _LAT:
+        s = hs.summary(metric)
+        for p in _PCTS:
+            row[f"{short}_{p}"] = _r(s[p])
+    timed = duration > 0
+    row["out_tok_s"] = _r(c.output_tokens / duration, 1) if timed else None
+    row["req_s"] = _r(c.completed / duration, 2) if timed else None
+    row["goodput_rps"] = _r(c.good / duration, 2) if timed else None
+    row["errors"] = ", ".join(f"{k}: {v}" for k, v in sorted(c.errors_by_kind.items())) or "none"
+    notes = []
+    if c.completed == 0:
+        why = (f"every request so far failed ({c.failed}; see Errors by kind)" if c.failed
+               else "no request has finished yet")
+        notes.append(f"{name}: latencies {DASH} {why}")
+    else:
+        for short, label in (("tpot", "TPOT"), ("itl", "ITL")):
+            if row[f"{short}_p50"] is None:
+                notes.append(f"{name}: {label} {DASH} every output so far was 1 token "
+                             f"({label} needs 2 or more)")
+    if not timed:
+        notes.append(f"{name}: rates {DASH} no request has finished yet, so no measured time")
+    return row, notes
+
+
 def live_stats(environment) -> dict[str, Any]:
-    """The numbers the LLM tab shows (and `/llm/stats` returns), from the merged data."""
-    from harness.plugin import _duration
+    """The numbers the LLM tab shows (and `/llm/stats` returns), from the merged data: a row
+    per endpoint and the merged row (None where a value does not exist yet, with the reason
+    in `notes`), and each SLO judged now by harness.slo on the run's summary as it stands."""
+    from harness.plugin import _duration, run_summary
+    from harness.results import Counters
 
     agg = environment.llm_aggregate
     state = environment.llm
     agg.refresh()
     c = agg.counters
-    duration = _duration(state, agg, time.time())
+    now = time.time()
+    duration = _duration(state, agg, now)
     rows: list[dict[str, Any]] = []
-    for name in sorted(agg.by_name):
-        hs = agg.by_name[name]
-        row: dict[str, Any] = {"name": name, "ok": hs["e2e_ms"].count, "failed": None}
-        for short, metric, _label in _LAT:
-            s = hs.summary(metric)
-            for p in _PCTS:
-                row[f"{short}_{p}"] = _r(s[p])
-        row.update(out_tok_s=None, req_s=None, goodput_rps=None, errors="")
+    notes: list[str] = []
+    for name in sorted(set(agg.by_name) | set(agg.counters_by_name)):
+        hs = agg.by_name.get(name) or HistogramSet()
+        row, why = _row(name, hs, agg.counters_by_name.get(name) or Counters(), duration)
         rows.append(row)
-    total: dict[str, Any] = {"name": AGGREGATE_ROW, "ok": c.completed, "failed": c.failed}
-    for short, metric, _label in _LAT:
-        s = agg.hist.summary(metric)
-        for p in _PCTS:
-            total[f"{short}_{p}"] = _r(s[p])
-    total["out_tok_s"] = _r(c.output_tokens / duration, 1) if duration > 0 else None
-    total["req_s"] = _r(c.completed / duration, 2) if duration > 0 else None
-    total["goodput_rps"] = _r(c.good / duration, 2) if duration > 0 else None
-    total["errors"] = ", ".join(f"{k}: {v}" for k, v in sorted(c.errors_by_kind.items()))
+        notes += why
+    total, why = _row(AGGREGATE_ROW, agg.hist, c, duration)
     rows.append(total)
+    notes += why
+    slo = run_summary(environment, now)["slo"] if state.slos else {"passed": None, "checks": []}
     runner = environment.runner
-    return {"rows": rows, "rate": state.rate, "slos": [s.text for s in state.slos],
-            "state": getattr(runner, "state", None), "user_count": getattr(runner, "user_count", 0),
+    return {"rows": rows, "notes": notes, "rate": state.rate, "slos": [s.text for s in state.slos],
+            "slo": slo, "state": getattr(runner, "state", None),
+            "user_count": getattr(runner, "user_count", 0),
             "duration_s": duration, "input_tokens": c.input_tokens, "output_tokens": c.output_tokens,
             "good": c.good}
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The tab's table: every cell a value, or the dash that `notes` explains."""
+    return [{k: DASH if v is None else v for k, v in row.items()} for row in rows]
 
 
 class Timeline:
@@ -181,7 +214,7 @@ def install(environment, web_ui) -> None:
         try:
             if path == f"{prefix}/stats/requests" and response.is_json and response.status_code == 200:
                 data = response.get_json()
-                data["extended_stats"] = [{"key": TAB_KEY, "data": live_stats(environment)["rows"]}]
+                data["extended_stats"] = [{"key": TAB_KEY, "data": table_rows(live_stats(environment)["rows"])}]
                 response.set_data(json.dumps(data))
             elif path in (f"{prefix}/", prefix or "/") and response.mimetype == "text/html" \
                     and response.status_code == 200 and not response.direct_passthrough:

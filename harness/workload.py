@@ -86,14 +86,21 @@ class WorkloadSpec:
     seed: int = 0
     pool_size: int = 32                  # distinct calibrated prompts per process
 
-    def validate(self) -> None:
-        if self.input_len < 1 or self.output_len < 1:
-            raise UsageError("--input-len and --output-len must be at least 1 token")
+    def validate(self, prefix: str = "--") -> None:
+        """A UsageError naming the option (`prefix`: "--" for harness load, "--llm-" for the
+        plugin's options under plain Locust) whose value cannot make a prompt."""
+        for name in ("input_len", "output_len"):
+            value = getattr(self, name)
+            if value < 1:   # (0 and below used to be taken as they came)
+                raise UsageError(f"{prefix}{name.replace('_', '-')} must be at least 1 token, not {value}")
         for name in ("input_len_range", "output_len_range"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise UsageError(f"--{name.replace('_', '-')} is a fraction in [0, 1)")
+                raise UsageError(f"{prefix}{name.replace('_', '-')} is a fraction in [0, 1), "
+                                 f"not {getattr(self, name):g}")
+        if self.shared_prefix_len < 0:
+            raise UsageError(f"{prefix}shared-prefix-len must be >= 0 tokens, not {self.shared_prefix_len}")
         if self.shared_prefix_len >= self.input_len and not self.dataset and not self.soak_mix:
-            raise UsageError("--shared-prefix-len must be smaller than --input-len")
+            raise UsageError(f"{prefix}shared-prefix-len must be smaller than {prefix}input-len")
         if self.dataset and not pathlib.Path(self.dataset).is_file():
             raise UsageError(f"dataset {self.dataset!r} not found; give a ShareGPT JSON or a JSONL file")
         if self.dataset:

@@ -13,10 +13,18 @@ import sys
 from urllib.parse import urlsplit
 
 from harness.errors import UsageError
-from harness.ports import free_port_block
+from harness.ports import free_port_block, require_free
+from harness.progress import STATUS_FILE
+from harness.results import STARTED_FILE
 
 LOCUSTFILE = pathlib.Path(__file__).resolve().parent.parent / "default_locustfile.py"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A results directory with one of these holds a run: refused as --out unless --overwrite.
+RUN_MARKERS = ("summary.json", "requests.jsonl")
+# What a run writes there; --overwrite removes them first, so that nothing of the earlier run
+# passes for this one's (Locust appends to its history CSV). Other files are left alone.
+RUN_FILES = (*RUN_MARKERS, "timeseries.jsonl", STARTED_FILE, STATUS_FILE, "locust.html", "locust.json",
+             "locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv", "locust_exceptions.csv")
 
 
 def _duration(text: str) -> int:
@@ -85,6 +93,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="generator invalid when the p99 of its read-to-stamp delay exceeds this "
                         "(default 10; 0 = not judged)")
     p.add_argument("--out", required=True, help="results directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, a directory that holds "
+                        "one is refused: its results are not lost by a repeated command)")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus /metrics on 127.0.0.1:PORT during the run (0 = off)")
     p.add_argument("--metrics-linger", type=float, default=0.0,
@@ -137,6 +148,14 @@ def locust_command(args: argparse.Namespace) -> list[str]:
     positive("--burstiness", args.burstiness, "(the gamma shape; 1 is Poisson)")
     positive("--warmup", args.warmup, "seconds", zero_ok=True)
     positive("--cooldown", args.cooldown, "seconds", zero_ok=True)
+    positive("--window", getattr(args, "window", None), "seconds (one timeseries line each)")
+    positive("--cpu-limit", getattr(args, "cpu_limit", None), "% (a worker's median CPU)")
+    positive("--lag-limit-ms", getattr(args, "lag_limit_ms", None), "ms (open-loop schedule lag p99)")
+    positive("--stamp-delay-limit-ms", getattr(args, "stamp_delay_limit_ms", None), "ms (0: not judged)",
+             zero_ok=True)
+    positive("--metrics-linger", args.metrics_linger, "seconds", zero_ok=True)
+    if not 0 <= args.metrics_port <= 65535:
+        raise UsageError(f"--metrics-port must be a port in 1..65535 (0: off), not {args.metrics_port}")
     if args.locustfile:
         for f in args.locustfile.split(","):
             if "://" not in f and not pathlib.Path(f).exists():
@@ -194,6 +213,12 @@ def locust_command(args: argparse.Namespace) -> list[str]:
                 d.rmdir()
             except OSError:
                 break
+    held = [name for name in RUN_MARKERS if (out / name).is_file()]
+    if held and not getattr(args, "overwrite", False):
+        raise UsageError(f"--out {args.out!r} already holds a run ({held[0]}); give another --out, "
+                         f"or add --overwrite to replace it")
+    if args.metrics_port:   # Locust would answer a taken port with a traceback and exit 4
+        require_free("127.0.0.1", args.metrics_port, "--metrics-port")
     cmd = [sys.executable, "-m", "locust", "-f", args.locustfile or str(LOCUSTFILE), "--headless",
            "-u", str(users), "-r", str(users),
            "--run-time", f"{run_time}s", "--only-summary",
@@ -251,6 +276,10 @@ def locust_command(args: argparse.Namespace) -> list[str]:
                 "--llm-metrics-linger", str(args.metrics_linger)]
     if args.quiet:
         cmd += ["--llm-progress", "off"]
+    if args.no_preflight or not args.locustfile:
+        # checked here already (`preflight`), or not to be; a locustfile of the user's own may
+        # name other models per class, which the plugin's own check (harness.start_checks) sees
+        cmd += ["--llm-no-preflight"]
     if args.progress_interval is not None:
         from harness.progress import MIN_INTERVAL_S
         if not MIN_INTERVAL_S <= args.progress_interval < math.inf:
@@ -297,6 +326,9 @@ def run(args: argparse.Namespace) -> int:
         preflight(args)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     if args.endpoints:

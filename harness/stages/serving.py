@@ -112,7 +112,9 @@ def flatten(summary: dict[str, Any]) -> dict[str, float | None]:
 
 def load_argv(p: dict[str, Any], url: str, model: str, out: Path, slos: list[str],
               rate: float | None, extra: list[str] | None = None) -> list[str]:
-    argv = [sys.executable, "-m", "harness.cli", "load", "--url", url, "--out", str(out), "--quiet",
+    # --overwrite: `out` is this stage's own folder (the runner refuses another plan's run
+    # directory), and a stage run again on resume replaces what its earlier attempt left there
+    argv = [sys.executable, "-m", "harness.cli", "load", "--url", url, "--out", str(out), "--overwrite", "--quiet",
             "--input-len", str(p["input_len"]), "--output-len", str(p["output_len"]),
             "--workers", str(p["workers"]), "--seed", str(p["seed"]),
             "--timeout", str(p["request_timeout"]), "--endpoint", p["endpoint"]]
@@ -234,10 +236,25 @@ def run_loads(jobs: list[tuple[str, list[str], Path]], timeout_s: float,
             results[label] = json.loads(path.read_text())
             results[label]["_exit_code"] = p.returncode
         else:
-            tail = "\n".join((out / "load.log").read_text(errors="replace").strip().splitlines()[-5:])
-            results[label] = {"error": f"harness load exited with {p.returncode} and wrote no "
-                                       f"summary; {out}/load.log ends:\n{tail}"}
+            results[label] = {"error": load_failure(p.returncode, out / "load.log")}
     return results
+
+
+USAGE_ERROR = "harness load: error: "
+
+
+def load_failure(code: int | None, log_path: Path) -> str:
+    """Why a ``harness load`` wrote no summary: its one error line where it refused to start
+    (bad input, a target that failed the preflight, a taken port: exit 2), else its log's end."""
+    try:
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    refused = [ln[len(USAGE_ERROR):] for ln in lines if ln.startswith(USAGE_ERROR)]
+    if refused:
+        return f"harness load exited with {code} before any load: {refused[-1]}"
+    tail = "\n".join(lines[-5:])
+    return f"harness load exited with {code} and wrote no summary; {log_path} ends:\n{tail}"
 
 
 def endpoint_hardware(p: dict[str, Any], endpoint: Any, plan: dict[str, Any], replicas: int = 1):
