@@ -58,8 +58,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="seconds each server may take to answer /health (default: 900)")
     p.add_argument("--stop-timeout", type=float, default=30.0, metavar="S",
                    help="seconds between SIGTERM and SIGKILL when stopping (default: 30)")
+    add_ray_option(p)
     p.set_defaults(func=handle)
     return p
+
+
+def add_ray_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="serve across the nodes of a running Ray cluster: auto, HOST:PORT (the "
+                        "head's GCS port) or ray://HOST:10001; one agent per node runs that "
+                        "node's servers, which listen on the node's address (or --host). Needs "
+                        "the cluster extra: pip install '.[cluster]'")
 
 
 def _topology(args: argparse.Namespace):
@@ -90,6 +99,15 @@ def handle(args: argparse.Namespace) -> int:
         raise UsageError("--topology plans for another machine: use it with --dry-run")
     if args.base_port is not None and not 1 <= args.base_port <= 65535:
         raise UsageError(f"--base-port {args.base_port} is not a TCP port")
+    if args.ray:
+        if args.topology or args.gpus:
+            raise UsageError(f"{'--topology' if args.topology else '--gpus'} is for one host: with "
+                             "--ray each node's agent reads its topology and holds its GPUs")
+        try:
+            layout = load_layout(args.layout, parse_model_overrides(args.model))
+        except LayoutError as exc:
+            raise UsageError(str(exc)) from None
+        return run_on_ray(args, layout, python=find_vllm_python(args.vllm_python), kind="vllm")
     try:
         layout = load_layout(args.layout, parse_model_overrides(args.model))
         topo = _topology(args) if layout.needs_gpus else None
@@ -136,5 +154,76 @@ def handle(args: argparse.Namespace) -> int:
         return 1
     finally:
         for line in getattr(cluster, "stop_report", None) or []:
+            progress(line)
+    return 0
+
+
+def run_on_ray(args: argparse.Namespace, layout: Any, *, python: str, kind: str,
+               argv_for: Any = None, prog: str = "harness serve") -> int:
+    """``--ray``: place ``layout`` on the cluster's nodes and serve it until Ctrl-C/SIGTERM or a
+    death (exit codes as without --ray). Shared by ``harness serve`` and ``harness sim``."""
+    from servers.cluster.launch import RayCluster
+    from servers.cluster.plan import make_cluster_plan, vllm_builder
+    from servers.cluster.session import connect
+    from servers.launcher import LayoutError, ServerDiedError, ServerStartError
+
+    if getattr(args, "json", False) and not args.dry_run:
+        raise UsageError("--json goes with --dry-run")
+    if args.base_port is not None and not 1 <= args.base_port <= 65535:
+        raise UsageError(f"--base-port {args.base_port} is not a TCP port")
+    try:
+        session = connect(args.ray)
+    except LayoutError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        nodes = session.probe(need_gpus=layout.needs_gpus, health_timeout=args.health_timeout,
+                              stop_timeout=args.stop_timeout)
+        plan = make_cluster_plan(
+            layout, nodes, python=python, base_port=args.base_port, host=args.host,
+            allow_cross_switch=True if getattr(args, "allow_cross_switch", False) else None,
+            address=args.ray, argv_for=argv_for or vllm_builder, kind=kind)
+    except LayoutError as exc:
+        session.close()
+        raise UsageError(str(exc)) from None
+    except BaseException:
+        session.close()
+        raise
+    if args.dry_run:
+        session.close()
+        print(plan.to_json() if getattr(args, "json", False) else plan.render())
+        return 0
+
+    def progress(msg: str) -> None:
+        print(f"{prog}: {msg}", file=sys.stderr, flush=True)
+
+    progress(f"placement: {plan.placement.strategy}")
+    for w in plan.warnings:
+        print(w, file=sys.stderr)
+    out = args.out or os.path.join("runs", time.strftime("serve-%Y%m%d-%H%M%S"))
+    cluster = RayCluster(plan, session, out, health_timeout=args.health_timeout,
+                         stop_timeout=args.stop_timeout, on_progress=progress)
+    try:
+        with cluster:
+            progress(f"{len(cluster.endpoints)} server(s) ready on "
+                     f"{len(plan.placement.used_nodes)} node(s); endpoint list: "
+                     f"{cluster.endpoints_path}")
+            for e in cluster.endpoints:
+                print(f"{e.name}\t{e.url}\t{e.model}\tnode {e.node}\t"
+                      f"GPUs {','.join(map(str, e.gpus)) or 'cpu'}\tpid {e.pid}", flush=True)
+            progress("serving; Ctrl-C or SIGTERM stops every server on every node")
+            try:
+                cluster.wait()
+            except KeyboardInterrupt:
+                progress("interrupted: stopping every server")
+                return 0
+    except LayoutError as exc:
+        raise UsageError(str(exc)) from None
+    except (ServerStartError, ServerDiedError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: every server on every node was stopped; logs in {cluster.log_dir}",
+              file=sys.stderr)
+        return 1
+    finally:
+        for line in cluster.stop_report:
             progress(line)
     return 0

@@ -49,6 +49,7 @@ class Endpoint:
     cpus: str = ""
     device: str = "cuda"
     log: str = ""
+    node: str = ""   # the Ray node it runs on (harness serve --ray); empty on one host
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

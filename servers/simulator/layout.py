@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from servers.launcher.layouts import FILL, Layout
+from servers.launcher.layouts import FILL, Layout, ServerSpec
 from servers.simulator.profiles import Profile, make_profile
 
 # Which architecture a layout's model id runs on (hub ids and local folder names alike).
@@ -33,6 +33,17 @@ def architecture_for(model: str) -> str:
                      f"Llama-3 8B/70B, Llama-2 13B and Mistral 7B (name them in the id)")
 
 
+def profile_for(spec: ServerSpec, gpu: str) -> Profile:
+    """The simulator profile of one layout role on ``gpu`` (its model, precision and TP), with
+    the role's served model name and context length. Raises ValueError when it cannot be."""
+    profile = make_profile(gpu, architecture_for(spec.model), _PRECISIONS[spec.precision],
+                           spec.tensor_parallel_size)
+    if not profile.deployment.fits:
+        raise ValueError(f"role {spec.role!r}: {profile.name} does not fit the card's memory")
+    return replace(profile, served_model_name=spec.served_model_name or profile.served_model_name,
+                   max_model_len=spec.max_model_len or profile.max_model_len)
+
+
 def replicas_for_layout(layout: Layout, gpu: str, num_gpus: int) -> list[SimReplica]:
     """One simulated replica per replica of each role, GPUs numbered as a real
     placement would consume them (fixed roles first, then `fill` roles)."""
@@ -43,11 +54,7 @@ def replicas_for_layout(layout: Layout, gpu: str, num_gpus: int) -> list[SimRepl
     for spec in fixed + fill:
         tp = spec.tensor_parallel_size
         count = (num_gpus - next_gpu) // tp if spec.replicas == FILL else int(spec.replicas)
-        profile = make_profile(gpu, architecture_for(spec.model), _PRECISIONS[spec.precision], tp)
-        if not profile.deployment.fits:
-            raise ValueError(f"role {spec.role!r}: {profile.name} does not fit the card's memory")
-        profile = replace(profile, served_model_name=spec.served_model_name or profile.served_model_name,
-                          max_model_len=spec.max_model_len or profile.max_model_len)
+        profile = profile_for(spec, gpu)
         for i in range(count):
             gpus = tuple(range(next_gpu, next_gpu + tp))
             if gpus and gpus[-1] >= num_gpus:
