@@ -2,28 +2,33 @@
 simulator: per point the simulated figure next to the published one, and the error band per
 regime. This is how a reader learns how far a simulated number may be from a real engine's.
 
-Each point runs the way its source ran it: `max_throughput` is every request queued at t=0
-with the offline limits and no HTTP front end (trtllm-bench throughput, vLLM's offline
-benchmark); `concurrency` C is a closed loop of C clients; `request_rate` R is Poisson
-arrivals at R/s (seeded). Requests per point are capped at MAX_REQUESTS so the whole set
-replays in under a minute and its staleness test stays bearable. The cap costs accuracy where
-the offline batch could hold more than MAX_REQUESTS sequences (a published 30,000-request
-burst at 1,024 sequences a step) is simulated as a smaller burst. Measured: at a cap of 1,024
-the set took 101 s on the 2-core VM with saturated median ratio 0.88 (worst 0.20), at 512 it
-takes 53 s with 0.90 (worst 0.21). The cap is printed with the table. A point the simulator
-cannot express is kept and reported as "not simulated: <reason>", never dropped.
+Each point runs the way its source ran it, through `replay` or the closed loop below, so
+every metric comes from the same per-request records (`vllm bench serve`'s definitions):
+`max_throughput` is every request queued at t=0 into the engine with the offline limits
+(or the published static batch, `max_batch_size`) and no HTTP front end (trtllm-bench,
+TensorRT-LLM's gptSessionBenchmark, vLLM's offline benchmarks and `vllm bench latency`);
+`concurrency` C is a closed loop of C clients; `request_rate` R is Poisson arrivals at R/s
+(seeded). Requests per point are capped at MAX_REQUESTS (a published static batch is run
+whole) so the whole set replays in about half a minute and its staleness test stays
+bearable; the cap costs accuracy only where the offline batch could hold more than
+MAX_REQUESTS sequences. The cap is printed with the table. A point the simulator cannot
+express is kept and reported as "not simulated: <reason>", never dropped.
 """
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import random
 import statistics
 from dataclasses import dataclass
 
-from servers.simulator.offline import run_concurrency, run_offline
+from collections import deque
+from dataclasses import replace
+
+from servers.simulator.engine import Engine, Sequence
 from servers.simulator.profiles import Profile, make_profile, with_options
-from servers.simulator.replay import replay
+from servers.simulator.replay import ReplayResult, RequestRecord, replay
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 POINTS_PATH = ROOT / "docs" / "data" / "calibration-points.json"
@@ -53,47 +58,106 @@ def profile_for(point: dict) -> Profile:
     return with_options(prof, engine=point.get("engine"), kv_cache_dtype=point.get("kv_cache_dtype"))
 
 
-def _metric(summary_value: dict, metric: str) -> float:
-    return float(summary_value[metric])
+def closed_loop(prof: Profile, concurrency: int, n: int, input_len: int,
+                output_len: int) -> ReplayResult:
+    """`vllm bench serve --max-concurrency C` / genai-perf's concurrency mode: C clients, each
+    sending its next request when its last one ends; each request enters the engine after
+    the API server's per-request cost (Efficiency.request_overhead_s), as in `replay`."""
+    dep = prof.deployment
+    delay = dep.efficiency.request_overhead_s
+    engine = Engine(dep, max_num_seqs=prof.max_num_seqs,
+                    max_num_batched_tokens=prof.max_num_batched_tokens)
+    arriving: deque = deque()
+    records: list[RequestRecord] = []
+
+    def send(now: float) -> None:
+        rec = RequestRecord(str(len(records)), 0, now, input_len, output_len)
+        records.append(rec)
+        arriving.append((now + delay, Sequence(rec.id, input_len, output_len, now,
+                                               payload=rec.token_times_s)))
+
+    for _ in range(min(concurrency, n)):
+        send(0.0)
+    now = 0.0
+    while True:
+        while arriving and arriving[0][0] <= now:
+            engine.add(arriving.popleft()[1])
+        step = engine.schedule(now)
+        if step is None:
+            if arriving:
+                now = max(now, arriving[0][0])
+                continue
+            if not engine.has_work():
+                break
+            raise RuntimeError("engine stalled: a request can never fit the KV cache")
+        now += step.duration
+        res = engine.complete(step, now)
+        for seq in res.emitted:
+            seq.payload.append(now)
+        for _seq in res.finished:
+            if len(records) < n:
+                send(now)
+    return ReplayResult(prof.name, 1, records, steps=engine.stats.steps,
+                        preemptions=engine.stats.preemptions)
 
 
-def simulate(point: dict) -> PointResult:
+def _offline(prof: Profile, w: dict, isl: int, osl: int) -> ReplayResult:
+    """Every request queued at t=0 into the engine itself: the offline limits (or the
+    published static batch size, `max_batch_size`), no HTTP front end, and a model length
+    that admits the point's lengths (trtllm-bench and the `LLM` class size it to the data)."""
+    batch = int(w.get("max_batch_size") or prof.offline_max_num_seqs)
+    n = int(w.get("num_requests") or MAX_REQUESTS)
+    n = min(n, max(MAX_REQUESTS, batch)) if w.get("max_batch_size") else min(n, MAX_REQUESTS)
+    eff = replace(prof.deployment.efficiency, request_overhead_s=0.0)
+    prof = replace(prof, deployment=replace(prof.deployment, efficiency=eff),
+                   max_num_seqs=batch, max_num_batched_tokens=prof.offline_max_num_batched_tokens,
+                   max_model_len=max(prof.max_model_len, isl + osl))
+    return replay(prof, [(0.0, isl, osl)] * n)
+
+
+def figures(summary: dict, gpu_count: int) -> dict[str, float | None]:
+    """Every metric a point may name (METRICS), from a replay summary."""
+    out: dict[str, float | None] = {
+        "output_tokens_per_s": summary["output_tokens_per_s"],
+        "total_tokens_per_s": summary.get("total_tokens_per_s"),
+        "output_tokens_per_s_per_gpu": summary["output_tokens_per_s"] / gpu_count,
+        "batch_latency_ms": summary["duration_s"] * 1e3,
+    }
+    for k in ("ttft", "tpot", "itl", "e2e"):
+        for stat in ("p50", "mean"):
+            out[f"{k}_ms_{stat}"] = summary[f"{k}_ms"][stat]
+    return out
+
+
+def simulate(point: dict, profile: Profile | None = None) -> PointResult:
+    """`point` run the way its source ran it (module docstring); `profile` overrides the
+    point's own (benchmarks/fit_simulator.py passes trial constants this way)."""
     try:
-        prof = profile_for(point)
+        prof = profile_for(point) if profile is None else profile
     except KeyError as e:
         return PointResult(point, None, f"not simulated: {e}")
     w, metric = point["workload"], point["metric"]
     isl, osl = int(w["input_len"]), int(w["output_len"])
     n = min(MAX_REQUESTS, int(w.get("num_requests") or MAX_REQUESTS))
-    dep = prof.deployment
+    if not prof.deployment.fits:
+        return PointResult(point, None, f"not simulated: {prof.name} does not fit its GPUs")
     try:
         if w.get("max_throughput"):
-            r = run_offline(dep, n, isl, osl, max_num_seqs=prof.offline_max_num_seqs,
-                            max_num_batched_tokens=prof.offline_max_num_batched_tokens)
-            values = {"output_tokens_per_s": r.output_tokens_per_s,
-                      "total_tokens_per_s": r.total_tokens_per_s}
+            result = _offline(prof, w, isl, osl)
         elif "concurrency" in w:
             c = int(w["concurrency"])
-            r = run_concurrency(dep, c, min(n, max(5 * c, 100)), isl, osl,
-                                max_num_seqs=prof.max_num_seqs,
-                                max_num_batched_tokens=prof.max_num_batched_tokens)
-            values = {"output_tokens_per_s": r.output_tokens_per_s, "ttft_ms_p50": r.ttft_p50_ms,
-                      "tpot_ms_p50": r.tpot_p50_ms}
+            result = closed_loop(prof, c, min(n, max(5 * c, 100)), isl, osl)
         elif "request_rate" in w:
             rng, t, arrivals = random.Random(0), 0.0, []
             for _ in range(n):
                 t += rng.expovariate(float(w["request_rate"]))
                 arrivals.append((t, isl, osl))
-            s = replay(prof, arrivals).summary()
-            values = {"output_tokens_per_s": s["output_tokens_per_s"],
-                      "total_tokens_per_s": s.get("total_tokens_per_s")}
-            for k in ("ttft", "tpot", "itl"):
-                for stat in ("p50", "mean"):
-                    values[f"{k}_ms_{stat}"] = s[f"{k}_ms"][stat]
+            result = replay(replace(prof, max_model_len=max(prof.max_model_len, isl + osl)), arrivals)
         else:
             return PointResult(point, None, "not simulated: workload has no load kind")
-    except ValueError as e:          # e.g. the model does not fit the GPUs
+    except (ValueError, RuntimeError) as e:
         return PointResult(point, None, f"not simulated: {e}")
+    values = figures(result.summary(), int(point.get("gpu_count") or prof.deployment.tp))
     if values.get(metric) is None:
         return PointResult(point, None, f"not simulated: metric {metric} not produced for this workload")
     return PointResult(point, float(values[metric]))
@@ -103,17 +167,28 @@ def replay_all(points: list[dict] | None = None) -> list[PointResult]:
     return [simulate(p) for p in (load_points() if points is None else points)]
 
 
+def band_of(point: dict) -> str:
+    """The regime a point's error band is stated for: saturated throughput, light-load TTFT,
+    light-load decode speed (TPOT, ITL, a batch's latency), or the knee. TTFT and decode
+    are apart because different parts of the model make them (prefill and front end vs
+    the weight and KV reads of a decode step)."""
+    regime = point["regime"]
+    if regime == "light":
+        return "light TTFT" if point["metric"].startswith("ttft") else "light TPOT/ITL/latency"
+    return "saturated throughput" if regime == "saturated" else regime
+
+
 def regime_bands(results: list[PointResult]) -> dict[str, dict]:
-    """Per regime: median and worst ratio simulated/published (worst = farthest from 1 in log)."""
-    import math
+    """Per band (band_of): median and worst ratio simulated/published (worst = farthest
+    from 1 in log), the range, and the share within +-20%."""
     out: dict[str, dict] = {}
-    for regime in sorted({r.point["regime"] for r in results}):
-        ratios = [r.ratio for r in results if r.point["regime"] == regime and r.ratio is not None]
+    for band in sorted({band_of(r.point) for r in results}):
+        ratios = [r.ratio for r in results if band_of(r.point) == band and r.ratio is not None]
         if not ratios:
-            out[regime] = {"points": 0}
+            out[band] = {"points": 0}
             continue
-        out[regime] = {"points": len(ratios), "median": statistics.median(ratios),
-                       "worst": max(ratios, key=lambda x: abs(math.log(x))),
-                       "min": min(ratios), "max": max(ratios),
-                       "within_20pct": sum(0.8 <= x <= 1.2 for x in ratios) / len(ratios)}
+        out[band] = {"points": len(ratios), "median": statistics.median(ratios),
+                     "worst": max(ratios, key=lambda x: abs(math.log(x))),
+                     "min": min(ratios), "max": max(ratios),
+                     "within_20pct": sum(0.8 <= x <= 1.2 for x in ratios) / len(ratios)}
     return out

@@ -73,6 +73,9 @@ class Engine:
         self.block_size = block_size
         capacity = deployment.kv_capacity_tokens if kv_capacity_tokens is None else kv_capacity_tokens
         self.total_blocks = capacity // block_size
+        # roofline.Efficiency.kv_admission: reserve a request's whole prompt + output at
+        # admission (TensorRT-LLM) or grow it step by step (vLLM).
+        self.reserve_full = deployment.efficiency.kv_admission == "reserve"
         self.free_blocks = self.total_blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -134,7 +137,7 @@ class Engine:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             q = min(seq.pending, budget)
-            need = self._blocks_for(seq.computed + q) - seq.blocks
+            need = max(0, self._blocks_for(seq.computed + q) - seq.blocks)
             self_preempted = False
             while need > self.free_blocks:
                 victim = self.running.pop()
@@ -154,7 +157,9 @@ class Engine:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 q = min(seq.pending, budget)
-                need = self._blocks_for(seq.computed + q) - seq.blocks
+                target = (seq.prompt_tokens + seq.output_tokens if self.reserve_full
+                          else seq.computed + q)
+                need = max(0, self._blocks_for(target) - seq.blocks)
                 if need > self.free_blocks:
                     break
                 self.waiting.popleft()

@@ -79,6 +79,14 @@ MODELS: dict[str, ModelArch] = {
                             8.03e9, 32, 4096, 32, 8, 128, 128256),
     "llama-3-70b": ModelArch("Llama-3 70B", "meta-llama/Meta-Llama-3-70B-Instruct",
                              70.55e9, 80, 8192, 64, 8, 128, 128256),
+    # Llama 2 7B and 70B: the models TensorRT-LLM's v0.5/v0.6 performance tables name
+    # "LLaMA 7B" / "LLaMA 70B" (their methodology says Llama2-7b and Llama2-70b). 7B has
+    # no GQA (32 KV heads: 4x Llama-3 8B's cache per token); 70B has Llama-3 70B's shape
+    # with the 32,000-token vocabulary.
+    "llama-2-7b": ModelArch("Llama-2 7B", "meta-llama/Llama-2-7b-chat-hf",
+                            6.74e9, 32, 4096, 32, 32, 128, 32000),
+    "llama-2-70b": ModelArch("Llama-2 70B", "meta-llama/Llama-2-70b-chat-hf",
+                             68.98e9, 80, 8192, 64, 8, 128, 32000),
     "llama-2-13b": ModelArch("Llama-2 13B", "meta-llama/Llama-2-13b-chat-hf",
                              13.02e9, 40, 5120, 40, 40, 128, 32000),
     "mistral-7b": ModelArch("Mistral 7B", "mistralai/Mistral-7B-Instruct-v0.1",
