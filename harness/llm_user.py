@@ -130,9 +130,6 @@ class LLMUser(User):
                                    max_body_bytes=self.state.max_response_bytes)
 
     def on_start(self) -> None:
-        from harness.start_checks import blocked
-        while blocked(self.environment):   # this test start failed its checks (web UI): send
-            gevent.sleep(0.05)             # nothing until the stop that follows ends this user
         self._workload = None
         try:
             self._prepare()

@@ -8,12 +8,27 @@ from __future__ import annotations
 
 import http.client
 import json
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from harness.credentials import ApiKey
 from harness.errors import UsageError
 
 TIMEOUT_S = 5.0
+
+
+def check_url(url: str, option: str = "--url") -> SplitResult:
+    """`url`'s parts, or a one-line UsageError naming `option` unless it is http://HOST[:PORT]
+    (checked before anything is sent: harness load's flags, a locustfile's or the web form's host)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise UsageError(f"{option} {url!r} must be http://HOST:PORT (https is not supported yet)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:   # (None: no port given, 80)
+        raise UsageError(f"{option} {url!r}: the port must be a number in 1..65535")
+    return parts
 
 
 def served_models(base_url: str, key: ApiKey, option: str = "--url", timeout: float = TIMEOUT_S) -> list[str]:
@@ -50,9 +65,7 @@ def check_target(base_url: str, model: str | None, key: ApiKey, option: str = "-
     """Raise a one-line UsageError unless `base_url` answers and serves `model` (any, if None);
     `option` and `model_option` are what the user set them with (harness load's flags, the
     plugin's `--host`/`--llm-model`, or a user class's attribute)."""
-    parts = urlsplit(base_url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise UsageError(f"{option} {base_url!r} must be http://HOST:PORT (https is not supported yet)")
+    check_url(base_url, option)
     models = served_models(base_url, key, option)
     if not models:
         raise UsageError(f"{option} {base_url} serves no model")

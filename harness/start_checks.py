@@ -1,16 +1,18 @@
 """What the plugin checks before any load under plain Locust (`locust -f locustfiles/chat.py`):
-count-like `--llm-*` options, the web UI's port and every target (harness.preflight).
+the count-like `--llm-*` options (harness.option_ranges), the ports it was told to listen
+on, and every target (harness.preflight: it answers /v1/models, takes the key, serves the model).
 
 `harness load` makes the same checks itself before it starts Locust; without these, plain
 Locust took `--llm-num-requests -3` as it came, ran a whole load at a dead URL to exit 4, and
-answered a taken `--web-port` with a traceback and exit 4 ("requests failed").
+answered a taken `--web-port` with a traceback.
 
 - Headless: at init, before any user exists -- one line on stderr, exit 2, nothing sent and no
   results written (an earlier run's files in `--llm-out` are left as they were).
-- Web UI: the form may change the host, model and lengths, so the options and the targets are
-  checked at each test start. A failure logs the one line (Locust's log, the UI's log view)
-  and stops that test; no user sends anything (they see `llm_preflight_failed` in the options,
-  which the master's spawn messages carry to its workers); the UI stays up for the next try.
+- Web UI: its start form may change the host, the model, the lengths and the rate, so each
+  new test is checked when it is started (the form, --autostart, a load shape). A failure is
+  logged as one line (the terminal and the UI's log view) and that start does not happen:
+  no test_start, no user, nothing sent, no results moved or written; the UI stays up for
+  the next try. The check wraps the runner's `start`, which every start path calls.
 
 `--llm-no-preflight` skips the target check (a server that comes up during the run).
 Imported by harness.plugin after its own listeners (the run's state exists by then).
@@ -18,35 +20,22 @@ Imported by harness.plugin after its own listeners (the run's state exists by th
 from __future__ import annotations
 
 import logging
-import math
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import gevent
+from gevent.event import AsyncResult
 from locust import events
-from locust.runners import STATE_RUNNING, STATE_SPAWNING, LocalRunner, MasterRunner
+from locust.runners import STATE_RUNNING, STATE_SPAWNING, STATE_STOPPED, LocalRunner, MasterRunner
 
 from harness.errors import UsageError
+from harness.preflight import TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
-# The option a blocked test start leaves set (its one line), for users here and on workers.
-BLOCKED = "llm_preflight_failed"
-# How long a blocked test start may take to reach a state Locust's stop() acts on.
-STOP_WAIT_S = 10.0
-
-# (option's dest, the least value, what it counts) -- lengths and prompts are WorkloadSpec's
-# (harness.workload), the rate is harness.arrivals'.
-AT_LEAST_0 = (("llm_num_requests", "requests (0: no limit)"),
-              ("llm_max_concurrency", "requests in flight (0: no cap)"),
-              ("llm_warmup", "seconds"), ("llm_cooldown", "seconds"),
-              ("llm_stamp_delay_limit_ms", "ms (0: not judged)"),
-              ("llm_metrics_linger", "seconds"))
-ABOVE_0 = (("llm_timeout", "seconds (the longest silence a request may have)"),
-           ("llm_window", "seconds (one timeseries line each)"),
-           ("llm_burstiness", "(the gamma shape; 1 is Poisson)"),
-           ("llm_cpu_limit", "% (a worker's median CPU)"),
-           ("llm_lag_limit_ms", "ms (open-loop schedule lag p99)"))
+NOT_STARTED = "test not started: "
+# How long the start form's answer waits for its test's checks (the preflight's own timeout, and some).
+VERDICT_WAIT_S = TIMEOUT_S + 2.0
 
 
 @events.init_command_line_parser.add_listener
@@ -57,35 +46,21 @@ def _add_options(parser) -> None:
                              "during the run)")
 
 
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
 def check_options(o: Any) -> None:
     """A one-line UsageError for the first count-like `--llm-*` option out of its range
     (argparse's types cannot see the web UI's start form, which sets values as they come)."""
     from harness.arrivals import check_rate
+    from harness.option_ranges import check_ranges
 
-    def value(dest: str):
-        v = getattr(o, dest, None)
+    def value(name: str):
+        v = getattr(o, "llm_" + name.replace("-", "_"), None)
+        if name == "drain-timeout" and v == -1.0:
+            return None   # (the default: --llm-timeout)
         return None if v is None or isinstance(v, bool) else v
 
-    for dest, unit in AT_LEAST_0:
-        v = value(dest)
-        if v is not None and not 0 <= v < math.inf:
-            raise UsageError(f"{_flag(dest)} must be >= 0 {unit}, not {v:g}")
-    for dest, unit in ABOVE_0:
-        v = value(dest)
-        if v is not None and not 0 < v < math.inf:
-            raise UsageError(f"{_flag(dest)} must be > 0 {unit}, not {v:g}")
-    drain = value("llm_drain_timeout")
-    if drain is not None and drain != -1.0 and not 0 <= drain < math.inf:   # (-1: the default)
-        raise UsageError(f"--llm-drain-timeout must be >= 0 seconds (0: no wait), not {drain:g}")
-    port = value("llm_metrics_port")
-    if port is not None and not 0 <= port <= 65535:
-        raise UsageError(f"--llm-metrics-port must be a port in 1..65535 (0: off), not {port}")
+    check_ranges(value, "--llm-")
     try:
-        check_rate(value("llm_rate") or 0.0)
+        check_rate(getattr(o, "llm_rate", 0.0) or 0.0)
     except ValueError as exc:
         raise UsageError(f"--llm-rate {exc}") from None
 
@@ -98,21 +73,19 @@ def targets(environment) -> list[tuple[str, str | None, str, str]]:
 
     o = environment.parsed_options
     opt_model = getattr(o, "llm_model", "") or None
-    seen: set[tuple[str, str | None]] = set()
-    out = []
+    out: list[tuple[str, str | None, str, str]] = []
     for cls in environment.user_classes or ():
         if not (isinstance(cls, type) and issubclass(cls, LLMUser)):
             continue
         url = environment.host or getattr(cls, "host", None)
         if not url:
             continue   # (LLMUser says so when it starts)
-        url_option = "--host" if environment.host else f"{cls.__name__}.host"
-        model = getattr(cls, "model", None) or opt_model
-        model_option = f"{cls.__name__}.model" if getattr(cls, "model", None) else "--llm-model"
-        key = (url.rstrip("/"), model)
-        if key not in seen:
-            seen.add(key)
-            out.append((url.rstrip("/"), model, url_option, model_option))
+        own_model = getattr(cls, "model", None)
+        target = (url.rstrip("/"), own_model or opt_model,
+                  "--host" if environment.host else f"{cls.__name__}.host",
+                  f"{cls.__name__}.model" if own_model else "--llm-model")
+        if all(t[:2] != target[:2] for t in out):
+            out.append(target)
     return out
 
 
@@ -120,75 +93,106 @@ def preflight(environment) -> None:
     """Every target answers /v1/models, takes the key and serves its model, or a UsageError."""
     from harness.preflight import check_target
 
-    key = environment.llm.api_key
     for url, model, url_option, model_option in targets(environment):
-        check_target(url, model, key, url_option, model_option)
+        check_target(url, model, environment.llm.api_key, url_option, model_option)
 
 
-def _before_load(environment) -> None:
-    """Everything a test start checks (init, when headless; each start from the web UI)."""
+def _checks_a_run(environment) -> bool:
     o = environment.parsed_options
-    check_options(o)
-    environment.llm.spec.validate(prefix="--llm-")
-    if not getattr(o, "llm_no_preflight", False):
-        preflight(environment)
-
-
-def _web_address(o: Any) -> tuple[str, int] | None:
-    port = getattr(o, "web_port", None)
-    if not port:
-        return None
-    host = getattr(o, "web_host", "") or ""
-    return ("" if host == "*" else host), int(port)
+    return (o is not None and getattr(environment, "llm", None) is not None
+            and isinstance(environment.runner, (MasterRunner, LocalRunner)))
+    # (a worker takes its options and targets from its master, which checked them)
 
 
 @events.init.add_listener
 def _check_at_init(environment, web_ui=None, **_kw) -> None:
-    o = environment.parsed_options
-    if o is None or getattr(environment, "llm", None) is None:
+    if not _checks_a_run(environment):
         return
-    if not isinstance(environment.runner, (MasterRunner, LocalRunner)):
-        return   # (a worker takes its options and targets from its master, which checked them)
+    o = environment.parsed_options
     try:
         check_options(o)
-        address = _web_address(o) if web_ui is not None else None
-        if address is not None:   # Locust binds it after init, answering a taken one with a traceback
+        if web_ui is not None and getattr(o, "web_port", None):
+            # Locust binds it after init, and answers a taken one with a traceback
             from harness.ports import require_free
-            require_free(address[0], address[1], "--web-port")
+            host = getattr(o, "web_host", "") or ""
+            require_free("" if host == "*" else host, int(o.web_port), "--web-port")
         if getattr(o, "headless", False):
-            _before_load(environment)
+            users = getattr(o, "num_users", None)
+            if users is not None and users < 1 and environment.shape_class is None:
+                # (Locust would spawn nobody and idle until --run-time)
+                raise UsageError(f"-u/--users must be at least 1 concurrent user, not {users}")
+            if not getattr(o, "llm_no_preflight", False):
+                preflight(environment)   # (the lengths: harness.plugin validated them at init)
+        else:
+            environment.runner.start = _checked_start(environment, environment.runner.start)
+            if web_ui is not None:
+                _answer_refused_starts(environment, web_ui)
     except UsageError as exc:
         sys.stderr.write(f"locust: error: {exc}\n")
         raise SystemExit(2) from None
 
 
-@events.test_start.add_listener
-def _check_at_test_start(environment, **_kw) -> None:
-    """A test started from the web UI (or --autostart): check it, or stop it unsent."""
+def check_new_test(environment) -> None:
+    """What a test started from the web UI is checked for: its form may have changed the
+    host, model, lengths, rate or SLOs since init (a UsageError names the first wrong one)."""
     o = environment.parsed_options
+    check_options(o)
+    environment.llm.reload_options()   # the form's values, as the test start will read them
+    environment.llm.spec.validate(prefix="--llm-")
+    if not getattr(o, "llm_no_preflight", False):
+        preflight(environment)
+
+
+def _checked_start(environment, start: Callable[..., None]) -> Callable[..., None]:
     runner = environment.runner
-    if (o is None or getattr(o, "headless", False) or getattr(environment, "llm", None) is None
-            or not isinstance(runner, (MasterRunner, LocalRunner))):
-        return
-    setattr(o, BLOCKED, "")
-    try:
-        _before_load(environment)
-    except UsageError as exc:
-        setattr(o, BLOCKED, str(exc))   # read by LLMUser.on_start, here and (spawn message) on workers
-        log.error("test not started: %s", exc)
-        gevent.spawn(_stop_when_started, runner)
+
+    def checked_start(user_count: int, spawn_rate: float, *args: Any, **kwargs: Any) -> None:
+        verdict = getattr(environment, "llm_start_verdict", None) or AsyncResult()
+        environment.llm_start_verdict = None   # (one start form, one answer)
+        if runner.state not in (STATE_SPAWNING, STATE_RUNNING):   # a new test, not a new user count
+            try:
+                check_new_test(environment)
+            except UsageError as exc:
+                log.error("%s%s", NOT_STARTED, exc)
+                verdict.set(str(exc))
+                if runner.shape_greenlet is not None:   # a load shape's first tick: end its loop
+                    runner.shape_greenlet, runner.shape_last_tick = None, None
+                    runner.update_state(STATE_STOPPED)
+                return
+        verdict.set("")
+        start(user_count, spawn_rate, *args, **kwargs)
+
+    return checked_start
 
 
-def _stop_when_started(runner) -> None:
-    """Locust's stop() does nothing until the start it interrupts has set the runner spawning."""
-    waited = 0.0
-    while runner.state not in (STATE_SPAWNING, STATE_RUNNING) and waited < STOP_WAIT_S:
-        gevent.sleep(0.02)
-        waited += 0.02
-    runner.stop()
+def _answer_refused_starts(environment, web_ui) -> None:
+    """The start form's answer says when its test was refused (Locust's own answer, sent
+    before the start it spawned has run, is always "Swarming started"): the form shows the
+    line instead of a test that never runs, and the run time it set is cancelled."""
+    from flask import g, jsonify, request
 
+    prefix = (getattr(environment.parsed_options, "web_base_path", "") or "").rstrip("/")
 
-def blocked(environment) -> str:
-    """The one line that stopped this test at its start ("" when none did)."""
-    o = environment.parsed_options
-    return (getattr(o, BLOCKED, "") or "") if o is not None else ""
+    def starting() -> bool:
+        return request.method == "POST" and request.path == f"{prefix}/swarm"
+
+    @web_ui.app.before_request
+    def _expect_verdict():
+        if starting():
+            g.llm_start_verdict = environment.llm_start_verdict = AsyncResult()
+
+    @web_ui.app.after_request
+    def _refused(response):
+        if not starting() or not (response.is_json and (response.get_json(silent=True) or {}).get("success")):
+            return response
+        try:   # the spawned start runs now: its checks (a /v1/models request or none) answer
+            refused = g.llm_start_verdict.get(timeout=VERDICT_WAIT_S)
+        except gevent.Timeout:
+            return response
+        if not refused:
+            return response
+        cancel = getattr(web_ui, "_cancel_run_time_timer", None)
+        if cancel is not None:
+            cancel()   # (its stop would end a test that never started)
+        answer = jsonify({"success": False, "message": NOT_STARTED + refused, "host": environment.host})
+        return answer   # (200 and success false: how Locust's UI is told of a start it refused)

@@ -47,10 +47,22 @@ def protected_server():
     server.server_close()
 
 
+def test_a_refused_key_is_one_line_before_a_plain_locust_run(protected_server, tmp_path):
+    rc, log = locust("-f", "locustfiles/chat.py", "--headless", "--host", protected_server,
+                     "-u", "2", "-r", "2", "--run-time", "120s", "--llm-out", str(tmp_path / "run"),
+                     env={"OPENAI_API_KEY": ""}, timeout=60)
+    assert rc == 2, log
+    lines = [ln for ln in log.splitlines() if "error" in ln]
+    assert lines == [f"locust: error: --host {protected_server}: GET /v1/models answered 401: no API key "
+                     f"was sent: set $OPENAI_API_KEY"], log
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_refused_key_ends_a_plain_locust_run_at_once_with_exit_2(protected_server, tmp_path):
     t0 = time.monotonic()
     rc, log = locust("-f", "locustfiles/chat.py", "--headless", "--host", protected_server,
                      "-u", "2", "-r", "2", "--run-time", "120s", "--llm-out", str(tmp_path / "run"),
+                     "--llm-no-preflight",   # about the run's own stop, past the check before it
                      env={"OPENAI_API_KEY": ""}, timeout=60)
     assert rc == 2, log
     assert time.monotonic() - t0 < 30, "the run idled instead of stopping"

@@ -10,21 +10,20 @@ import pathlib
 import signal
 import subprocess
 import sys
-from urllib.parse import urlsplit
 
 from harness.errors import UsageError
 from harness.ports import free_port_block, require_free
 from harness.progress import STATUS_FILE
-from harness.results import STARTED_FILE
+from harness.results import RUN_FILES
 
 LOCUSTFILE = pathlib.Path(__file__).resolve().parent.parent / "default_locustfile.py"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# A results directory with one of these holds a run: refused as --out unless --overwrite.
-RUN_MARKERS = ("summary.json", "requests.jsonl")
-# What a run writes there; --overwrite removes them first, so that nothing of the earlier run
-# passes for this one's (Locust appends to its history CSV). Other files are left alone.
-RUN_FILES = (*RUN_MARKERS, "timeseries.jsonl", STARTED_FILE, STATUS_FILE, "locust.html", "locust.json",
-             "locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv", "locust_exceptions.csv")
+# What a run writes into its results directory besides results.RUN_FILES (any of which
+# means the directory holds a run: refused as --out unless --overwrite). --overwrite removes
+# all of them first, so that nothing of the earlier run passes for this one's (Locust and
+# requests.jsonl append); other files are left alone.
+LOCUST_FILES = (STATUS_FILE, "locust.html", "locust.json", "locust_stats.csv", "locust_stats_history.csv",
+                "locust_failures.csv", "locust_exceptions.csv")
 
 
 def _duration(text: str) -> int:
@@ -115,47 +114,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def locust_command(args: argparse.Namespace) -> list[str]:
-    from harness.slo import parse_slo
-    from harness.workload import WorkloadSpec
-
     import math
 
     from harness.arrivals import check_rate
+    from harness.option_ranges import check_ranges
+    from harness.preflight import check_url
+    from harness.slo import parse_slo
+    from harness.workload import WorkloadSpec
 
     if args.endpoints:
         args.url = _first_endpoint_url(args.endpoints)
     url_opt = "--endpoints" if args.endpoints else "--url"
-    parts = urlsplit(args.url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise UsageError(f"{url_opt} {args.url!r} must be http://HOST:PORT (https is not supported yet)")
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0:   # (None: no port given, 80)
-        raise UsageError(f"{url_opt} {args.url!r}: the port must be a number in 1..65535")
-
-    def positive(option: str, value, what: str, zero_ok: bool = False) -> None:
-        if value is not None and not (0 <= value if zero_ok else 0 < value) or value == math.inf:
-            raise UsageError(f"{option} must be {'>= 0' if zero_ok else '> 0'} {what}, not {value}")
-
-    positive("--timeout", args.timeout, "seconds (the longest silence a request may have)")
-    positive("--request-deadline", args.request_deadline, "seconds (a whole request, from its send)")
-    positive("--max-response-bytes", args.max_response_bytes, "bytes (0: no cap)", zero_ok=True)
-    positive("--max-concurrency", args.max_concurrency, "requests in flight (0: no cap)", zero_ok=True)
-    if args.num_requests < 0:
-        raise UsageError(f"--num-requests must be at least 1, not {args.num_requests}")
-    positive("--burstiness", args.burstiness, "(the gamma shape; 1 is Poisson)")
-    positive("--warmup", args.warmup, "seconds", zero_ok=True)
-    positive("--cooldown", args.cooldown, "seconds", zero_ok=True)
-    positive("--window", getattr(args, "window", None), "seconds (one timeseries line each)")
-    positive("--cpu-limit", getattr(args, "cpu_limit", None), "% (a worker's median CPU)")
-    positive("--lag-limit-ms", getattr(args, "lag_limit_ms", None), "ms (open-loop schedule lag p99)")
-    positive("--stamp-delay-limit-ms", getattr(args, "stamp_delay_limit_ms", None), "ms (0: not judged)",
-             zero_ok=True)
-    positive("--metrics-linger", args.metrics_linger, "seconds", zero_ok=True)
-    if not 0 <= args.metrics_port <= 65535:
-        raise UsageError(f"--metrics-port must be a port in 1..65535 (0: off), not {args.metrics_port}")
+    parts = check_url(args.url, url_opt)
+    check_ranges(lambda name: getattr(args, name.replace("-", "_"), None), "--")
+    if args.request_deadline is not None and not 0 < args.request_deadline < math.inf:
+        raise UsageError(f"--request-deadline must be > 0 seconds (a whole request, from its send), "
+                         f"not {args.request_deadline:g}")
     if args.locustfile:
         for f in args.locustfile.split(","):
             if "://" not in f and not pathlib.Path(f).exists():
@@ -167,7 +141,7 @@ def locust_command(args: argparse.Namespace) -> list[str]:
                  output_len_range=args.output_len_range, shared_prefix_len=args.shared_prefix_len,
                  soak_mix=args.soak_mix).validate()
     if args.workers < 1:
-        raise UsageError("--workers must be at least 1")
+        raise UsageError(f"--workers must be at least 1 process, not {args.workers}")
     if args.rate is not None:
         if not args.rate > 0:
             raise UsageError(f"--rate must be > 0 requests/s (a closed loop: --users), not {args.rate:g}")
@@ -213,8 +187,8 @@ def locust_command(args: argparse.Namespace) -> list[str]:
                 d.rmdir()
             except OSError:
                 break
-    held = [name for name in RUN_MARKERS if (out / name).is_file()]
-    if held and not getattr(args, "overwrite", False):
+    held = [name for name in RUN_FILES if (out / name).is_file()]
+    if held and not getattr(args, "overwrite", False):   # a repeated command loses nothing
         raise UsageError(f"--out {args.out!r} already holds a run ({held[0]}); give another --out, "
                          f"or add --overwrite to replace it")
     if args.metrics_port:   # Locust would answer a taken port with a traceback and exit 4
@@ -250,8 +224,6 @@ def locust_command(args: argparse.Namespace) -> list[str]:
     if args.soak_mix:
         cmd += ["--llm-soak-mix"]
     if args.drain_timeout is not None:
-        if args.drain_timeout < 0:
-            raise UsageError("--drain-timeout must be >= 0 seconds (0: no wait for requests in flight)")
         cmd += ["--llm-drain-timeout", str(args.drain_timeout)]
     if getattr(args, "window", None):
         cmd += ["--llm-window", str(args.window)]
@@ -327,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.overwrite:
-        for name in RUN_FILES:
+        for name in (*RUN_FILES, *LOCUST_FILES):
             (out / name).unlink(missing_ok=True)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -367,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
             from harness.drift import describe
             print(describe(summary["drift"]))
         print(f"results: {out}/")
-    elif not summary_path.exists():
+    elif not summary_path.exists() and code != 2:   # (2: Locust's one line said why)
         print(f"harness load: no summary was written (locust exited with {code}); "
               f"see the output above", file=sys.stderr)
     if received:   # interrupted: the shell's convention, whatever the partial run's verdict
