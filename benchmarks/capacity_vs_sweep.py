@@ -14,7 +14,8 @@ sweep (every --sweep-step of the rate, each step judged exactly as the search ju
 same request count, same bootstrap) whose capacity is the highest rate below the first
 rate that does not pass. --live adds, for the small case, `harness capacity --url` against
 a live `harness sim` and a live sweep of `harness load` steps around the knee;
---live-seed adds `harness capacity --url` for the seed-8b row (about 15 minutes).
+--live-seed adds `harness capacity --url` for the seed-8b row (about 15 minutes), and
+--live-seed-sweep LO HI STEP a live sweep of that row (about 2 minutes a point).
 
     .venv/bin/python benchmarks/capacity_vs_sweep.py                 # virtual only, ~1 min
     .venv/bin/python benchmarks/capacity_vs_sweep.py --live --live-seed --json benchmarks/results/capacity_vs_sweep.json
@@ -204,7 +205,11 @@ def main() -> int:
     ap.add_argument("--cases", nargs="+", default=list(CASES))
     ap.add_argument("--live", action="store_true", help="the small case live: search and a sweep")
     ap.add_argument("--live-seed", action="store_true", help="the seed-8b case live: search (~15 min)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--live-seed-sweep", nargs=3, type=float, metavar=("LO", "HI", "STEP"), default=None,
+                    help="the seed-8b case live: a sweep of harness load steps from LO to HI req/s "
+                         "every STEP (each step ~2 min: a p99 needs 500 requests)")
+    ap.add_argument("--json", default=None, help="write the figures here (after every part)")
+    ap.add_argument("--keep", default=None, help="keep the live runs' results directories under DIR")
     args = ap.parse_args()
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "servers/simulator"], cwd=REPO,
@@ -212,17 +217,29 @@ def main() -> int:
     doc = {"date": time.strftime("%Y-%m-%d"), "git": rev, "simulator_uncommitted_changes": dirty,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
            "resolution": args.resolution, "virtual": {}, "live": []}
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+
     for name in args.cases:
         doc["virtual"][name] = virtual(name, CASES[name], args.seeds, args.sweep_step, args.resolution)
+    save()
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.keep) if args.keep else Path(tmp)
         if args.live:
             case = CASES["small"]
-            doc["live"].append(live_search("small", case, args.resolution, Path(tmp) / "small"))
-            doc["live"].append(live_sweep("small", case, 8.0, 11.0, 0.25, Path(tmp) / "small-sweep"))
+            doc["live"].append(live_search("small", case, args.resolution, work / "small"))
+            save()
+            doc["live"].append(live_sweep("small", case, 8.0, 11.0, 0.25, work / "small-sweep"))
+            save()
         if args.live_seed:
-            doc["live"].append(live_search("seed-8b", CASES["seed-8b"], args.resolution, Path(tmp) / "seed"))
-    if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+            doc["live"].append(live_search("seed-8b", CASES["seed-8b"], args.resolution, work / "seed"))
+            save()
+        if args.live_seed_sweep:
+            lo, hi, step = args.live_seed_sweep
+            doc["live"].append(live_sweep("seed-8b", CASES["seed-8b"], lo, hi, step, work / "seed-sweep"))
+            save()
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Capacity at an SLO: the highest open-loop request rate at which every SLO holds.
+"""Capacity at an SLO: the highest open-loop request rate (or, with load "users", the
+highest closed-loop concurrency) at which every SLO holds.
 
 The search (`search`) brackets then bisects: it measures `min_rate` (a break there means no
 capacity in range), then doubles the rate (never past `max_rate`) until a step does not pass,
@@ -24,6 +25,14 @@ reasons and treated as an upper bound: never a pass.
 
 `capacity.json` (`CapacityResult.to_dict`) holds the schema version, the answer, the
 bracket and every step with its SLO values, intervals and verdicts.
+
+The load axis: "rate" offers open-loop arrivals at a rate (requests/s); "users" runs a
+closed loop of N concurrent users, each sending its next request when the last one ends
+(the seed's "measured at batch_size=32" rows). Both searches are the same bracketing and
+bisection over the level, and every step is judged by the same `judge_step`; users are
+whole numbers, so that search also stops when the bracket is one user wide. In
+capacity.json a step's ``rate`` field is its level in the search's unit (``load``: req/s,
+or users), and its ``requests_per_s`` the rate it achieved.
 """
 from __future__ import annotations
 
@@ -48,6 +57,8 @@ _LATENCY = re.compile(r"^(ttft|tpot|itl|e2e)_(p50|p90|p95|p99|p99_9|mean)_ms$")
 _Q = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99, "p99_9": 0.999}
 _LABEL = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
 PASS, FAIL = "pass", "fail"
+LOADS = ("rate", "users")     # the search's axis: open-loop req/s, or closed-loop users
+UNIT = {"rate": "req/s", "users": "users"}
 # A step's status: pass; fail (an SLO breaks or is uncertain or has too few samples);
 # invalid (its generator could not keep up); error (the server failed or nothing came back);
 # interrupted (stopped by Ctrl-C before it ended).
@@ -88,6 +99,27 @@ def step_plan(rate: float, duration_s: float, slos: list[Slo]) -> tuple[float, i
     expected span, plus 2 s) only stops one whose arrivals run late (random gaps)."""
     n = max(math.ceil(rate * duration_s), min_requests(slos))
     return n / rate * 1.2 + 2.0, n
+
+
+USER_REQUESTS = 4   # a users step judges at least this many requests per user
+
+
+def users_step_plan(users: int, duration_s: float, slos: list[Slo]) -> tuple[float, int]:
+    """(time bound in seconds, requests) of one closed-loop step of `users`: the warm-up's
+    `users` requests (see users_warmup), then USER_REQUESTS per user or more, at least what
+    the SLOs' percentiles need (min_requests). The step ends at the count; its rate is the
+    server's, unknown in advance, so --duration-per-step is the time bound: a step that
+    reaches it first is judged on what came back (a percentile short of samples is "too few
+    samples", never a pass)."""
+    users = int(users)
+    return float(duration_s), users + max(USER_REQUESTS * users, min_requests(slos))
+
+
+def users_warmup(records: list[dict[str, Any]], users: int) -> list[dict[str, Any]]:
+    """A users step's judged requests: all but the first `users` sent. Those are the start,
+    when every user sends its first request at once, a burst no steady closed loop of that
+    many users has (it would set a p99 on its own)."""
+    return sorted(records, key=lambda r: r.get("sent_at") or 0.0)[int(users):]
 
 
 def slo_label(metric: str) -> str:
@@ -310,6 +342,7 @@ class CapacityResult:
     interrupted: bool = False
     error_band: str | None = None              # virtual mode: the simulator's stated error
     started_at: float | None = None
+    load: str = "rate"                         # LOADS: min/max_rate and step rates are in UNIT[load]
 
     def bracket(self) -> tuple[Step | None, Step | None]:
         """(highest passing step below every non-pass above it, lowest non-pass above it)."""
@@ -323,7 +356,8 @@ class CapacityResult:
     def answer(self) -> dict[str, Any]:
         lo, hi = self.bracket()
         done = [s for s in self.steps if s.status != "interrupted"]
-        out: dict[str, Any] = {"found": lo is not None, "rate": None, "output_tokens_per_s": None,
+        out: dict[str, Any] = {"found": lo is not None, "rate": None, "unit": UNIT[self.load],
+                               "output_tokens_per_s": None, "requests_per_s": None,
                                "step": None, "broke_at": None, "at_max_rate": False,
                                "complete": False, "text": ""}
         if hi is not None:
@@ -331,10 +365,11 @@ class CapacityResult:
                                "step": self.steps.index(hi)}
         if lo is not None:
             out.update(rate=lo.rate, output_tokens_per_s=lo.output_tokens_per_s,
-                       step=self.steps.index(lo))
+                       requests_per_s=lo.requests_per_s, step=self.steps.index(lo))
             out["at_max_rate"] = hi is None and lo.rate >= self.max_rate
             width = None if hi is None else (hi.rate - lo.rate) / lo.rate
-            out["complete"] = out["at_max_rate"] or (width is not None and width <= self.resolution)
+            one_user = self.load == "users" and hi is not None and hi.rate - lo.rate <= 1
+            out["complete"] = out["at_max_rate"] or one_user or (width is not None and width <= self.resolution)
         elif done and done[0].rate <= self.min_rate and hi is not None:
             out["complete"] = True
         out["text"] = self._text(lo, hi, out)
@@ -342,26 +377,30 @@ class CapacityResult:
 
     def _text(self, lo: Step | None, hi: Step | None, ans: dict[str, Any]) -> str:
         where = " (virtual time on the simulator's replay)" if self.mode == "virtual" else ""
+        unit = UNIT[self.load]
         if lo is None:
             if hi is None:
                 return "no step finished" + (": interrupted" if self.interrupted else "")
             what = "breaks an SLO" if hi.status == FAIL else f"is {hi.status}"
-            return (f"no capacity in range{where}: even {hi.rate:g} req/s {what}: "
+            return (f"no capacity in range{where}: even {hi.rate:g} {unit} {what}: "
                     + "; ".join(hi.reasons))
-        tok = f" ({lo.output_tokens_per_s:,.0f} output tok/s)" if lo.output_tokens_per_s else ""
-        text = f"sustains {lo.rate:.4g} req/s{tok}{where}"
+        tok = f"{lo.output_tokens_per_s:,.0f} output tok/s" if lo.output_tokens_per_s else ""
+        if self.load == "users" and lo.requests_per_s:
+            tok += f"{', ' if tok else ''}{lo.requests_per_s:.3g} req/s"
+        text = f"sustains {lo.rate:.4g} {unit}{f' ({tok})' if tok else ''}{where}"
         if hi is not None:
-            text += f"; at {hi.rate:.4g} req/s " + "; ".join(hi.reasons)
+            text += f"; at {hi.rate:.4g} {unit} " + "; ".join(hi.reasons)
         elif ans["at_max_rate"]:
-            text += f"; --max-rate {self.max_rate:g} reached, the capacity may be higher"
+            flag = "--max-users" if self.load == "users" else "--max-rate"
+            text += f"; {flag} {self.max_rate:g} reached, the capacity may be higher"
         if not ans["complete"]:
             text += " (search unfinished: the bracket is wider than the resolution)"
         return text
 
     def to_dict(self) -> dict[str, Any]:
         lo, hi = self.bracket()
-        return {"schema_version": SCHEMA_VERSION, "mode": self.mode,
-                "answer": self.answer(),
+        return {"schema_version": SCHEMA_VERSION, "mode": self.mode, "load": self.load,
+                "unit": UNIT[self.load], "answer": self.answer(),
                 "bracket": {"low": None if lo is None else lo.rate, "high": None if hi is None else hi.rate,
                             "resolution": self.resolution},
                 "slos": self.slos, "confidence": self.confidence,
@@ -374,8 +413,10 @@ class CapacityResult:
 
 
 def next_rate(result: CapacityResult) -> float | None:
-    """The next rate to measure, or None when the search is done. Deterministic from the
-    steps so far (so a crashed or interrupted search is easy to read back)."""
+    """The next level (rate, or users) to measure, or None when the search is done.
+    Deterministic from the steps so far (so a crashed or interrupted search is easy to read
+    back). Users are whole: their bisection rounds down and ends at a one-user bracket."""
+    whole = result.load == "users"
     steps = [s for s in result.steps if s.status != "interrupted"]
     if not steps:
         return result.min_rate
@@ -387,10 +428,10 @@ def next_rate(result: CapacityResult) -> float | None:
     if hi is None:
         if lo.rate >= result.max_rate:
             return None
-        return min(lo.rate * GROWTH, result.max_rate)
-    if (hi.rate - lo.rate) / lo.rate <= result.resolution:
+        return min(math.floor(lo.rate * GROWTH) if whole else lo.rate * GROWTH, result.max_rate)
+    if (hi.rate - lo.rate) / lo.rate <= result.resolution or (whole and hi.rate - lo.rate <= 1):
         return None
-    return (lo.rate + hi.rate) / 2.0
+    return float(math.floor((lo.rate + hi.rate) / 2.0)) if whole else (lo.rate + hi.rate) / 2.0
 
 
 def search(result: CapacityResult, measure: Callable[[float], Step],
@@ -421,7 +462,7 @@ def search(result: CapacityResult, measure: Callable[[float], Step],
 def format_table(doc: dict[str, Any]) -> str:
     """The terminal table: one row per step in rate order, each SLO's value and verdict."""
     slos = doc["slos"]
-    head = f"{'req/s':>9} {'status':<12}{'out tok/s':>10}  " + "  ".join(f"{s:<30}" for s in slos)
+    head = f"{doc.get('unit', 'req/s'):>9} {'status':<12}{'out tok/s':>10}  " + "  ".join(f"{s:<30}" for s in slos)
     lines = [head]
     for s in sorted(doc["steps"], key=lambda s: s["rate"]):
         cells = []

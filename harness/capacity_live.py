@@ -1,4 +1,5 @@
-"""One capacity step on a real server: a normal `harness load` run at an open-loop rate.
+"""One capacity step on a real server: a normal `harness load` run at an open-loop rate, or
+(load "users") of a closed loop of N users.
 
 Each step is its own results directory (DIR/steps/NN-RATErps/, with summary.json,
 requests.jsonl, load.log), made by `harness load --rate R --num-requests N --duration T
@@ -6,7 +7,9 @@ requests.jsonl, load.log), made by `harness load --rate R --num-requests N --dur
 the run itself hangs, by a wall-clock limit after which it is stopped with SIGINT (Locust
 writes its results) and killed 30 s later. The step is judged from its requests.jsonl
 (capacity.judge_step) in the window its summary measured (compare.measured); its summary's
-generator verdict makes it invalid, a run that wrote no summary is an error.
+generator verdict makes it invalid, a run that wrote no summary is an error. A users step
+is `harness load --users N`, bounded by capacity.users_step_plan; its first N requests
+(every user's first, sent at once) are left out as warm-up (capacity.users_warmup).
 
 Ctrl-C: the load runs in a session of its own (as `harness load` runs Locust), so the
 terminal's SIGINT reaches this process only; `Interrupt` forwards it once to the running
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.capacity import Step, judge_step, step_plan
+from harness.capacity import Step, judge_step, step_plan, users_step_plan, users_warmup
 from harness.slo import Slo
 
 KILL_GRACE_S = 30.0
@@ -76,16 +79,21 @@ class LiveOptions:
     cpu_limit: float | None = None
     lag_limit_ms: float | None = None
     stamp_delay_limit_ms: float | None = None
+    load: str = "rate"            # capacity.LOADS: a step's level is req/s or users
 
 
 def load_argv(o: LiveOptions, rate: float, count: int, time_bound_s: float, out: Path,
               slos: list[Slo]) -> list[str]:
+    """`harness load` for one step at `rate` (users when o.load is "users")."""
+    if o.load == "users":
+        level = ["--users", str(int(rate))]
+    else:
+        level = ["--rate", f"{rate:.6g}", "--arrival", o.arrival, "--burstiness", f"{o.burstiness:g}"]
     argv = [sys.executable, "-m", "harness.cli", "load",
             *(["--endpoints", o.endpoints] if o.endpoints else ["--url", str(o.url)]),
-            "--out", str(out), "--quiet", "--rate", f"{rate:.6g}", "--num-requests", str(count),
+            "--out", str(out), "--quiet", *level, "--num-requests", str(count),
             "--duration", f"{max(1, math.ceil(time_bound_s))}s", "--drain-timeout", f"{o.drain_s:g}",
-            "--input-len", str(o.input_len), "--output-len", str(o.output_len),
-            "--arrival", o.arrival, "--burstiness", f"{o.burstiness:g}", "--workers", str(o.workers),
+            "--input-len", str(o.input_len), "--output-len", str(o.output_len), "--workers", str(o.workers),
             "--seed", str(o.seed), "--timeout", f"{o.request_timeout:g}", "--endpoint", o.endpoint]
     if o.model:
         argv += ["--model", o.model]
@@ -117,7 +125,8 @@ def measure(rate: float, slos: list[Slo], *, options: LiveOptions, out: Path, du
 
     if interrupt.received:
         raise KeyboardInterrupt
-    time_bound, count = step_plan(rate, duration_s, slos)
+    plan = users_step_plan if options.load == "users" else step_plan
+    time_bound, count = plan(rate, duration_s, slos)
     out.mkdir(parents=True, exist_ok=True)
     argv = load_argv(options, rate, count, time_bound, out, slos)
     t0 = time.monotonic()
@@ -169,6 +178,8 @@ def measure(rate: float, slos: list[Slo], *, options: LiveOptions, out: Path, du
     gen = summary.get("generator") or {}
     gen_reasons = ([str(r) for r in gen.get("reasons") or []] or ["the load generator was invalid"]) \
         if summary and not gen.get("valid", True) else []
+    if options.load == "users":
+        records = users_warmup(records, int(rate))
     step = judge_step(rate, records, slos, confidence=confidence, resamples=resamples,
                       seed=options.seed, generator_reasons=gen_reasons, server_reasons=server, dir=rel)
     step.wall_s = wall_s

@@ -1,4 +1,4 @@
-"""The capacity curve: each latency SLO's value against the offered rate, its threshold as a
+"""The capacity curve: each latency SLO's value against the offered rate (or users), its threshold as a
 dashed line in the same colour, the found capacity as a vertical line. Used by the plan
 report (harness/report.py, a capacity stage's capacity.json) and by `harness capacity`'s
 own DIR/report.html (the chart, the step table and the answer, offline, no scripts)."""
@@ -37,19 +37,23 @@ def chart(doc: dict[str, Any], title: str = "") -> str:
         series.append((label, pts))
         rules.append(("y", threshold, f"SLO {label} <= {threshold:g} ms", i))
     ans = doc.get("answer") or {}
+    users = doc.get("load") == "users"
+    unit = "users" if users else "req/s"
     if ans.get("found") and ans.get("rate"):
         tok = f", {ans['output_tokens_per_s']:,.0f} tok/s" if ans.get("output_tokens_per_s") else ""
-        rules.append(("x", ans["rate"], f"capacity {ans['rate']:.4g} req/s{tok}", -1))
+        rules.append(("x", ans["rate"], f"capacity {ans['rate']:.4g} {unit}{tok}", -1))
     mode = " (virtual time)" if doc.get("mode") == "virtual" else ""
-    head = title or "Latency at each step vs offered rate"
+    head = title or ("Latency at each step vs concurrent users" if users else "Latency at each step vs offered rate")
     if clipped:
         head += f"; above {top:,.0f} ms drawn at the top"
-    return svg.line_chart(head + mode, "offered requests/s", "ms", series, cls="capacity-curve", rules=rules)
+    return svg.line_chart(head + mode, "concurrent users" if users else "offered requests/s", "ms", series,
+                          cls="capacity-curve", rules=rules)
 
 
 def render_html(doc: dict[str, Any], title: str = "harness capacity") -> str:
     from harness.report import CSS
 
+    unit = doc.get("unit") or "req/s"
     rows = []
     for s in sorted(doc["steps"], key=lambda s: s["rate"]):
         cells = "".join(f"<td>{escape(_cell(c))}</td>" for c in s["checks"])
@@ -68,10 +72,10 @@ def render_html(doc: dict[str, Any], title: str = "harness capacity") -> str:
         f"<p id=\"answer\"><b>{escape(doc['answer']['text'])}</b></p>", band,
         f"<p class=\"muted\">SLOs {escape(', '.join(doc['slos']))}; a step passes only when every "
         f"SLO's {doc['confidence'] * 100:g}% block-bootstrap interval is within it; bracket "
-        f"{doc['bracket']['low']} - {doc['bracket']['high']} req/s, resolution "
+        f"{doc['bracket']['low']} - {doc['bracket']['high']} {unit}, resolution "
         f"{doc['resolution'] if 'resolution' in doc else doc['bracket']['resolution']:g}.</p>",
         chart(doc) or '<p class="muted">no latency values to plot</p>',
-        "<table class=\"capacity-steps\"><thead><tr><th>req/s</th><th>status</th><th>output tok/s</th>"
+        f"<table class=\"capacity-steps\"><thead><tr><th>{unit}</th><th>status</th><th>output tok/s</th>"
         f"{head}<th>results</th><th>why not a pass</th></tr></thead><tbody>",
         *rows, "</tbody></table></body></html>"])
 

@@ -233,3 +233,95 @@ def test_infinite_values_are_written_as_json_null(tmp_path):
     c = json.loads(text)["steps"][0]["checks"][0]
     assert c["value"] is None and c["verdict"] == "breaks" and "did not finish" in c["note"]
     assert not math.isnan(step.checks[0]["samples"])
+
+
+# -- --users: the highest closed-loop concurrency -----------------------------------------------
+def users_result(min_users=1, max_users=256) -> cap.CapacityResult:
+    res = result(min_rate=float(min_users), max_rate=float(max_users))
+    res.load = "users"
+    return res
+
+
+def test_users_search_bisects_whole_users_and_ends_at_a_one_user_bracket():
+    offered: list[float] = []
+    res = cap.search(users_result(), threshold_server(23, offered))
+    ans = res.answer()
+    assert offered == [1, 2, 4, 8, 16, 32, 24, 20, 22, 23]
+    assert all(float(r).is_integer() for r in offered)
+    assert ans["found"] and ans["complete"] and ans["rate"] == 23 and ans["broke_at"]["rate"] == 24
+    assert ans["unit"] == "users" and ans["text"].startswith("sustains 23 users")
+
+
+def test_users_search_never_runs_more_than_max_users():
+    offered: list[float] = []
+    res = cap.search(users_result(min_users=3, max_users=20), threshold_server(1e9, offered))
+    assert offered == [3, 6, 12, 20]
+    assert "--max-users 20 reached" in res.answer()["text"]
+
+
+def test_a_users_step_judges_all_but_every_users_first_request():
+    slos = cap.parse_capacity_slos(["ttft_p99_ms<=200"])
+    bound, n = cap.users_step_plan(8, 120.0, slos)
+    assert (bound, n) == (120.0, 8 + 500)
+    assert cap.users_step_plan(200, 120.0, slos)[1] == 200 + 4 * 200
+    recs = records([900.0] * 8 + [50.0] * 100)      # the start's burst, then steady
+    judged = cap.users_warmup(list(reversed(recs)), 8)
+    assert len(judged) == 100 and all(r["ttft_ms"] == 50.0 for r in judged)
+
+
+def test_a_closed_loop_never_has_more_requests_in_flight_than_users():
+    from harness.capacity_replay import closed_loop
+    from servers.simulator.replay import resolve_profile
+
+    prof = resolve_profile("l40s-llama-3-8b-bf16", max_num_seqs=4)
+    recs = closed_loop(prof, 6, 120, 60.0, 70.0, 64, 16)
+    assert len(recs) == 120 and all(r.ok for r in recs)
+    events = sorted([(r.arrival_s, 1) for r in recs] + [(r.finish_s, -1) for r in recs],
+                    key=lambda e: (e[0], e[1]))
+    in_flight, most = 0, 0
+    for _, d in events:
+        in_flight += d
+        most = max(most, in_flight)
+    assert most == 6
+    # the users start over the first second; each next request is sent the moment one finished
+    starts = [u / 6 for u in range(6)]
+    later = sorted(r.arrival_s for r in recs if not any(abs(r.arrival_s - t) < 1e-9 for t in starts))
+    assert len(later) == 120 - 6
+    assert later == pytest.approx(sorted(r.finish_s for r in recs)[:len(later)])
+
+
+USERS = ["capacity", "--users", "--profile", "l40s-llama-3-8b-bf16", "--max-num-seqs", "4",
+         "--input-len", "64", "--output-len", "16", "--slo", "ttft_p90_ms<=300",
+         "--duration-per-step", "30", "--drain-timeout", "3"]
+
+
+def test_users_profile_mode_finds_the_highest_concurrency_in_virtual_time(tmp_path, capsys):
+    out = tmp_path / "cap"
+    assert main([*USERS, "--min-users", "2", "--max-users", "16", "--out", str(out)]) == 0
+    doc = json.loads((out / "capacity.json").read_text())
+    assert doc["load"] == "users" and doc["unit"] == "users" and doc["mode"] == "virtual"
+    ans = doc["answer"]
+    # four slots of ~0.4 s requests: a fifth user waits ~0.1 s for a slot, an eighth ~0.4 s
+    assert ans["found"] and ans["complete"] and 4 <= ans["rate"] <= 7
+    assert ans["broke_at"]["rate"] == ans["rate"] + 1
+    assert ans["requests_per_s"] > 0 and ans["output_tokens_per_s"] > 0
+    assert {s["rate"] for s in doc["steps"]} <= set(map(float, range(2, 17)))
+    assert all(s["requests"]["sent"] >= 50 for s in doc["steps"])
+    text = capsys.readouterr().out
+    assert f"sustains {ans['rate']:g} users" in text and "users 2..16" in text
+    assert 'data-name="capacity' in (out / "report.html").read_text()
+    assert "concurrent users" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--min-users", "4"], "--min-users and --max-users bound a concurrency search: add --users"),
+    (["--users", "--min-rate", "2"], "with --users give --min-users and --max-users"),
+    (["--users", "--min-users", "8", "--max-users", "4"], "--max-users 4 must be at least --min-users 8"),
+    (["--users", "--min-users", "0"], "--min-users must be at least 1 user"),
+])
+def test_bad_users_input_is_one_line_and_exit_2(extra, words, tmp_path, capsys):
+    argv = ["capacity", "--profile", "l40s-llama-3-8b-bf16", "--slo", "ttft_p90_ms<=300",
+            "--out", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]

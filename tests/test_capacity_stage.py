@@ -39,6 +39,38 @@ def test_a_bad_capacity_stage_is_one_line(change, words):
     assert words in str(exc.value) and "\n" not in str(exc.value)
 
 
+@pytest.mark.parametrize("change, words", [
+    ({"users": True}, "min_rate: a users search is bounded by min_users and max_users"),
+    ({"min_rate": None, "max_rate": None, "min_users": 4}, "min_users: bounds a concurrency search"),
+    ({"users": True, "min_rate": None, "max_rate": None, "min_users": 8, "max_users": 4},
+     "max_users: 4 is below min_users 8"),
+])
+def test_a_users_capacity_stage_is_bounded_in_users(change, words):
+    stage = {k: v for k, v in dict(STAGE, **change).items() if v is not None}
+    doc = plan()
+    doc["stages"] = [stage]
+    with pytest.raises(plan_mod.PlanError) as exc:
+        plan_mod.validate(doc, "x.yaml")
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_users_capacity_stage_measures_the_highest_concurrency(tmp_path):
+    stage = {k: v for k, v in STAGE.items() if k not in ("min_rate", "max_rate", "arrival")}
+    stage.update(users=True, min_users=2, max_users=16, duration_per_step=30, drain_timeout=3,
+                 expect={"capacity_users": ">= 2"})
+    doc = plan()
+    doc["stages"] = [stage]
+    run_dir = tmp_path / "run"
+    assert run_plan(plan_mod.validate(doc), run_dir, log=lambda _m: None) == 0
+    result = json.loads((run_dir / "cap" / "result.json").read_text())
+    cap_doc = json.loads((run_dir / "cap" / "capacity.json").read_text())
+    assert cap_doc["load"] == "users" and result["status"] == "pass"
+    assert result["measured"]["capacity_users"] == cap_doc["answer"]["rate"] >= 2
+    assert "capacity_rps" not in result["measured"]
+    assert result["measured"]["requests_per_s"] == cap_doc["answer"]["requests_per_s"] > 0
+    assert "users" in result["detail"]
+
+
 def test_a_cost_layout_naming_no_capacity_stage_is_refused():
     doc = plan()
     doc["cost"]["layouts"][0]["capacity_stage"] = "nope"

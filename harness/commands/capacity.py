@@ -1,8 +1,10 @@
-"""`harness capacity`: the highest open-loop request rate at which every SLO holds.
+"""`harness capacity`: the highest open-loop request rate (with --users, the highest
+closed-loop concurrency) at which every SLO holds.
 
     harness capacity --url http://127.0.0.1:8000 --slo 'ttft_p99_ms<=200' --slo 'tpot_p99_ms<=30' \\
         --input-len 512 --output-len 128 --min-rate 2 --max-rate 40 --out runs/cap
     harness capacity --profile l40s-llama-3-8b-bf16 --slo 'ttft_p99_ms<=200' ... --out runs/cap-sim
+    harness capacity --users --min-users 4 --max-users 128 --url ... --out runs/cap-users
 
 Brackets then bisects (harness/capacity.py says how and how a step is judged). With --url or
 --endpoints every step is a normal `harness load` results directory under DIR/steps/; with
@@ -10,9 +12,13 @@ Brackets then bisects (harness/capacity.py says how and how a step is judged). W
 the answer says so, with the simulator's error band. Writes DIR/capacity.json after every
 step (Ctrl-C keeps what is known) and DIR/report.html at the end.
 
-Exit codes: 0 a capacity was found; 1 even --min-rate breaks an SLO (or has too few
-samples to pass); 2 bad input; 3 the --min-rate step's load generator was invalid; 4 the
-server failed at --min-rate; 130 interrupted.
+With --users the level searched is the number of closed-loop users (whole numbers, from
+--min-users to --max-users; a step ends at its request count, --duration-per-step is its
+time bound): the seed's "measured at batch_size=32" question, how many users at once.
+
+Exit codes: 0 a capacity was found; 1 even --min-rate (--min-users) breaks an SLO (or has
+too few samples to pass); 2 bad input; 3 that first step's load generator was invalid; 4
+the server failed at it; 130 interrupted.
 """
 from __future__ import annotations
 
@@ -41,15 +47,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                           "no server (e.g. l40s-llama-3-8b-bf16)")
     p.add_argument("--slo", action="append", default=[],
                    help="an upper bound every step must meet, e.g. 'ttft_p99_ms<=200' (repeatable)")
-    p.add_argument("--min-rate", type=float, default=1.0, help="first rate, requests/s (default 1)")
-    p.add_argument("--max-rate", type=float, default=100.0,
+    p.add_argument("--min-rate", type=float, default=None, help="first rate, requests/s (default 1)")
+    p.add_argument("--max-rate", type=float, default=None,
                    help="no step offers more than this, requests/s (default 100)")
+    p.add_argument("--users", action="store_true",
+                   help="search the closed-loop concurrency (users) instead of the request rate")
+    p.add_argument("--min-users", type=int, default=None, help="with --users: first level (default 1)")
+    p.add_argument("--max-users", type=int, default=None,
+                   help="with --users: no step runs more users than this (default 256)")
     p.add_argument("--resolution", type=float, default=DEFAULT_RESOLUTION,
                    help="stop when the bracket is narrower than this fraction of its low end "
                         "(default 0.05)")
-    p.add_argument("--duration-per-step", type=float, default=30.0,
+    p.add_argument("--duration-per-step", type=float, default=None,
                    help="seconds of arrivals a step offers (default 30); a step sends at least "
-                        "the requests its SLOs' percentiles need (a p99: 500)")
+                        "the requests its SLOs' percentiles need (a p99: 500). With --users: "
+                        "a step's time bound (default 300; it ends at its request count)")
     p.add_argument("--drain-timeout", type=float, default=None,
                    help="seconds a step waits for requests in flight after its last send; "
                         "what is still unfinished counts as infinitely slow (default: "
@@ -89,11 +101,26 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(msg)
 
     finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
-    bad(not (finite(args.min_rate) and args.min_rate > 0), f"--min-rate must be > 0 requests/s, not {args.min_rate:g}")
-    bad(not (finite(args.max_rate) and args.max_rate >= args.min_rate),
-        f"--max-rate {args.max_rate:g} must be at least --min-rate {args.min_rate:g}")
-    bad(args.max_rate > MAX_RATE, f"--max-rate {args.max_rate:g} is above the load generator's ceiling "
-                                  f"of {MAX_RATE:g} requests/s")
+    if args.users:
+        bad(args.min_rate is not None or args.max_rate is not None,
+            "--min-rate and --max-rate bound the rate search; with --users give --min-users and --max-users")
+        args.min_users = 1 if args.min_users is None else args.min_users
+        args.max_users = 256 if args.max_users is None else args.max_users
+        bad(args.min_users < 1, f"--min-users must be at least 1 user, not {args.min_users}")
+        bad(args.max_users < args.min_users,
+            f"--max-users {args.max_users} must be at least --min-users {args.min_users}")
+        args.duration_per_step = 300.0 if args.duration_per_step is None else args.duration_per_step
+    else:
+        bad(args.min_users is not None or args.max_users is not None,
+            "--min-users and --max-users bound a concurrency search: add --users")
+        args.min_rate = 1.0 if args.min_rate is None else args.min_rate
+        args.max_rate = 100.0 if args.max_rate is None else args.max_rate
+        args.duration_per_step = 30.0 if args.duration_per_step is None else args.duration_per_step
+        bad(not (finite(args.min_rate) and args.min_rate > 0), f"--min-rate must be > 0 requests/s, not {args.min_rate:g}")
+        bad(not (finite(args.max_rate) and args.max_rate >= args.min_rate),
+            f"--max-rate {args.max_rate:g} must be at least --min-rate {args.min_rate:g}")
+        bad(args.max_rate > MAX_RATE, f"--max-rate {args.max_rate:g} is above the load generator's ceiling "
+                                      f"of {MAX_RATE:g} requests/s")
     bad(not (finite(args.resolution) and 0 < args.resolution < 1),
         f"--resolution is a fraction of the rate, 0 < R < 1 (0.05 = 5%), not {args.resolution:g}")
     bad(not (finite(args.duration_per_step) and args.duration_per_step > 0),
@@ -143,18 +170,24 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out!r} already holds a capacity search (capacity.json); "
                          f"give another directory")
     drain = args.duration_per_step if args.drain_timeout is None else args.drain_timeout
+    if args.users and args.drain_timeout is None:
+        drain = min(drain, 60.0)    # (a users step's time bound is long; its drain need not be)
+    load = "users" if args.users else "rate"
+    low, high = (args.min_users, args.max_users) if args.users else (args.min_rate, args.max_rate)
     workload = {"input_len": args.input_len, "output_len": args.output_len, "dataset": args.dataset or None,
-                "arrival": args.arrival, "burstiness": args.burstiness, "seed": args.seed,
-                "drain_timeout_s": drain}
+                "seed": args.seed, "drain_timeout_s": drain}
+    if not args.users:
+        workload.update(arrival=args.arrival, burstiness=args.burstiness)
     if args.profile:
         measure, target = _virtual(args, slos, drain)
     else:
         measure, target, interrupt = _live(args, slos, drain, out)
     result = cap.CapacityResult(
-        mode="virtual" if args.profile else "live", slos=[s.text for s in slos], min_rate=args.min_rate,
-        max_rate=args.max_rate, resolution=args.resolution, confidence=args.confidence,
+        mode="virtual" if args.profile else "live", slos=[s.text for s in slos], min_rate=float(low),
+        max_rate=float(high), resolution=args.resolution, confidence=args.confidence,
         duration_per_step_s=args.duration_per_step, workload=workload, target=target,
-        error_band=cap.error_band() if args.profile else None, started_at=time.time())
+        error_band=cap.error_band() if args.profile else None, started_at=time.time(), load=load)
+    unit = cap.UNIT[load]
     out.mkdir(parents=True, exist_ok=True)
 
     def on_step(res: cap.CapacityResult, step: cap.Step) -> None:
@@ -162,14 +195,14 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             why = "" if step.passed else " - " + "; ".join(step.reasons)
             tok = f", {step.output_tokens_per_s:,.0f} out tok/s" if step.output_tokens_per_s else ""
-            print(f"step {len(res.steps)}: {step.rate:.4g} req/s {step.status.upper()}{tok} "
+            print(f"step {len(res.steps)}: {step.rate:.4g} {unit} {step.status.upper()}{tok} "
                   f"({step.wall_s:.1f} s){why}", flush=True)
 
     if not args.quiet:
         where = (f"virtual time on {args.profile} (simulator replay, no server)" if args.profile
                  else args.url or args.endpoints)
-        print(f"harness capacity: {', '.join(result.slos)} on {where}; rates {args.min_rate:g}.."
-              f"{args.max_rate:g} req/s, resolution {args.resolution * 100:g}%", flush=True)
+        print(f"harness capacity: {', '.join(result.slos)} on {where}; "
+              f"{'users' if args.users else 'rates'} {low:g}..{high:g}{'' if args.users else ' req/s'}, resolution {args.resolution * 100:g}%", flush=True)
     previous = interrupt.install() if not args.profile else None
     try:
         cap.search(result, measure, on_step)
@@ -218,6 +251,13 @@ def _virtual(args: argparse.Namespace, slos, drain: float):
                          f"would be refused")
     kv = {"kv_cache_tokens": args.kv_cache_tokens} if args.kv_cache_tokens else {}
 
+    def measure_users(users: float):
+        return capacity_replay.measure_users(
+            int(users), slos, profile=profile, duration_s=args.duration_per_step, drain_s=drain,
+            input_len=args.input_len, output_len=args.output_len, replicas=args.replicas,
+            seed=args.seed, confidence=args.confidence, resamples=args.resamples,
+            kv_cache_tokens=args.kv_cache_tokens)
+
     def measure(rate: float):
         return capacity_replay.measure(
             rate, slos, profile=profile, duration_s=args.duration_per_step, drain_s=drain,
@@ -228,7 +268,7 @@ def _virtual(args: argparse.Namespace, slos, drain: float):
     target = {"profile": profile.name, "replicas": args.replicas,
               "max_num_seqs": profile.max_num_seqs, "max_num_batched_tokens": profile.max_num_batched_tokens,
               "kv_cache_tokens": args.kv_cache_tokens}
-    return measure, target
+    return (measure_users if args.users else measure), target
 
 
 def _live(args: argparse.Namespace, slos, drain: float, out: Path):
@@ -240,14 +280,16 @@ def _live(args: argparse.Namespace, slos, drain: float, out: Path):
                             arrival=args.arrival, burstiness=args.burstiness, workers=args.workers,
                             seed=args.seed, drain_s=drain, request_timeout=args.timeout,
                             endpoint=args.endpoint, cpu_limit=args.cpu_limit,
-                            lag_limit_ms=args.lag_limit_ms, stamp_delay_limit_ms=args.stamp_delay_limit_ms)
-    _check_load_args(live.load_argv(opts, args.min_rate, 10, 10.0, out / "steps" / "check", slos))
+                            lag_limit_ms=args.lag_limit_ms, stamp_delay_limit_ms=args.stamp_delay_limit_ms,
+                            load="users" if args.users else "rate")
+    first = args.min_users if args.users else args.min_rate
+    _check_load_args(live.load_argv(opts, first, 10, 10.0, out / "steps" / "check", slos))
     preflight(argparse.Namespace(url=args.url, endpoints=args.endpoints, model=args.model))
     interrupt = live.Interrupt()
 
     def measure(rate: float):
         n = len(list((out / "steps").glob("*"))) + 1 if (out / "steps").exists() else 1
-        step_dir = out / "steps" / f"{n:02d}-{rate:.4g}rps"
+        step_dir = out / "steps" / (f"{n:02d}-{int(rate)}users" if args.users else f"{n:02d}-{rate:.4g}rps")
         step = live.measure(rate, slos, options=opts, out=step_dir, duration_s=args.duration_per_step,
                             interrupt=interrupt, confidence=args.confidence, resamples=args.resamples)
         step.dir = str(step_dir.relative_to(out))

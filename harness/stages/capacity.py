@@ -11,6 +11,9 @@ which every SLO holds (harness/capacity.py says how it is searched and judged).
       max_rate: 40
       expect: {capacity_rps: ">= 20"}      # the seed's claim: 20 req/s meets those SLOs
 
+``users: true`` searches the closed-loop concurrency instead (``min_users``, ``max_users``;
+measured ``capacity_users``, and ``requests_per_s`` at it), as `harness capacity --users`.
+
 The search runs as a `harness capacity` subprocess into the stage's folder (capacity.json,
 report.html, steps/NN-RATErps/ as `harness load` results directories). ``virtual: true``
 with a ``target: {simulator: PROFILE}`` searches in virtual time on the simulator's replay
@@ -33,10 +36,13 @@ PARAMS: dict[str, Field] = {
     "target": Field("dict", required=True, help="url | endpoints | simulator | layout (one endpoint)"),
     "slo": Field("list", required=True, help="upper bounds, e.g. ['ttft_p99_ms<=200', 'tpot_p99_ms<=30']"),
     "virtual": Field("bool", False, help="with target.simulator: virtual time on the replay"),
-    "min_rate": Field("float", 1.0, minimum=0),
-    "max_rate": Field("float", 100.0, minimum=0),
+    "min_rate": Field("float", None, minimum=0, help="default 1 req/s"),
+    "max_rate": Field("float", None, minimum=0, help="default 100 req/s"),
+    "users": Field("bool", False, help="search closed-loop users instead of the request rate"),
+    "min_users": Field("int", None, minimum=1, help="with users: default 1"),
+    "max_users": Field("int", None, minimum=1, help="with users: default 256"),
     "resolution": Field("float", 0.05, minimum=0),
-    "duration_per_step": Field("float", 30.0, minimum=0),
+    "duration_per_step": Field("float", None, minimum=0, help="default 30 s (users: 300 s, the bound)"),
     "drain_timeout": Field("float", None, minimum=0),
     "confidence": Field("float", 0.95, minimum=0.5),
     "input_len": Field("int", 512, minimum=1),
@@ -51,7 +57,7 @@ PARAMS: dict[str, Field] = {
     "stamp_delay_limit_ms": Field("float", None, minimum=0),
     "timeout_s": Field("float", 7200.0, minimum=1, help="the stage's own bound"),
 }
-METRICS = {"capacity_rps": ">=", "output_tokens_per_s": ">="}
+METRICS = {"capacity_rps": ">=", "capacity_users": ">=", "output_tokens_per_s": ">=", "requests_per_s": ">="}
 METRICS.update({f"{lat}_{p}_ms": "<=" for lat in ("ttft", "tpot", "itl", "e2e")
                 for p in ("p50", "p90", "p95", "p99", "p99_9", "mean")})
 METRICS["error_rate"] = "<="
@@ -71,6 +77,13 @@ def validate_params(p: dict[str, Any]) -> None:
         raise ValueError("virtual: needs target: {simulator: PROFILE} (one profile) to replay")
     if p.get("max_rate") is not None and p.get("min_rate") is not None and p["max_rate"] < p["min_rate"]:
         raise ValueError(f"max_rate: {p['max_rate']:g} is below min_rate {p['min_rate']:g}")
+    if p.get("users"):
+        if p.get("min_rate") is not None or p.get("max_rate") is not None:
+            raise ValueError("min_rate: a users search is bounded by min_users and max_users")
+        if int(p["max_users"] if p.get("max_users") is not None else 256) < int(p.get("min_users") or 1):
+            raise ValueError(f"max_users: {p['max_users']} is below min_users {p.get('min_users') or 1}")
+    elif p.get("min_users") is not None or p.get("max_users") is not None:
+        raise ValueError("min_users: bounds a concurrency search; add users: true")
 
 
 def capacity_argv(p: dict[str, Any], out: Path, *, url: str | None = None, model: str = "",
@@ -81,8 +94,11 @@ def capacity_argv(p: dict[str, Any], out: Path, *, url: str | None = None, model
         argv += ["--model", model]
     for s in p["slo"]:
         argv += ["--slo", str(s)]
-    for key in ("min_rate", "max_rate", "resolution", "duration_per_step", "drain_timeout", "confidence",
-                "input_len", "output_len", "arrival", "seed"):
+    bounds = ("min_users", "max_users") if p.get("users") else ("min_rate", "max_rate", "arrival")
+    if p.get("users"):
+        argv += ["--users"]
+    for key in (*bounds, "resolution", "duration_per_step", "drain_timeout", "confidence",
+                "input_len", "output_len", "seed"):
         if p.get(key) is not None:
             argv += [f"--{key.replace('_', '-')}", f"{p[key]:g}" if isinstance(p[key], float) else str(p[key])]
     if not profile:
@@ -125,8 +141,10 @@ def _run(argv: list[str], out: Path, timeout_s: float, log) -> int:
 def measured_from(doc: dict[str, Any]) -> dict[str, float | None]:
     """capacity.json -> the stage's flat figures: the capacity and its step's SLO values."""
     ans = doc.get("answer") or {}
-    out: dict[str, float | None] = {"capacity_rps": ans.get("rate"),
-                                    "output_tokens_per_s": ans.get("output_tokens_per_s")}
+    level = "capacity_users" if doc.get("load") == "users" else "capacity_rps"
+    out: dict[str, float | None] = {level: ans.get("rate"),
+                                    "output_tokens_per_s": ans.get("output_tokens_per_s"),
+                                    "requests_per_s": ans.get("requests_per_s")}
     if ans.get("step") is not None:
         for c in doc["steps"][ans["step"]]["checks"]:
             out[c["metric"]] = c["value"]
@@ -141,7 +159,8 @@ def invalid_reasons(doc: dict[str, Any]) -> list[str]:
     bound = steps[ans["broke_at"]["step"]] if ans.get("broke_at") else (steps[0] if steps and not ans.get("found") else None)
     if bound is None or bound.get("status") != "invalid":
         return []
-    return [f"at {bound['rate']:g} req/s: {r}" for r in bound.get("reasons") or []]
+    unit = doc.get("unit") or "req/s"
+    return [f"at {bound['rate']:g} {unit}: {r}" for r in bound.get("reasons") or []]
 
 
 def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
@@ -169,8 +188,9 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
                 ctx.log(f"capacity: the target has {len(endpoints)} endpoints; searching {ep.name} "
                         f"({ep.url}) only")
             where = f"{ep.url} ({ep.model})" if ep.model else ep.url
-            ctx.log(f"capacity: {', '.join(map(str, p['slo']))} on {where}, "
-                    f"{p['min_rate']:g}..{p['max_rate']:g} req/s")
+            span = (f"{p['min_users'] or 1}..{p['max_users'] or 256} users" if p["users"]
+                    else f"{p['min_rate'] or 1:g}..{p['max_rate'] or 100:g} req/s")
+            ctx.log(f"capacity: {', '.join(map(str, p['slo']))} on {where}, {span}")
             code = _run(capacity_argv(p, out, url=ep.url, model=ep.model), out, float(p["timeout_s"]), ctx.log)
     if not (out / "capacity.json").exists():
         tail = "\n".join((out / "capacity.log").read_text(errors="replace").strip().splitlines()[-5:])
