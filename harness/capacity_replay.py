@@ -12,9 +12,9 @@ come back in the requests.jsonl shape, so the step is judged exactly as a live o
 A closed-loop step (`measure_users`) cannot be a list of arrivals: each send time is the
 previous request's finish. `closed_loop` drives the simulator's Engine the way the replay
 and the live server do (a request enters the engine after the front end's per-request
-cost, the engine steps in virtual time), starting the users over the first second as
-`harness load --users N` spawns them, each sending its next request the moment its last
-one finishes, until the step's request count is sent or its time bound passes; the first
+cost, the engine steps in virtual time), starting every user at once (as `harness load
+--users N` does: measured, its N first requests leave within a millisecond), each sending
+its next request the moment its last one finishes, until the step's request count is sent or its time bound passes; the first
 `users` sent are its warm-up, not judged (capacity.users_warmup), as in a live step. With
 replicas, users are spread over them in turn and each replica runs its own users.
 """
@@ -27,7 +27,6 @@ from harness.arrivals import ArrivalSchedule
 from harness.capacity import Step, judge_step, step_plan, users_step_plan, users_warmup
 from harness.slo import Slo
 
-SPAWN_S = 1.0    # users start over the first second, as `harness load --users N` spawns N at N/s
 
 
 def arrivals(rate: float, duration_s: float, input_len: int, output_len: int, *,
@@ -123,7 +122,7 @@ def closed_loop(profile, users: int, count: int, time_bound_s: float, cutoff_s: 
             heapq.heappush(pending, (t + delay, sent, seq))
 
         for user in mine:
-            send(user / users * SPAWN_S, user)
+            send(0.0, user)
         now = pending[0][0] if pending else 0.0
         stalled = 0
         while now <= cutoff_s:

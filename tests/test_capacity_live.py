@@ -110,3 +110,46 @@ def test_ctrl_c_mid_search_keeps_the_finished_steps(start_sim, tmp_path):
     assert doc["answer"]["rate"] == first["rate"] and not doc["answer"]["complete"]
     assert "search unfinished" in doc["answer"]["text"]
     assert (out / "report.html").exists()
+
+
+def test_a_search_over_an_endpoint_list_spreads_each_step_over_every_endpoint(start_sim, tmp_path):
+    from servers.launcher.endpoints import Endpoint, write_endpoints
+
+    url, _ = start_sim("--replicas", "2", *SERVER)
+    base = int(url.rsplit(":", 1)[1])
+    eps = tmp_path / "endpoints.json"
+    write_endpoints(str(eps), [Endpoint(name=f"r{i}", role="small", url=f"http://127.0.0.1:{base + i}",
+                                        model="meta-llama/Meta-Llama-3-8B-Instruct", port=base + i)
+                               for i in range(2)], layout="test")
+    out = tmp_path / "cap"
+    # 12 req/s is over one replica's ~10 but within two's: only a spread step passes
+    rc, text = capacity("--endpoints", str(eps), *WORKLOAD, *SLO, "--min-rate", "12", "--max-rate", "12",
+                        *LIMITS, "--out", str(out)).wait(120)
+    assert rc == 0, text
+    assert "each step runs 2 workers" in text
+    doc = read(out)
+    assert doc["target"]["endpoint_count"] == 2 and doc["answer"]["rate"] == 12
+    summary = json.loads((out / doc["steps"][0]["dir"] / "summary.json").read_text())
+    done = [e["completed"] for e in summary["by_endpoint"].values()]
+    assert len(done) == 2 and min(done) >= 0.4 * sum(done)
+
+
+def test_users_search_over_real_sockets_finds_the_virtual_concurrency(start_sim, tmp_path):
+    users = ["--users", "--min-users", "4", "--max-users", "8", "--duration-per-step", "30",
+             "--drain-timeout", "3", "--input-len", "64", "--output-len", "16"]
+    virt = tmp_path / "virtual"
+    rc, out = capacity("--profile", "l40s-llama-3-8b-bf16", *SERVER, *users, *SLO, "--out", str(virt)).wait(60)
+    assert rc == 0, out
+    expected = read(virt)["answer"]["rate"]
+
+    url, _ = start_sim(*SERVER)
+    live = tmp_path / "live"
+    rc, out = capacity("--url", url, *users, *SLO, *LIMITS, "--out", str(live)).wait(300)
+    assert rc == 0, out
+    doc = read(live)
+    assert doc["load"] == "users" and doc["mode"] == "live"
+    assert abs(doc["answer"]["rate"] - expected) <= 1, (doc["answer"], expected, out)
+    for s in doc["steps"]:
+        summary = json.loads((live / s["dir"] / "summary.json").read_text())
+        assert summary["generator"]["valid"] and s["dir"].endswith(f"{int(s['rate'])}users")
+        assert s["requests"]["sent"] >= 50

@@ -285,6 +285,16 @@ def _live(args: argparse.Namespace, slos, drain: float, out: Path):
     first = args.min_users if args.users else args.min_rate
     _check_load_args(live.load_argv(opts, first, 10, 10.0, out / "steps" / "check", slos))
     preflight(argparse.Namespace(url=args.url, endpoints=args.endpoints, model=args.model))
+    n_endpoints = 1
+    if args.endpoints:
+        from servers.launcher import read_endpoints
+
+        n_endpoints = len(read_endpoints(args.endpoints).endpoints)
+        opts.workers = spread_workers(args.workers, n_endpoints, args.users)
+        if opts.workers != args.workers and not args.quiet:
+            print(f"--endpoints lists {n_endpoints} endpoints: each step runs {opts.workers} workers "
+                  f"(an open-loop user is one endpoint's, so the rate spreads evenly only over a "
+                  f"multiple of {n_endpoints} workers)", flush=True)
     interrupt = live.Interrupt()
 
     def measure(rate: float):
@@ -295,5 +305,17 @@ def _live(args: argparse.Namespace, slos, drain: float, out: Path):
         step.dir = str(step_dir.relative_to(out))
         return step
 
-    target = {"url": args.url, "endpoints": args.endpoints, "model": args.model or None}
+    target = {"url": args.url, "endpoints": args.endpoints, "model": args.model or None,
+              "endpoint_count": n_endpoints, "workers": opts.workers}
     return measure, target, interrupt
+
+
+def spread_workers(workers: int, endpoints: int, users: bool) -> int:
+    """Workers for a step over `endpoints` endpoints. `harness load --endpoints` has one user
+    class per endpoint, and an open-loop step runs one user per worker: with fewer workers
+    than endpoints (or a count that is not a multiple) the rate would reach only some of
+    them and the search would find a fraction of the fleet's capacity. A closed loop's
+    users spread over the classes whatever the workers."""
+    if users or endpoints <= 1:
+        return workers
+    return endpoints * math.ceil(workers / endpoints)
