@@ -31,8 +31,8 @@ RANGES = (
     Range("cooldown", True, "seconds"),
     Range("drain-timeout", True, "seconds (0: no wait for requests in flight)"),
     Range("window", False, "seconds (one timeseries line each)"),
-    Range("cpu-limit", False, "% (a worker's median CPU)"),
-    Range("lag-limit-ms", False, "ms (open-loop schedule lag p99)"),
+    Range("cpu-limit", True, "% (a worker's median CPU; 0: any use makes the generator invalid)"),
+    Range("lag-limit-ms", True, "ms (open-loop schedule lag p99; 0: any lag makes it invalid)"),
     Range("stamp-delay-limit-ms", True, "ms (0: not judged)"),
     Range("metrics-linger", True, "seconds"),
 )
