@@ -35,6 +35,7 @@ th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .pass{color:#176d27;font-weight:600}.fail,.error{color:#b00020;font-weight:600}
 .invalid{color:#a85200;font-weight:600;font-style:italic}
+.informational{color:#555;font-style:italic}
 .skipped,.nm,.notrun{color:#777}.impossible,.measurement-error{color:#b00020;font-weight:600}
 .ok{color:#176d27}.muted{color:#666;font-size:12px}
 .chart{display:block;margin:8px 0 20px;max-width:100%;height:auto}
@@ -90,13 +91,16 @@ def fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def verdict(passed: Any) -> str:
-    return "not measured" if passed is None else "pass" if passed else "FAIL"
+def verdict(check: dict[str, Any]) -> str:
+    from harness.stages.expect import verdict as check_verdict
+
+    return check_verdict(check)
 
 
 def _cls(text: str) -> str:
     return {"pass": "pass", "FAIL": "fail", "fail": "fail", "error": "error", "skipped": "skipped",
-            "invalid": "invalid",
+            "invalid": "invalid", "missed (informational)": "informational",
+            "met (informational)": "informational",
             "not measured": "nm", "not run": "notrun", "impossible": "impossible",
             "measurement error": "measurement-error", "ok": "ok"}.get(text, "")
 
@@ -144,6 +148,16 @@ def stage_rows(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[
     return rows
 
 
+INFORMATIONAL_NOTE = ("Targets marked informational (informational: true in the plan) are judged and "
+                      "shown here, but a miss fails neither the stage nor the plan: they keep a reference "
+                      "figure (such as the seed's, on hardware that cannot meet it) beside the targets "
+                      "that decide the run.")
+
+
+def has_informational(tables: list[tuple[str, list[list[str]]]]) -> bool:
+    return any("(informational)" in row[4] for _, rows in tables for row in rows)
+
+
 INVALID_NOTE = ("Their figures cannot be trusted: a load generator that could not keep up measured "
                 "itself, not the server (add workers or loosen cpu_limit / lag_limit_ms), and a hardware "
                 "run short of what it was asked has not validated it. A missed target there is no "
@@ -186,13 +200,31 @@ def plan_tables(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> list
             metric = c["metric"]
             pt = ph.get((s["name"], metric, "target"))
             pm = ph.get((s["name"], metric, "measured"))
-            result = verdict(c.get("passed")) if status in ("pass", "fail") else status
+            # a figure not measured says why whatever the stage's status (P2P on one GPU)
+            shown = status in ("pass", "fail") or (c.get("passed") is None and c.get("why"))
+            result = verdict(c) if shown else status
             tables.setdefault(table, []).append([
                 s.get("row") or s["name"], metric, c.get("target_text") or fmt(c.get("target")),
                 fmt(c.get("measured")), result,
                 f"{pt['mark']}: {pt['detail']}" if pt else "-",
                 f"{pm['mark']}: {pm['detail']}" if pm else "-", s["name"]])
     return list(tables.items())
+
+
+POWER_HEAD = ["stage", "GPU", "power over the run (average, highest single sample, how read, the card's limit)",
+              "samples"]
+
+
+def power_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """The hardware stages' board power per GPU: the average beside the peak *sample*, labelled
+    with how it was read and the card's limit (an instantaneous sample above it is a spike)."""
+    rows = []
+    for name, r in results.items():
+        if r.get("stage") != "hardware":
+            continue
+        for g, p in ((r.get("data") or {}).get("power") or {}).items():
+            rows.append([name, f"GPU{g}", p.get("text") or "", fmt(p.get("samples"))])
+    return rows
 
 
 def plan_marks(plan: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -270,15 +302,22 @@ def perplexity_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _target_shown(expr: Any) -> str:
+    """One ``expect:`` entry as written, an informational one marked so."""
+    if isinstance(expr, dict):
+        return f"{fmt(expr.get('target'))}, informational" if expr.get("informational") else fmt(expr.get("target"))
+    return fmt(expr)
+
+
 def perplexity_table_md(rows: list[dict[str, Any]]) -> str:
     lines = ["| variant | model | quantization | word perplexity (expected) | throughput x (expected) "
              "| memory x (expected) | weights GB |", "|---|---|---|---|---|---|---|"]
     for v in rows:
         e = v.get("expect") or {}
         lines.append(f"| {v['name']} | {v['model']} | {v.get('quantization')} | "
-                     f"{fmt(v.get('word_perplexity'))} ({fmt(e.get('word_perplexity'))}) | "
-                     f"{fmt(v.get('throughput_x'), 3)} ({fmt(e.get('throughput_x'))}) | "
-                     f"{fmt(v.get('memory_x'), 3)} ({fmt(e.get('memory_x'))}) | {fmt(v.get('memory_gb'), 3)} |")
+                     f"{fmt(v.get('word_perplexity'))} ({_target_shown(e.get('word_perplexity'))}) | "
+                     f"{fmt(v.get('throughput_x'), 3)} ({_target_shown(e.get('throughput_x'))}) | "
+                     f"{fmt(v.get('memory_x'), 3)} ({_target_shown(e.get('memory_x'))}) | {fmt(v.get('memory_gb'), 3)} |")
     return "\n".join(lines)
 
 
@@ -432,9 +471,15 @@ def render_html(run_dir: Path) -> str:
     tables = plan_tables(run, results)
     if tables:
         parts.append('<h2 id="tables">Expected vs measured (the plan\'s tables)</h2>')
+        if has_informational(tables):
+            parts.append(f'<p class="muted informational-note">{escape(INFORMATIONAL_NOTE)}</p>')
         for name, rows in tables:
             parts.append(f"<h3>{escape(name)}</h3>")
             parts.append(_html_table(TABLE_HEAD, rows, "plan-table", status_cols=(4, 5, 6)))
+    power = power_rows(results)
+    if power:
+        parts.append('<h3 id="hardware-power">Hardware power</h3>')
+        parts.append(_html_table(POWER_HEAD, power, "hardware-power"))
     for name, r in results.items():
         if r.get("status") == "error":
             parts.append(f"<h3>{escape(name)}: error</h3><pre>{escape(r.get('detail') or '')}</pre>")
@@ -485,8 +530,14 @@ def render_md(run_dir: Path) -> str:
     if invalid:
         out += [f"### INVALID: {len(invalid)} stage(s)", "", INVALID_NOTE, "",
                 _md_table(INVALID_HEAD, [[n, f"**{st.upper()}**", why] for n, st, why in invalid]), ""]
-    for name, rows in plan_tables(run, results):
+    tables = plan_tables(run, results)
+    if has_informational(tables):
+        out += [INFORMATIONAL_NOTE, ""]
+    for name, rows in tables:
         out += [f"## {name}", "", _md_table(TABLE_HEAD, rows), ""]
+    power = power_rows(results)
+    if power:
+        out += ["## Hardware power", "", _md_table(POWER_HEAD, power), ""]
     phys = physics_rows(results, run["plan"])
     if phys:
         out += ["## Physics check", "", _md_table(PHYS_HEAD, phys), ""]

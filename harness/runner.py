@@ -206,7 +206,10 @@ def run_plan(plan: dict[str, Any], run_dir: Path, log: Callable[[str], None] = p
                 + "; ".join(doc.get("invalid") or []))
         for c in doc.get("checks") or []:
             if c.get("passed") is False:
-                log(f"    missed: {c['metric']} {c.get('target_text')} (measured {_fmt(c.get('measured'))})")
+                what = "missed (informational, fails nothing)" if c.get("informational") else "missed"
+                log(f"    {what}: {c['metric']} {c.get('target_text')} (measured {_fmt(c.get('measured'))})")
+            elif c.get("passed") is None and c.get("why"):
+                log(f"    not measured: {c['metric']}: {c['why']}")
         for ph in doc.get("physics") or []:
             if ph.get("mark") != "ok":
                 log(f"    physics: {ph['metric']} ({ph['source']}): {ph['mark']} - {ph['detail']}")
@@ -284,12 +287,13 @@ def run_single(kind: str, name: str, params: dict[str, Any], out: Path, plan_ext
 
 
 def print_result(doc: dict[str, Any]) -> None:
+    from harness.stages.expect import verdict as check_verdict
+
     print(f"{doc['name']}: {doc['status'].upper()}" + (f" - {doc['detail']}" if doc.get("detail") else ""))
     for k, v in (doc.get("measured") or {}).items():
         print(f"  {k:<32} {_fmt(v)}")
     for c in doc.get("checks") or []:
-        verdict = "n/m" if c["passed"] is None else "pass" if c["passed"] else "FAIL"
-        print(f"  target {c['metric']} {c.get('target_text')}: {verdict}")
+        print(f"  target {c['metric']} {c.get('target_text')}: {check_verdict(c)}")
     for ph in doc.get("physics") or []:
         print(f"  physics {ph['metric']} ({ph['source']} {_fmt(ph['value'])}): {ph['mark']} - {ph['detail']}")
     if doc.get("status") == "error" and doc.get("traceback"):

@@ -22,14 +22,17 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 
 
 # The generator checks are not what these tests are about (test_stage_invalid.py is): limits no
-# load run here meets, so a busy machine's CPU or schedule lag does not make a stage invalid.
+# load run here meets, so a busy machine's CPU or schedule lag does not make a stage invalid;
+# the stamp-delay check, which a load stage has no key to loosen, is counted by the targets
+# alone (on_invalid: pass; the result still lists it).
 NO_GENERATOR_CHECK = {"cpu_limit": 1000, "lag_limit_ms": 1000000}
+LOAD_STAGE_EXTRA = {**NO_GENERATOR_CHECK, "on_invalid": "pass"}
 
 
 def shorten(plan: dict) -> dict:
     for s in plan["stages"]:
         if s["stage"] in ("serving", "cluster", "soak"):
-            s.update(NO_GENERATOR_CHECK)
+            s.update(LOAD_STAGE_EXTRA)
         if s["stage"] in ("throughput", "perplexity", "command") or "layout" in (s.get("target") or {}):
             s["skip"] = "run for real in test_stage_throughput.py / test_stage_perplexity.py / below"
         if s["stage"] == "hardware":
@@ -59,15 +62,17 @@ def local_run(tmp_path_factory):
 @pytest.mark.timeout(600)
 def test_local_plan_runs_end_to_end(local_run):
     path, out, r = local_run
-    # the seed's TTFT/TPOT targets fail on a (simulated) L40S, so the plan's exit code is 1
-    assert r.returncode == 1, r.stdout[-4000:] + r.stderr[-4000:]
+    # a correct laptop run passes: the seed's TTFT/TPOT targets, which a (simulated) L40S misses,
+    # are informational and fail nothing
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "[6/8] serving (serving): running" in r.stdout and "report:" in r.stdout
     run = json.loads((out / "run.json").read_text())
     st = run["statuses"]
     assert st["tiny-model"] == st["throughput"] == st["quality"] == st["serving-vllm-cpu"] == "skipped"
     assert st["hardware"] == "pass"  # a recorded H100 beats every L40S target...
     assert st["cluster"] == "pass" and st["soak"] == "pass", st
-    assert st["serving"] == "fail"
+    assert st["serving"] == "pass"
+    assert "missed (informational, fails nothing): tpot_p50_ms <= 15" in r.stdout
     hw = json.loads((out / "hardware" / "result.json").read_text())
     # ...and the physics check flags its figures as beyond what an L40S (the plan's gpu) can do:
     # what a mislabelled machine or a broken measurement looks like
@@ -76,6 +81,13 @@ def test_local_plan_runs_end_to_end(local_run):
     serving = json.loads((out / "serving" / "result.json").read_text())
     m = serving["measured"]
     assert m["ttft_p50_ms"] > 0 and m["tpot_p50_ms"] > 0 and m["output_tokens_per_s"] > 0
+    checks = {c["metric"]: c for c in serving["checks"]}
+    # the seed's rows are judged (the simulated L40S misses TPOT p50 < 15 ms, as a real one must)...
+    assert {k for k, c in checks.items() if c["informational"]} == {"ttft_p50_ms", "ttft_p99_ms",
+                                                                     "tpot_p50_ms", "tpot_p99_ms"}
+    assert checks["tpot_p50_ms"]["passed"] is False
+    # ...and the plan's own targets, which decide the stage, are met
+    assert all(c["passed"] for c in checks.values() if not c["informational"]), checks
     summary = json.loads((out / "serving" / "load" / "summary.json").read_text())
     assert summary["requests"]["completed"] + summary["requests"]["failed"] == 24
     assert m["ttft_p50_ms"] == summary["ttft_ms"]["p50"]
@@ -107,7 +119,7 @@ def test_resuming_a_finished_run_runs_nothing(local_run):
     before = (out / "serving" / "result.json").read_text()
     r = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(path), "--out", str(out)],
                        capture_output=True, text=True, cwd=REPO, timeout=100)
-    assert r.returncode == 1
+    assert r.returncode == 0
     assert r.stdout.count("done earlier") == 8 and "running" not in r.stdout.replace("running again", "")
     assert (out / "serving" / "result.json").read_text() == before
 
@@ -121,7 +133,7 @@ def test_report_md_has_every_table(local_run):
         assert heading in md, heading
     row = next(line for line in md.splitlines() if line.startswith("| Llama-3 8B BF16 | tpot_p50_ms"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2] == "<= 15" and float(cells[3]) > 15 and cells[4] == "FAIL"
+    assert cells[2] == "<= 15" and float(cells[3]) > 15 and cells[4] == "missed (informational)"
     assert cells[5].startswith("impossible: ") and cells[6].startswith("ok: ")
     assert "(measured)" in md and "(expected)" not in md.split("## Cost per million output tokens")[1].split("\n\n")[1]
 

@@ -5,6 +5,11 @@ A target is written as a number or as ``"OP NUMBER"`` (``>=``, ``<=``, ``>``, ``
 and rates must reach it (``>=``), latencies, memory, perplexity and error rates must not exceed
 it (``<=``). A plan-wide ``tolerance`` (a fraction, default 0) loosens bare numbers only: the seed
 writes "~4,500 tok/s", and ``tolerance: 0.1`` passes 4,050.
+
+A target may also be a mapping ``{target: 80, informational: true}``: an *informational* target
+is judged and reported like any other (its verdict marked informational) but never fails its
+stage or the plan. It keeps a reference figure visible (the seed's latency targets, on a laptop
+whose simulated L40S cannot meet them) beside the targets that decide the run.
 """
 from __future__ import annotations
 
@@ -18,8 +23,29 @@ _RANGE = re.compile(r"^\s*([\d_,]*\.?\d+)\s*(?:-|\.\.)\s*([\d_,]*\.?\d+)\s*$")
 _HIGHER = ("tokens_per_s", "requests_per_s", "goodput", "tbs", "tflops", "gbs", "per_joule")
 
 
+TARGET_KEYS = ("target", "informational")
+
+
 class TargetError(ValueError):
     pass
+
+
+def unwrap(metric: str, expr: Any) -> tuple[Any, bool]:
+    """-> (the target as written, informational) of one ``expect:`` entry: a bare target, or the
+    mapping ``{target: ..., informational: true|false}``."""
+    if not isinstance(expr, dict):
+        return expr, False
+    for k in expr:
+        if k not in TARGET_KEYS:
+            raise TargetError(f"target for {metric}: unknown key {k!r}; known: {', '.join(TARGET_KEYS)}")
+    if "target" not in expr:
+        raise TargetError(f"target for {metric}: a mapping needs target: (e.g. {{target: 80, informational: true}})")
+    info = expr.get("informational", False)
+    if not isinstance(info, bool):
+        raise TargetError(f"target for {metric}: informational must be true or false, got {info!r}")
+    if isinstance(expr["target"], dict):
+        raise TargetError(f"target for {metric}: target: must be a number or 'OP NUMBER', not a mapping")
+    return expr["target"], info
 
 
 def default_op(metric: str) -> str:
@@ -33,6 +59,7 @@ def _num(text: str) -> float:
 
 def parse_target(metric: str, expr: Any) -> tuple[str, float, float | None]:
     """-> (op, value, upper) where op is 'range' for ranges (value..upper)."""
+    expr, _ = unwrap(metric, expr)
     if isinstance(expr, bool) or expr is None:
         raise TargetError(f"target for {metric} must be a number or 'OP NUMBER', not {expr!r}")
     if isinstance(expr, (int, float)):
@@ -51,6 +78,7 @@ def parse_target(metric: str, expr: Any) -> tuple[str, float, float | None]:
 
 
 def check(metric: str, expr: Any, measured: float | None, tolerance: float = 0.0) -> dict[str, Any]:
+    expr, informational = unwrap(metric, expr)
     op, value, upper = parse_target(metric, expr)
     bare = isinstance(expr, (int, float))
     if measured is None:
@@ -65,7 +93,7 @@ def check(metric: str, expr: Any, measured: float | None, tolerance: float = 0.0
     shown = f"{value:g}-{upper:g}" if op == "range" else f"{op} {value:g}"
     return {"metric": metric, "op": op, "target": value, "upper": upper, "target_text": shown,
             "measured": measured, "passed": passed,
-            "tolerance": tolerance if bare and tolerance else 0.0}
+            "tolerance": tolerance if bare and tolerance else 0.0, "informational": informational}
 
 
 def check_all(expected: dict[str, Any], measured: dict[str, Any], tolerance: float = 0.0) -> list[dict[str, Any]]:
@@ -74,11 +102,25 @@ def check_all(expected: dict[str, Any], measured: dict[str, Any], tolerance: flo
 
 def status_from(checks: list[dict[str, Any]], invalid: Sequence[str] = ()) -> str:
     """fail when a measured figure missed its target. A target whose figure this run did not
-    measure (``passed: None``) fails nothing: the report shows it as "not measured".
+    measure (``passed: None``) fails nothing: the report shows it as "not measured"; nor does
+    an informational target, whatever its verdict.
 
     ``invalid``: why the figures cannot be trusted (a load generator that could not keep up
     measures itself, not the server); any reason makes the stage ``invalid`` whatever its
     targets say, since a missed target is then no verdict on what was measured."""
     if invalid:
         return "invalid"
-    return "fail" if any(c["passed"] is False for c in checks) else "pass"
+    return "fail" if any(c["passed"] is False and not c.get("informational") for c in checks) else "pass"
+
+
+def verdict(check: dict[str, Any]) -> str:
+    """One check's verdict as the report and the run's log show it: ``pass``, ``FAIL``, ``not
+    measured`` (with why, where the stage knows: ``not measured: p2p needs at least 2 GPUs``);
+    an informational target's marked so (``missed (informational)``), since its miss is no
+    failure of the run."""
+    passed = check.get("passed")
+    if passed is None:
+        return f"not measured: {check['why']}" if check.get("why") else "not measured"
+    if check.get("informational"):
+        return "met (informational)" if passed else "missed (informational)"
+    return "pass" if passed else "FAIL"

@@ -180,6 +180,7 @@ class PowerStats:
     temp_max_c: float | None = None
     clock_event_reasons: list[str] = field(default_factory=list)  # why clocks were held down
     power_reading: str | None = None  # "instant" or "1s-average" (nvmlDeviceGetPowerUsage)
+    limit_w: float | None = None  # the card's enforced power limit (inventory), beside the samples
 
 
 # nvmlClocksEventReason* / nvmlClocksThrottleReason* bits
@@ -617,8 +618,10 @@ def _import_nvml() -> Any:
 class PowerSampler:
     """Samples power, SM clock and temperature of some GPUs through NVML in a thread."""
 
-    def __init__(self, nvml: Any, handles: dict[int, Any], interval_s: float = 0.05):
+    def __init__(self, nvml: Any, handles: dict[int, Any], interval_s: float = 0.05,
+                 limits: dict[int, float | None] | None = None):
         self.nvml, self.handles, self.interval = nvml, handles, interval_s
+        self.limits = dict(limits or {})
         self.samples: dict[int, list[tuple[float, float | None, float | None]]] = {
             g: [] for g in handles}
         self.reasons: dict[int, int] = {g: 0 for g in handles}
@@ -702,6 +705,7 @@ class PowerSampler:
             temp_max_c=max(temps) if temps else None,
             clock_event_reasons=clock_reason_names(self.reasons.get(gpu, 0) & ~0x1),
             power_reading="instant" if self.instant else "1s-average",
+            limit_w=self.limits.get(gpu),
         )
 
 
@@ -1102,7 +1106,8 @@ def run(
 
     def sampler_for(gs: Sequence[int]) -> PowerSampler | None:
         hs = {g: handles[g] for g in gs if g in handles}
-        return PowerSampler(nvml, hs, interval_s=0.02) if hs else None
+        limits = {i.index: i.power_limit_w for i in infos}
+        return PowerSampler(nvml, hs, interval_s=0.02, limits=limits) if hs else None
 
     for g in chosen:
         if "hbm" in checks:
@@ -1144,10 +1149,60 @@ def run(
     return report
 
 
-def _power_text(p: PowerStats | None) -> str:
+# --- power: what the samples are, beside the card's limit -----------------------------------
+
+def power_figures(p: PowerStats, limit_w: float | None = None) -> str:
+    """``avg 612 W, peak sample 893 W (instantaneous; limit 700 W - short spikes above the limit
+    are normal)``. The peak is one sample, not a sustained draw: NVML's instantaneous field
+    reads spikes of a few milliseconds that the card's power controller (which holds the
+    *average* to the limit, pulling the clock down: ``sw_power_cap``) lets through, so a peak
+    above the limit is no fault; the 1 s average lags a check shorter than a second."""
+    limit = p.limit_w if p.limit_w is not None else limit_w
+    kind = {"instant": "instantaneous", "1s-average": "NVML 1 s average"}.get(p.power_reading or "",
+                                                                             "reading unknown")
+    note = f"limit {limit:.0f} W" if limit else "limit unknown"
+    if limit and p.peak_w is not None and p.peak_w > limit:
+        note += (" - short spikes above the limit are normal" if p.power_reading == "instant"
+                 else " - the average itself above the limit: check the power settings")
+    return f"avg {p.avg_w:.0f} W, peak sample {p.peak_w:.0f} W ({kind}; {note})"
+
+
+def run_power(report: HardwareReport) -> dict[int, PowerStats]:
+    """GPU -> its power over the whole run: every check's samples together (the average
+    weighted by each check's sample count, the highest single sample), with the card's limit."""
+    per: dict[int, list[PowerStats]] = {}
+    for r in [*report.hbm, *report.gemm]:
+        if r.power is not None and r.power.samples:
+            per.setdefault(r.gpu, []).append(r.power)
+    if report.p2p is not None:
+        for g, st in (report.p2p.power or {}).items():
+            if st.samples:
+                per.setdefault(int(g), []).append(st)
+    limits = {g.index: g.power_limit_w for g in report.gpus}
+    out: dict[int, PowerStats] = {}
+    for g, stats in sorted(per.items()):
+        n = sum(st.samples for st in stats)
+        readings = {st.power_reading for st in stats if st.power_reading}
+        out[g] = PowerStats(
+            samples=n, avg_w=round(sum(st.avg_w * st.samples for st in stats) / n, 1),
+            peak_w=max(st.peak_w for st in stats),
+            temp_max_c=max((st.temp_max_c for st in stats if st.temp_max_c is not None), default=None),
+            clock_event_reasons=sorted({r for st in stats for r in st.clock_event_reasons}),
+            power_reading=readings.pop() if len(readings) == 1 else ("mixed" if readings else None),
+            limit_w=next((st.limit_w for st in stats if st.limit_w is not None), limits.get(g)))
+    return out
+
+
+def power_lines(report: HardwareReport) -> list[str]:
+    """One line per GPU sampled: its power over the run (format_summary, the stage's log)."""
+    return [f"power     GPU{g} over the run: {power_figures(st)} ({st.samples} samples)"
+            for g, st in run_power(report).items()]
+
+
+def _power_text(p: PowerStats | None, limit_w: float | None = None) -> str:
     if p is None or not p.samples:
         return ""
-    txt = f"; {p.avg_w:.0f} W avg, {p.peak_w:.0f} W peak"
+    txt = f"; {power_figures(p, limit_w)}"
     if p.sm_clock_avg_mhz is not None:
         txt += f", SM {p.sm_clock_avg_mhz:.0f} MHz avg ({p.sm_clock_min_mhz:.0f} min)"
     if p.clock_event_reasons:
@@ -1178,5 +1233,6 @@ def format_summary(report: HardwareReport) -> str:
         for a, g in enumerate(p.gpus):
             cells = "".join(f"{'-' if v is None else f'{v:.1f}':>9}" for v in p.gbs[a])
             lines.append(f"GPU{g:<3}" + cells)
+    lines += power_lines(report)
     lines.append(f"overall: {report.status}")
     return "\n".join(lines)

@@ -28,6 +28,10 @@ PARAMS: dict[str, Field] = {
     "gpu_count": Field("int", None, minimum=1, help="GPUs the machine must have (default: the plan's)"),
 }
 METRICS = {"hbm_tbs": ">=", "gemm_tflops": ">=", "p2p_gbs": ">=", "p2p_best_pairs_gbs": ">="}
+# which of ``harness hw``'s checks measures each figure: where a figure is missing, that check's
+# detail says why (the report shows "not measured: p2p needs at least 2 GPUs; this machine has 1")
+_SOURCE_CHECK = {"hbm_tbs": "hbm_bandwidth", "gemm_tflops": "gemm_bf16", "p2p_gbs": "p2p",
+                 "p2p_best_pairs_gbs": "p2p"}
 _GPU_KEYS = (("L40S", "l40s"), ("H200", "h200"), ("H100", "h100"), ("A100", "a100"))
 
 
@@ -72,6 +76,35 @@ def gpu_key(hw: dict[str, Any], plan: dict[str, Any]) -> str | None:
     return None
 
 
+def why_not_measured(metric: str, hw: dict[str, Any]) -> str | None:
+    """Why ``hardware.json`` holds no figure for ``metric``: the detail of the check that would
+    have measured it, or that the stage's ``checks:`` did not ask for it."""
+    name = _SOURCE_CHECK.get(metric)
+    if name is None:
+        return None
+    details = [c.get("detail") for c in hw.get("checks") or []
+               if c.get("name") == name and c.get("status") != "pass" and c.get("detail")]
+    if details:
+        return details[0]
+    if not any(c.get("name") == name for c in hw.get("checks") or []):
+        return f"the {name} check did not run (checks:)"
+    if metric == "p2p_best_pairs_gbs":
+        return "no topology recorded to find the launcher's TP=2 pairs"
+    return None
+
+
+def run_power(hw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """str(gpu) -> its power over the run from ``hardware.json``: the average, the highest
+    single sample (labelled so: an instantaneous sample above the card's limit is a spike, not
+    a sustained draw), how it was read, and the card's limit, with the text the report shows."""
+    from harness.stages import hardware
+
+    report = hardware.report_from_dict(hw)
+    return {str(g): {"avg_w": st.avg_w, "peak_sample_w": st.peak_w, "power_reading": st.power_reading,
+                     "limit_w": st.limit_w, "samples": st.samples, "text": hardware.power_figures(st)}
+            for g, st in hardware.run_power(report).items()}
+
+
 def invalid_reasons(hw: dict[str, Any], want_gpus: int | None) -> list[str]:
     """Why this hardware run has not validated what the plan asked: ``harness hw``'s invalid
     checks, and fewer GPUs found than ``want_gpus``."""
@@ -107,11 +140,17 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     if hw.get("status") == "skipped":
         raise StageSkipped(f"hardware: {hw.get('skipped_reason')}")
     measured = figures(hw)
+    power = run_power(hw)
+    for g, doc in power.items():
+        ctx.log(f"hardware: GPU{g} power over the run: {doc['text']}")
     invalid = invalid_reasons(hw, p.get("gpu_count") or (ctx.plan or {}).get("gpu_count"))
     for reason in invalid:
         ctx.log(f"hardware: WARNING: {reason}")
     tol = float((ctx.plan or {}).get("tolerance") or 0.0)
     checks = expect_mod.check_all(expected, measured, tol)
+    for c in checks:
+        if c["measured"] is None:
+            c["why"] = why_not_measured(c["metric"], hw)
     for c in hw.get("checks") or []:
         if c.get("name") in ("hbm_bandwidth", "gemm_bf16", "p2p") and c.get("status") in ("fail", "error"):
             checks.append({"metric": f"hw.{c['name']}" + (f".gpu{c['gpu']}" if c.get("gpu") is not None else ""),
@@ -143,5 +182,5 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
                + (" - INVALID: " + "; ".join(invalid) if invalid else ""),
         invalid=invalid,
         data={"hardware_json": "hardware.json", "gpus": [g.get("name") for g in hw.get("gpus") or []],
-              "driver": host.get("driver"), "torch": host.get("torch")},
+              "driver": host.get("driver"), "torch": host.get("torch"), "power": power},
     )

@@ -190,8 +190,11 @@ def check_all(figures: Iterable[tuple[str, float | None, str]], hw: Hardware | N
 
 
 def target_number(expr: Any) -> float | None:
-    """The number in a target as written ('>= 4500', 4500, '<80') or None."""
-    if isinstance(expr, bool):
+    """The number in a target as written ('>= 4500', 4500, '<80', {target: 80, informational:
+    true}) or None."""
+    if isinstance(expr, dict):
+        expr = expr.get("target")
+    if isinstance(expr, bool) or expr is None:
         return None
     if isinstance(expr, (int, float)):
         return float(expr)
