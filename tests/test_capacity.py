@@ -325,3 +325,22 @@ def test_bad_users_input_is_one_line_and_exit_2(extra, words, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0]
+
+
+def test_an_unreadable_endpoint_list_is_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "endpoints.json"
+    bad.write_text("{}")
+    assert main(["capacity", "--endpoints", str(bad), "--slo", "ttft_p90_ms<=300",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a readable endpoint list" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_open_loop_step_over_n_endpoints_runs_a_multiple_of_n_workers():
+    from harness.commands.capacity import spread_workers
+
+    assert spread_workers(1, 12, users=False) == 12
+    assert spread_workers(13, 12, users=False) == 24
+    assert spread_workers(1, 1, users=False) == 1
+    assert spread_workers(1, 12, users=True) == 1     # a closed loop's users spread by class

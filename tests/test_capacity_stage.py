@@ -121,3 +121,18 @@ def test_live_capacity_stage_on_a_simulator_target(tmp_path):
     doc = json.loads((run_dir / "cap" / "capacity.json").read_text())
     assert doc["mode"] == "live" and result["measured"]["capacity_rps"] == 8
     assert all((run_dir / "cap" / s["dir"] / "summary.json").exists() for s in doc["steps"])
+
+
+def test_a_capacity_stage_on_several_endpoints_searches_the_whole_layout(tmp_path):
+    # 12 req/s is over one four-slot replica's ~10.5 but within two's: only a search that
+    # loads both replicas passes it
+    stage = {"target": {"simulator": PROFILE, "replicas": 2, "sim_args": ["--max-num-seqs", "4"]},
+             "virtual": False, "min_rate": 12, "max_rate": 12, "duration_per_step": 6, "drain_timeout": 3,
+             "cpu_limit": 1000, "lag_limit_ms": 1000000, "stamp_delay_limit_ms": 0}
+    run_dir = tmp_path / "run"
+    code = run_plan(plan_mod.validate(plan(**stage)), run_dir, log=lambda _m: None)
+    result = json.loads((run_dir / "cap" / "result.json").read_text())
+    assert code == 0, result
+    doc = json.loads((run_dir / "cap" / "capacity.json").read_text())
+    assert doc["target"]["endpoint_count"] == 2 and result["measured"]["capacity_rps"] == 12
+    assert (run_dir / "cap" / "endpoints.json").exists() and "2 endpoints" in result["detail"]

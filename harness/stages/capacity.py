@@ -15,7 +15,9 @@ which every SLO holds (harness/capacity.py says how it is searched and judged).
 measured ``capacity_users``, and ``requests_per_s`` at it), as `harness capacity --users`.
 
 The search runs as a `harness capacity` subprocess into the stage's folder (capacity.json,
-report.html, steps/NN-RATErps/ as `harness load` results directories). ``virtual: true``
+report.html, steps/NN-RATErps/ as `harness load` results directories). A target of several
+endpoints (a layout's replicas) is searched whole, through an endpoints.json in the
+stage's folder: the capacity is the layout's. ``virtual: true``
 with a ``target: {simulator: PROFILE}`` searches in virtual time on the simulator's replay
 instead (no server is started). Measured: ``capacity_rps``, ``output_tokens_per_s`` (at the
 capacity: the cost table's tokens/s at the SLO, see harness/stages/cost.py's
@@ -87,10 +89,13 @@ def validate_params(p: dict[str, Any]) -> None:
 
 
 def capacity_argv(p: dict[str, Any], out: Path, *, url: str | None = None, model: str = "",
-                  profile: str | None = None, replicas: int = 1) -> list[str]:
+                  profile: str | None = None, replicas: int = 1, endpoints: Path | None = None) -> list[str]:
     argv = [sys.executable, "-m", "harness.cli", "capacity", "--out", str(out), "--quiet"]
-    argv += ["--profile", profile, "--replicas", str(replicas)] if profile else ["--url", str(url)]
-    if model and not profile:
+    if profile:
+        argv += ["--profile", profile, "--replicas", str(replicas)]
+    else:
+        argv += ["--endpoints", str(endpoints)] if endpoints else ["--url", str(url)]
+    if model and not profile and not endpoints:
         argv += ["--model", model]
     for s in p["slo"]:
         argv += ["--slo", str(s)]
@@ -136,6 +141,19 @@ def _run(argv: list[str], out: Path, timeout_s: float, log) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
             raise
+
+
+def write_endpoint_list(endpoints: list, out: Path) -> Path:
+    """A target of several endpoints (a layout's replicas) as out/endpoints.json, so the
+    search loads the whole layout (`harness capacity --endpoints`) and its capacity is the
+    layout's, as the cost table needs, not one replica's."""
+    from servers.launcher.endpoints import Endpoint, write_endpoints
+
+    path = out / "endpoints.json"
+    write_endpoints(str(path), [Endpoint(name=e.name, role=e.role, url=e.url, model=e.model,
+                                         gpus=tuple(e.gpus), tensor_parallel_size=e.tensor_parallel_size)
+                                for e in endpoints], layout="capacity stage")
+    return path
 
 
 def measured_from(doc: dict[str, Any]) -> dict[str, float | None]:
@@ -184,14 +202,14 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     else:
         with open_targets(target, out, ctx.log) as endpoints:
             ep = endpoints[0]
-            if len(endpoints) > 1:
-                ctx.log(f"capacity: the target has {len(endpoints)} endpoints; searching {ep.name} "
-                        f"({ep.url}) only")
-            where = f"{ep.url} ({ep.model})" if ep.model else ep.url
+            listed = write_endpoint_list(endpoints, out) if len(endpoints) > 1 else None
+            where = (f"{len(endpoints)} endpoints ({', '.join(e.name for e in endpoints)})" if listed
+                     else f"{ep.url} ({ep.model})" if ep.model else ep.url)
             span = (f"{p['min_users'] or 1}..{p['max_users'] or 256} users" if p["users"]
                     else f"{p['min_rate'] or 1:g}..{p['max_rate'] or 100:g} req/s")
             ctx.log(f"capacity: {', '.join(map(str, p['slo']))} on {where}, {span}")
-            code = _run(capacity_argv(p, out, url=ep.url, model=ep.model), out, float(p["timeout_s"]), ctx.log)
+            code = _run(capacity_argv(p, out, url=ep.url, model=ep.model, endpoints=listed), out,
+                        float(p["timeout_s"]), ctx.log)
     if not (out / "capacity.json").exists():
         tail = "\n".join((out / "capacity.log").read_text(errors="replace").strip().splitlines()[-5:])
         raise RuntimeError(f"harness capacity exited with {code} and wrote no capacity.json; "
