@@ -10,9 +10,12 @@ answered a taken `--web-port` with a traceback.
   results written (an earlier run's files in `--llm-out` are left as they were).
 - Web UI: its start form may change the host, the model, the lengths and the rate, so each
   new test is checked when it is started (the form, --autostart, a load shape). A failure is
-  logged as one line (the terminal and the UI's log view) and that start does not happen:
+  logged as one line (the terminal and the UI's log view), the start form is answered with
+  it (success false, as Locust answers a form it refuses), and that start does not happen:
   no test_start, no user, nothing sent, no results moved or written; the UI stays up for
   the next try. The check wraps the runner's `start`, which every start path calls.
+- With `--processes N` the workers are forked before these checks: when the master exits
+  at one, each of them also logs that it could not connect to it.
 
 `--llm-no-preflight` skips the target check (a server that comes up during the run).
 Imported by harness.plugin after its own listeners (the run's state exists by then).
