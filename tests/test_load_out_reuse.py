@@ -63,6 +63,16 @@ def test_overwrite_replaces_the_earlier_run_and_leaves_other_files(sim_server, t
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_overwrite_keeps_the_earlier_run_when_the_new_one_cannot_start(sim_server, tmp_path):
+    out = tmp_path / "run"
+    rc, log = _load(sim_server, out, 2)
+    assert rc == 0, log
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    rc, log = _load(sim_server, out, 2, "--overwrite", "--model", "no-such-model")
+    assert rc == 2 and "'no-such-model' is not served" in log, log
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_a_directory_without_a_run_is_used_as_it_is(sim_server, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

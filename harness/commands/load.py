@@ -20,8 +20,9 @@ LOCUSTFILE = pathlib.Path(__file__).resolve().parent.parent / "default_locustfil
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # What a run writes into its results directory besides results.RUN_FILES (any of which
 # means the directory holds a run: refused as --out unless --overwrite). --overwrite removes
-# all of them first, so that nothing of the earlier run passes for this one's (Locust and
-# requests.jsonl append); other files are left alone.
+# all of them once the new run has passed its checks, so that nothing of the earlier run
+# passes for this one's (a run that ends before its summary would otherwise sit beside the
+# earlier summary.json); other files are left alone.
 LOCUST_FILES = (STATUS_FILE, "locust.html", "locust.json", "locust_stats.csv", "locust_stats_history.csv",
                 "locust_failures.csv", "locust_exceptions.csv")
 
