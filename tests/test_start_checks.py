@@ -149,3 +149,14 @@ def test_the_web_ui_refuses_a_start_at_a_dead_url_and_stays_up_for_the_next(sim_
     finally:
         run.kill()
         run.cleanup()
+
+
+def test_a_web_host_that_is_not_this_machines_is_one_line_naming_the_address(sim_server, tmp_path):
+    port = free_port_block(1)
+    rc, log = locust("-f", "locustfiles/chat.py", "--host", sim_server, "--web-host", "192.0.2.1",
+                     "--web-port", str(port), "--llm-out", str(tmp_path / "run"), timeout=60)
+    assert rc == 2, log
+    lines = _error_lines(log)
+    assert len(lines) == 1 and lines[0].startswith(f"locust: error: --web-port {port}: cannot listen on "
+                                                   f"192.0.2.1:{port} ("), log
+    assert "Traceback" not in log
