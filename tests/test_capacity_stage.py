@@ -136,3 +136,32 @@ def test_a_capacity_stage_on_several_endpoints_searches_the_whole_layout(tmp_pat
     doc = json.loads((run_dir / "cap" / "capacity.json").read_text())
     assert doc["target"]["endpoint_count"] == 2 and result["measured"]["capacity_rps"] == 12
     assert (run_dir / "cap" / "endpoints.json").exists() and "2 endpoints" in result["detail"]
+
+
+def test_the_seed_plan_has_a_capacity_line_beside_every_serving_row():
+    from pathlib import Path
+
+    seed = plan_mod.load(Path(__file__).resolve().parents[1] / "plans" / "l40s-x12.yaml")
+    stages = {s["name"]: s for s in seed["stages"]}
+    for s in seed["stages"]:
+        if s["stage"] == "serving":
+            line = stages[s["name"].replace("serving-", "capacity-")]
+            assert line["stage"] == "capacity" and line["table"] == s["table"]
+            assert line["target"] == s["target"]
+            # the row's own targets are the capacity line's SLOs
+            assert {x.split("<=")[0] for x in line["slo"]} <= set(s["expect"])
+    layouts = {x["name"]: x for x in seed["cost"]["layouts"]}
+    assert all(stages[x["capacity_stage"]]["stage"] == "capacity"
+               for x in layouts.values() if "capacity_stage" in x)
+    assert "capacity_stage" in layouts["12 x 8B BF16"] and "capacity_stage" not in layouts["4 x 8B + 4 x TP=2 70B AWQ"]
+
+
+def test_the_cost_at_the_slo_keeps_the_throughput_stages_measured_power():
+    p = {"gpu": "l40s", "gpu_count": 1,
+         "cost": {"purchase": 1000.0, "amortization_years": 1, "power_price_kwh": 0.1,
+                  "layouts": [{"name": "8B", "gpus": 1, "stage": "tp", "capacity_stage": "cap"}]}}
+    rows = cost.compute(p, {"tp": {"status": "pass", "measured": {"output_tokens_per_s": 2000.0},
+                                   "power": {"avg_w": 300.0, "gpus": 1}},
+                            "cap": {"status": "pass", "measured": {"output_tokens_per_s": 700.0}}})
+    assert rows[0]["output_tokens_per_s"] == 700.0 and rows[0]["throughput_source"] == "measured at the SLO"
+    assert rows[0]["power_source"] == "measured" and rows[0]["watts_per_gpu"] == 300.0

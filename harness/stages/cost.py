@@ -89,6 +89,8 @@ def compute(plan: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[di
         # tokens/s at the SLO (a capacity stage's, when it ran) over tokens/s at saturation
         tps, power = _measured(results, layout.get("capacity_stage"), "output_tokens_per_s")
         tps_source, used = "measured at the SLO", layout.get("capacity_stage")
+        if tps and not power:   # a capacity stage samples no power: the throughput stage's, if it did
+            power = _measured(results, layout.get("stage"), metric)[1]
         if not tps:
             tps, power = _measured(results, layout.get("stage"), metric)
             tps_source, used = ("measured" if tps else "expected"), layout.get("stage")
