@@ -182,7 +182,6 @@ class LLMState:
         # the run's totals (local). The sets are emptied in place after each report/merge
         # (`_reset_pending`), not rebuilt: a new HDR histogram costs the event loop up to ~0.1 ms.
         self.pending = HistogramSet()
-        self.pending_counters = Counters()
         self.pending_by_name: dict[str, HistogramSet] = {}   # names recorded since the last one
         self.pending_counters_by_name: dict[str, Counters] = {}   # the same names' counts
         self._by_name_sets: dict[str, HistogramSet] = {}     # every name's set, for reuse
@@ -402,7 +401,6 @@ class LLMState:
             self.outside.add_record(d)
             self._outside_used = True
             return
-        self.pending_counters.add(d, self.slos)
         c = self.pending_counters_by_name.get(name)
         if c is None:
             c = self.pending_counters_by_name[name] = Counters()
@@ -432,6 +430,18 @@ class LLMState:
         window.merge(self.outside)
         return pending, names, window
 
+    def _report_counters(self) -> tuple[Counters, dict[str, Counters]]:
+        """(measured, measured per name) counts since the last report: a request is counted
+        once, in its name's counters, and the total is their sum (with one name, that name's
+        own object), as `_report_sets` does for the histograms."""
+        names = self.pending_counters_by_name
+        if len(names) == 1:
+            return next(iter(names.values())), names
+        total = Counters()
+        for c in names.values():
+            total.merge(c)
+        return total, names
+
     def sample_cpu(self) -> float | None:
         """This process's CPU % since the last sample; None when that was under a second ago
         (a worker's last report right after a regular one: a percentage over a few
@@ -448,6 +458,7 @@ class LLMState:
         """Everything measured since the last report, encoded for the master
         (`sample_cpu=False`: a live refresh between reports, no CPU sample)."""
         pending, by_name, window = self._report_sets()
+        counters, counters_by_name = self._report_counters()
         encoded: dict[int, str] = {}   # a set that stands for several views is encoded once
 
         def enc(hs: HistogramSet) -> str:
@@ -455,9 +466,9 @@ class LLMState:
                 encoded[id(hs)] = hs.encode()
             return encoded[id(hs)]
 
-        rep = {"hist": enc(pending), "counters": self.pending_counters.to_dict(),
+        rep = {"hist": enc(pending), "counters": counters.to_dict(),
                "by_name": {k: enc(v) for k, v in by_name.items()},
-               "counters_by_name": {k: v.to_dict() for k, v in self.pending_counters_by_name.items()},
+               "counters_by_name": {k: v.to_dict() for k, v in counters_by_name.items()},
                "win": enc(window), "win_counters": self.window_counters.to_dict(),
                "token_bins": token_bins.to_pairs(self.pending_token_bins)}
         if sample_cpu:
@@ -471,7 +482,6 @@ class LLMState:
         """Start the next report's (or local merge's) measurements: the same as new empty sets,
         at a few us per histogram instead of up to ~0.1 ms."""
         self.pending.reset()
-        self.pending_counters = Counters()
         self.pending_counters_by_name = {}
         for hs in self.pending_by_name.values():
             hs.reset()
@@ -489,6 +499,17 @@ class Aggregate:
 
     def __init__(self, state: LLMState) -> None:
         self.state = state
+        # Called with each timeseries line before it is written (may add keys to it):
+        # harness.server_metrics adds the server's state, harness.webui keeps it for charts.
+        self.window_hooks: list[Callable[[dict], None]] = []
+        # Called with a line whose output tokens grew (see `token_bins` below).
+        self.revision_hooks: list[Callable[[dict], None]] = []
+        self.ts_file = None   # timeseries.jsonl, open while a test runs with --llm-out
+        self.reset()
+
+    def reset(self) -> None:
+        """Start from no measurement: at init, and when a test starts again in the same process
+        (the web UI's start after a stop; Locust clears its own stats then too). The hooks stay."""
         self.hist = HistogramSet()
         self.counters = Counters()
         self.by_name: dict[str, HistogramSet] = {}
@@ -501,20 +522,19 @@ class Aggregate:
         self.drained_workers: set[str] = set()
         self.lost_workers: set[str] = set()   # went silent mid-run (killed)
         self.lost_requests = 0                # sent by a worker that died before recording them
+        self.stamp_delay: dict | None = None   # read-to-stamp delays, every worker's (harness.stamp_delay)
+        if self.ts_file is not None:
+            self.ts_file.close()
         self.ts_file = None
         self.last_window = time.time()
-        # Called with each timeseries line before it is written (may add keys to it):
-        # harness.server_metrics adds the server's state, harness.webui keeps it for charts.
-        self.window_hooks: list[Callable[[dict], None]] = []
         # Output tokens by when they streamed (harness.token_bins). A line covers whole bins; as
-        # requests finish, earlier lines gain tokens: revision hooks get (line, tokens) then, and
+        # requests finish, earlier lines gain tokens: revision hooks get the line then, and
         # timeseries.jsonl is rewritten with every line's final count at the end of the run.
         self.token_bins: token_bins.Bins = {}
         self.bin_cursor: int | None = None      # the first bin no line covers yet
         self.lines: list[tuple[dict, range]] = []
         self._line_of_bin: dict[int, int] = {}
         self._changed_bins: set[int] = set()
-        self.revision_hooks: list[Callable[[dict], None]] = []
 
     def merge_token_bins(self, pairs) -> None:
         self._changed_bins |= token_bins.merge(self.token_bins, pairs or ())
@@ -523,9 +543,9 @@ class Aggregate:
         """Merge one worker's report (`LLMState.take_report`, shipped encoded)."""
         self._merge(client_id, HistogramSet.decode(rep["hist"]), Counters.from_dict(rep["counters"]),
                     {name: HistogramSet.decode(enc) for name, enc in rep.get("by_name", {}).items()},
+                    {name: Counters.from_dict(d) for name, d in rep.get("counters_by_name", {}).items()},
                     HistogramSet.decode(rep["win"]), Counters.from_dict(rep["win_counters"]),
-                    rep.get("cpu"), rep.get("stamp_delay"),
-                    {name: Counters.from_dict(d) for name, d in rep.get("counters_by_name", {}).items()})
+                    rep.get("cpu"), rep.get("stamp_delay"))
         self.merge_token_bins(rep.get("token_bins"))
 
     def merge_local(self, sample_cpu: bool = True) -> None:
@@ -535,19 +555,18 @@ class Aggregate:
         from harness import stamp_delay
         st = self.state
         pending, by_name, window = st._report_sets()
+        counters, counters_by_name = st._report_counters()
         self.merge_token_bins(token_bins.to_pairs(st.pending_token_bins))
-        self._merge("local", pending, st.pending_counters, by_name, window,
-                    st.window_counters, st.sample_cpu() if sample_cpu else None,
-                    stamp_delay.take(), st.pending_counters_by_name)
+        self._merge("local", pending, counters, by_name, counters_by_name, window, st.window_counters,
+                    st.sample_cpu() if sample_cpu else None, stamp_delay.take())
         st._reset_pending()
 
     def _merge(self, client_id: str, hist: HistogramSet, counters: Counters,
-               by_name: dict[str, HistogramSet], window: HistogramSet, window_counters: Counters,
-               cpu: float | None, stamp_delays: dict | None = None,
-               counters_by_name: dict[str, Counters] | None = None) -> None:
+               by_name: dict[str, HistogramSet], counters_by_name: dict[str, Counters],
+               window: HistogramSet, window_counters: Counters, cpu: float | None,
+               stamp_delays: dict | None) -> None:
         from harness import stamp_delay
-        # the run's read-to-stamp delays, every worker's (harness.stamp_delay; exact sums)
-        self.stamp_delay = stamp_delay.merge(getattr(self, "stamp_delay", None), stamp_delays)
+        self.stamp_delay = stamp_delay.merge(self.stamp_delay, stamp_delays)   # exact sums
         self.hist.merge(hist)
         self.counters.merge(counters)
         for name, hs in by_name.items():
@@ -555,7 +574,7 @@ class Aggregate:
             if mine is None:
                 mine = self.by_name[name] = HistogramSet()
             mine.merge(hs)
-        for name, c in (counters_by_name or {}).items():
+        for name, c in counters_by_name.items():
             self.counters_by_name.setdefault(name, Counters()).merge(c)
         self.window.merge(window)
         self.window_counters.merge(window_counters)
@@ -563,15 +582,6 @@ class Aggregate:
                                               + window_counters.recorded)
         if cpu is not None:
             self.cpu.setdefault(client_id, []).append(float(cpu))
-
-    def reset(self) -> None:
-        """Forget every measurement (a new test started from the web UI: Locust clears its own
-        stats then too), keeping the observers hooked to this object."""
-        hooks, revision_hooks = self.window_hooks, self.revision_hooks
-        if self.ts_file is not None:
-            self.ts_file.close()
-        self.__init__(self.state)
-        self.window_hooks, self.revision_hooks = hooks, revision_hooks
 
     def refresh(self) -> None:
         """Bring a local runner's view up to date now (exact: the same merge as the window
@@ -665,7 +675,7 @@ class Aggregate:
             reasons.append(f"schedule lag p99 {lag['p99']:.1f} ms > {lag_limit:g} ms: the load generator "
                            f"cannot keep the schedule; add workers (--workers)")
         from harness import stamp_delay
-        delays = getattr(self, "stamp_delay", None)
+        delays = self.stamp_delay
         delay_limit = float(getattr(st.options, "llm_stamp_delay_limit_ms", stamp_delay.DEFAULT_LIMIT_MS))
         late = stamp_delay.verdict(delays, delay_limit)
         if late:
@@ -935,8 +945,7 @@ def _wait_for_forked_workers(timeout: float) -> None:
 def _on_test_stop(environment, **_kw) -> None:
     state: LLMState = environment.llm
     state.finished_event.set()
-    if state.log is not None and not isinstance(environment.runner, MasterRunner):
-        pass  # kept open: requests finishing during shutdown still get their line
+    # requests.jsonl stays open: requests finishing during shutdown still get their line
     if getattr(environment, "web_ui", None) is not None and not state.interrupted \
             and isinstance(environment.runner, (MasterRunner, LocalRunner)):
         # A test stopped in the web UI (STOP, its run time, a load shape), and Locust stays up
@@ -1045,7 +1054,7 @@ def _recover_from_log(state: LLMState, agg: Aggregate):
         return None
     from urllib.parse import urlsplit
 
-    hist, counters, by_name = HistogramSet(), Counters(), {}
+    hist, counters, by_name, counters_by_name = HistogramSet(), Counters(), {}, {}
     since = (state.started_at or 0) - 1.0
     for d in read_requests(path):
         if (d.get("sent_at") or d.get("finished_at") or 0) < since:
@@ -1057,7 +1066,8 @@ def _recover_from_log(state: LLMState, agg: Aggregate):
         hist.add_record(d)
         name = f"{urlsplit(d.get('url') or '').path} [{d.get('model')}]"
         by_name.setdefault(name, HistogramSet()).add_record(d)
-    return hist, counters, by_name
+        counters_by_name.setdefault(name, Counters()).add(d, state.slos)
+    return hist, counters, by_name, counters_by_name
 
 
 class _RecordView:
@@ -1132,7 +1142,7 @@ def write_run_results(environment) -> dict[str, Any]:
     if state.fatal:   # why the run stopped early (only then: readers take "error" as failure)
         extra["error"] = state.fatal
     if recovered is not None:
-        agg.hist, agg.counters, agg.by_name = recovered
+        agg.hist, agg.counters, agg.by_name, agg.counters_by_name = recovered
         extra["recovered"] = ("requests.jsonl held requests no worker report carried (a worker "
                               "was interrupted or killed); this summary was rebuilt from it")
     summary = run_summary(environment, stopped, extra)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from harness.histograms import HistogramSet
+from harness.progress import STATUS_FILE
 from harness.slo import Slo, evaluate, request_is_good
 from harness.timing import INCOMPLETE, RequestRecord
 
@@ -206,7 +207,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-RUN_FILES = ("summary.json", "requests.jsonl", "timeseries.jsonl", STARTED_FILE)
+# One run's files in its results directory: what archive_run moves aside.
+RUN_FILES = ("summary.json", "requests.jsonl", "timeseries.jsonl", STARTED_FILE, STATUS_FILE)
 EARLIER_RUN_PREFIX = "test-"
 
 

@@ -18,13 +18,16 @@ Routes (under `--web-base-path` when set):
 - `GET  /llm/timeseries`  the windows so far as JSON (`?since=<epoch s>` for new ones, and
                           `&rev=<n>` for the earlier ones whose output tokens grew since
                           revision n: tokens are booked to the window they streamed in).
-- `GET  /llm/stats`       the tab's numbers as JSON.
+- `GET  /llm/stats`       the tab's numbers as JSON: its rows, the notes on their empty
+                          cells, and each SLO judged on the run so far.
 - `POST /llm/rate`        `rate=<requests/s>` (form or JSON): the open-loop rate of the
                           running test on every worker; 0 switches to closed loop.
 - `GET  /llm/static/...`  the page's scripts.
 
-The tab links to the charts page (a small script injected into Locust's index page shows
-the link while the LLM tab is open), and so does the Reports tab.
+A small script injected into Locust's index page (static/llm-tab.js) adds to the open LLM
+tab a link to the charts page and, below the table, each SLO's live value and PASS/FAIL and
+what each dash in the table means; its stylesheet keeps the table within a 1400 px window.
+Locust's DOWNLOAD DATA tab links to the charts page too.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from typing import Any, Iterable, Mapping
 from flask import Response, jsonify, request, send_from_directory
 
 from harness.histograms import HistogramSet
+from harness.results import Counters
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +64,18 @@ TABLE_STRUCTURE: list[dict[str, str]] = (
 )
 
 
+DASH = "\u2013"   # a table cell with no value yet; the tab's notes say why
+
+
 def _r(v: float | None, nd: int = 1) -> float | None:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return None
     return round(float(v), nd)
 
 
-DASH = "\u2013"   # a cell with no value yet; `notes` says why
-
-
-def _row(name: str, hs, c, duration: float) -> tuple[dict[str, Any], list[str]]:
-    """One endpoint's (or the merged) row, and why each empty cell is empty."""
+def _row(name: str, hs: HistogramSet, c: Counters, duration: float) -> tuple[dict[str, Any], list[str]]:
+    """One endpoint's (or the merged) row, None where a value does not exist yet, and a note
+    for each such gap saying why (the tab shows a dash there and the note below the table)."""
     row: dict[str, Any] = {"name": name, "ok": c.completed, "failed": c.failed}
     for short, metric, _label in _LAT:
         s = hs.summary(metric)
@@ -89,47 +94,54 @@ def _row(name: str, hs, c, duration: float) -> tuple[dict[str, Any], list[str]]:
     else:
         for short, label in (("tpot", "TPOT"), ("itl", "ITL")):
             if row[f"{short}_p50"] is None:
-                notes.append(f"{name}: {label} {DASH} every output so far was 1 token "
-                             f"({label} needs 2 or more)")
+                notes.append(f"{name}: {label} {DASH} no response so far streamed more than one "
+                             f"token ({label} needs two)")
     if not timed:
         notes.append(f"{name}: rates {DASH} no request has finished yet, so no measured time")
     return row, notes
 
 
-def live_stats(environment) -> dict[str, Any]:
-    """The numbers the LLM tab shows (and `/llm/stats` returns), from the merged data: a row
-    per endpoint and the merged row (None where a value does not exist yet, with the reason
-    in `notes`), and each SLO judged now by harness.slo on the run's summary as it stands."""
-    from harness.plugin import _duration, run_summary
-    from harness.results import Counters
+def live_rows(environment) -> tuple[list[dict[str, Any]], list[str]]:
+    """The tab's rows from the merged data (a row per endpoint, then the merged row) and the
+    notes on their empty cells."""
+    from harness.plugin import _duration
 
     agg = environment.llm_aggregate
-    state = environment.llm
     agg.refresh()
-    c = agg.counters
-    now = time.time()
-    duration = _duration(state, agg, now)
+    duration = _duration(environment.llm, agg, time.time())
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     for name in sorted(set(agg.by_name) | set(agg.counters_by_name)):
-        hs = agg.by_name.get(name) or HistogramSet()
-        row, why = _row(name, hs, agg.counters_by_name.get(name) or Counters(), duration)
+        row, why = _row(name, agg.by_name.get(name) or HistogramSet(),
+                        agg.counters_by_name.get(name) or Counters(), duration)
         rows.append(row)
         notes += why
-    total, why = _row(AGGREGATE_ROW, agg.hist, c, duration)
-    rows.append(total)
-    notes += why
+    total, why = _row(AGGREGATE_ROW, agg.hist, agg.counters, duration)
+    return rows + [total], notes + why
+
+
+def live_stats(environment) -> dict[str, Any]:
+    """What `/llm/stats` returns and the tab's panel shows: the rows and notes, and each SLO
+    judged now (harness.slo, on the run's summary as it stands: the same judgement as
+    summary.json's at the end)."""
+    from harness.plugin import _duration, run_summary
+
+    rows, notes = live_rows(environment)
+    agg = environment.llm_aggregate
+    state = environment.llm
+    now = time.time()
+    c = agg.counters
     slo = run_summary(environment, now)["slo"] if state.slos else {"passed": None, "checks": []}
     runner = environment.runner
     return {"rows": rows, "notes": notes, "rate": state.rate, "slos": [s.text for s in state.slos],
             "slo": slo, "state": getattr(runner, "state", None),
             "user_count": getattr(runner, "user_count", 0),
-            "duration_s": duration, "input_tokens": c.input_tokens, "output_tokens": c.output_tokens,
-            "good": c.good}
+            "duration_s": _duration(state, agg, now), "input_tokens": c.input_tokens,
+            "output_tokens": c.output_tokens, "good": c.good}
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The tab's table: every cell a value, or the dash that `notes` explains."""
+    """The tab's table: every cell a value, or the dash that the notes explain."""
     return [{k: DASH if v is None else v for k, v in row.items()} for row in rows]
 
 
@@ -185,8 +197,10 @@ def forbidden_form_keys(form_keys: Iterable[str], options: Mapping[str, Any],
     return sorted({k for k in form_keys if k in options and k not in allowed})
 
 
-def _tab_link_script(prefix: str) -> str:
-    return f'<script src="{prefix}/llm/static/llm-tab.js" defer></script>'
+def _tab_assets(prefix: str) -> str:
+    """What the index page gets before </body>: the LLM tab's stylesheet and script."""
+    return (f'<link rel="stylesheet" href="{prefix}/llm/static/llm-tab.css">'
+            f'<script src="{prefix}/llm/static/llm-tab.js" defer></script>')
 
 
 def install(environment, web_ui) -> None:
@@ -214,13 +228,13 @@ def install(environment, web_ui) -> None:
         try:
             if path == f"{prefix}/stats/requests" and response.is_json and response.status_code == 200:
                 data = response.get_json()
-                data["extended_stats"] = [{"key": TAB_KEY, "data": table_rows(live_stats(environment)["rows"])}]
+                data["extended_stats"] = [{"key": TAB_KEY, "data": table_rows(live_rows(environment)[0])}]
                 response.set_data(json.dumps(data))
             elif path in (f"{prefix}/", prefix or "/") and response.mimetype == "text/html" \
                     and response.status_code == 200 and not response.direct_passthrough:
                 html = response.get_data(as_text=True)
                 if "llm-tab.js" not in html and "</body>" in html:
-                    response.set_data(html.replace("</body>", _tab_link_script(prefix) + "</body>", 1))
+                    response.set_data(html.replace("</body>", _tab_assets(prefix) + "</body>", 1))
         except Exception:  # the UI must keep working even if our part fails
             log.exception("LLM web UI extension failed for %s", path)
         return response

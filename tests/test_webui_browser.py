@@ -237,3 +237,238 @@ def test_llm_tab_charts_and_rate_control(locust_ui, browser, tmp_path):
     except BaseException:
         save_failure(d, tmp_path, log_path)
         raise
+
+
+# -- the LLM tab: layout, empty cells, live SLOs, and the results of each test it stops --------
+
+DASH = "\u2013"
+
+
+def start_test(d, wait, users: int, **llm: str) -> None:
+    """Fill and submit the start form (the first one, or the one NEW opens after a stop):
+    `users` users, and the --llm-* fields given (llm_slo="...", llm_output_len="1")."""
+    scope = d.find_elements(By.CSS_SELECTOR, "[role='dialog']") or [d]
+    form = scope[0]
+    wait.until(lambda _d: form.find_elements(By.NAME, "userCount"))
+    for name, value in (("userCount", str(users)), ("spawnRate", str(users))):
+        fill(form, name, value)
+    if llm:
+        form.find_element(By.XPATH, ".//*[normalize-space(text())='Custom parameters']").click()
+        for key, value in llm.items():
+            name = "".join(w if i == 0 else w.capitalize() for i, w in enumerate(key.split("_")))
+            wait.until(lambda _d, n=name: form.find_element(By.NAME, n).is_displayed())
+            fill(form, name, value)
+    form.find_element(By.CSS_SELECTOR, "form button[type='submit']").click()
+
+
+def open_llm_tab(d, wait) -> None:
+    wait.until(lambda d: d.find_element(By.XPATH, "//button[@role='tab'][normalize-space(.)='LLM']")).click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "th[data-sortkey='ttftP50']"))
+
+
+def llm_rows(d) -> list[dict[str, str]]:
+    """Every row of the LLM tab's table, header title -> cell text (the tab's own table only)."""
+    return d.execute_script("""
+        const box = document.querySelector("th[data-sortkey='ttftP50']").closest('table');
+        const heads = [...box.querySelectorAll('thead th')].map(th => th.innerText.replace(/\\s+/g, ' ').trim());
+        return [...box.querySelectorAll('tbody tr')].map(tr => Object.fromEntries(
+            [...tr.querySelectorAll('td')].map((td, i) => [heads[i], td.innerText.trim()])));""")
+
+
+def endpoint_row(d) -> dict[str, str]:
+    rows = [r for r in llm_rows(d) if r.get("Endpoint [model]", "").startswith("/v1/chat/completions")]
+    return rows[0] if rows else {}
+
+
+def count(row: dict[str, str], col: str = "OK") -> int:
+    try:
+        return int(row.get(col) or 0)
+    except ValueError:
+        return 0
+
+
+def panel_notes(d) -> list[str]:
+    return d.execute_script("return [...document.querySelectorAll('#llm-panel #llm-notes li')]"
+                            ".map(li => li.innerText)")
+
+
+def slo_panel(d) -> dict[str, tuple[str, str, str]]:
+    """The panel's SLO table: SLO text -> (value now, verdict, verdict colour), read at once
+    (the panel is redrawn with each answer)."""
+    return {r[0]: tuple(r[1:]) for r in d.execute_script("""
+        return [...document.querySelectorAll('#llm-slo-table tr[data-slo]')].map(tr => {
+            const td = [...tr.querySelectorAll('td')];
+            return [td[0].innerText, td[1].innerText, td[2].innerText, getComputedStyle(td[2]).color];
+        });""")}
+
+
+def click_button(d, wait, label: str) -> None:
+    wait.until(lambda d: d.find_element(By.XPATH, f"//button[normalize-space(.)='{label}']")).click()
+
+
+def runner_state(url: str) -> str | None:
+    return get_json(url + "/stats/requests").get("state")
+
+
+def test_llm_tab_fits_a_1400_px_window(locust_ui, browser, tmp_path):
+    url, log_path = locust_ui
+    d, wait = browser, WebDriverWait(browser, 30, poll_frequency=0.25)
+    try:
+        d.get(url + "/")
+        start_test(d, wait, 2, llm_output_len="12")
+        open_llm_tab(d, wait)
+        wait.until(lambda d: count(endpoint_row(d)) > 0)
+        size = d.execute_script("""
+            const box = document.querySelector("th[data-sortkey='ttftP50']").closest('.MuiTableContainer-root');
+            return {inner: window.innerWidth, page: document.documentElement.scrollWidth,
+                    box: box.scrollWidth, box_visible: box.clientWidth};""")
+        assert size["inner"] == 1400, size
+        assert size["page"] <= size["inner"], f"the page scrolls sideways: {size}"
+        # every one of the 19 columns in view: the table's own box does not scroll either
+        assert size["box"] <= size["box_visible"], f"the LLM table is wider than its box: {size}"
+    except BaseException:
+        save_failure(d, tmp_path, log_path)
+        raise
+
+
+def test_llm_tab_per_endpoint_row_has_no_blank_cell(locust_ui, browser, tmp_path):
+    url, log_path = locust_ui
+    d, wait = browser, WebDriverWait(browser, 30, poll_frequency=0.25)
+    try:
+        d.get(url + "/")
+        start_test(d, wait, 2, llm_output_len="12")
+        open_llm_tab(d, wait)
+        wait.until(lambda d: count(endpoint_row(d)) > 0)
+        rows = llm_rows(d)
+        assert len(rows) == 2 and rows[-1]["Endpoint [model]"] == "All (merged)", rows
+        for row in rows:
+            assert len(row) == 19 and all(v for v in row.values()), row
+            assert DASH not in row.values(), row   # 12-token outputs: every value is measured
+        row = endpoint_row(d)
+        assert row["Failed"] == "0" and row["Errors by kind"] == "none", row
+        assert float(row["Req/s"]) > 0 and float(row["Output tok/s"]) > 0, row
+    except BaseException:
+        save_failure(d, tmp_path, log_path)
+        raise
+
+
+def test_a_dash_in_the_llm_tab_comes_with_its_reason(locust_ui, browser, tmp_path):
+    url, log_path = locust_ui
+    d, wait = browser, WebDriverWait(browser, 30, poll_frequency=0.25)
+    try:
+        d.get(url + "/")
+        start_test(d, wait, 2, llm_output_len="1")   # TPOT and ITL need two tokens
+        open_llm_tab(d, wait)
+        wait.until(lambda d: count(endpoint_row(d)) > 0 and panel_notes(d))
+        row = endpoint_row(d)
+        dashed = sorted(k for k, v in row.items() if v == DASH)
+        assert dashed == sorted(f"{m} {p} ms" for m in ("TPOT", "ITL") for p in ("p50", "p90", "p99")), row
+        assert all(v for v in row.values()), row
+        name = row["Endpoint [model]"]
+        notes = panel_notes(d)
+        for metric in ("TPOT", "ITL"):
+            assert any(n.startswith(f"{name}: {metric} {DASH}") and "more than one token" in n
+                       for n in notes), notes
+    except BaseException:
+        save_failure(d, tmp_path, log_path)
+        raise
+
+
+def test_slos_from_the_start_form_show_live_pass_and_fail(locust_ui, browser, tmp_path):
+    url, log_path = locust_ui
+    d, wait = browser, WebDriverWait(browser, 30, poll_frequency=0.25)
+    passes, fails, grows = "ttft_p99_ms<=5000", "ttft_p50_ms<=0.01", "requests_completed>=1000000"
+    try:
+        d.get(url + "/")
+        start_test(d, wait, 2, llm_slo=f"{passes},{fails},{grows}")
+        open_llm_tab(d, wait)
+        wait.until(lambda d: len(slo_panel(d)) == 3 and all(v[1] != "not measured yet"
+                                                            for v in slo_panel(d).values()))
+        slos = slo_panel(d)
+        value, verdict, pass_colour = slos[passes]
+        assert verdict == "PASS" and 0 < float(value) <= 5000, slos
+        value, verdict, fail_colour = slos[fails]
+        assert verdict == "FAIL" and float(value) > 0.01, slos
+        assert pass_colour != fail_colour, slos
+        first = float(slos[grows][0])
+        assert slos[grows][1] == "FAIL" and first >= 1, slos
+        # live: the panel follows the run while it goes on
+        WebDriverWait(d, 30, poll_frequency=0.5).until(lambda d: float(slo_panel(d)[grows][0]) > first)
+    except BaseException:
+        save_failure(d, tmp_path, log_path)
+        raise
+
+
+def ok_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if json.loads(line)["ok"])
+
+
+def stop_and_read_summary(d, wait, url: str, out: Path, after: float) -> dict:
+    """STOP in the UI; the summary.json the stop writes (one newer than `after`), Locust still up."""
+    click_button(d, wait, "Stop")
+    WebDriverWait(d, 30, poll_frequency=0.25).until(lambda d: runner_state(url) == "stopped")
+
+    def fresh():
+        try:
+            s = json.loads((out / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return s if s["started_at"] > after else None
+    return WebDriverWait(d, 15, poll_frequency=0.25).until(lambda d: fresh())
+
+
+def test_stopping_a_ui_test_writes_its_summary(locust_ui, browser, tmp_path):
+    url, log_path = locust_ui
+    out = tmp_path / "run"
+    d, wait = browser, WebDriverWait(browser, 30, poll_frequency=0.25)
+    try:
+        d.get(url + "/")
+        t0 = time.time()
+        start_test(d, wait, 2, llm_slo="ttft_p99_ms<=5000")
+        open_llm_tab(d, wait)
+        wait.until(lambda d: count(endpoint_row(d)) >= 5)
+        s = stop_and_read_summary(d, wait, url, out, after=t0 - 1)
+        assert s["requests"]["completed"] == ok_lines(out / "requests.jsonl") >= 5, s["requests"]
+        assert s["slo"]["passed"] is True and s["slo"]["checks"][0]["slo"] == "ttft_p99_ms<=5000", s["slo"]
+        # the tab's totals after the stop are the summary's
+        wait.until(lambda d: count(endpoint_row(d)) == s["requests"]["completed"])
+    except BaseException:
+        save_failure(d, tmp_path, log_path)
+        raise
+
+
+def test_a_second_ui_test_keeps_the_first_under_test_1(locust_ui, browser, tmp_path):
+    url, log_path = locust_ui
+    out = tmp_path / "run"
+    d, wait = browser, WebDriverWait(browser, 30, poll_frequency=0.25)
+    try:
+        d.get(url + "/")
+        t0 = time.time()
+        start_test(d, wait, 2)
+        open_llm_tab(d, wait)
+        wait.until(lambda d: count(endpoint_row(d)) >= 5)
+        first = stop_and_read_summary(d, wait, url, out, after=t0 - 1)
+        first_lines = (out / "requests.jsonl").read_text()
+
+        click_button(d, wait, "New")
+        t1 = time.time()
+        start_test(d, wait, 1)
+        WebDriverWait(d, 30, poll_frequency=0.25).until(lambda d: runner_state(url) == "running")
+        open_llm_tab(d, wait)
+        wait.until(lambda d: get_json(url + "/llm/stats")["rows"][-1]["ok"] >= 3)
+        second = stop_and_read_summary(d, wait, url, out, after=t1)
+        # the tab shows the second test alone (it started from nothing, as Locust's own stats do)
+        wait.until(lambda d: count(endpoint_row(d)) == second["requests"]["completed"])
+
+        kept = out / "test-1"
+        assert json.loads((kept / "summary.json").read_text()) == first
+        assert (kept / "requests.jsonl").read_text() == first_lines
+        assert ok_lines(kept / "requests.jsonl") == first["requests"]["completed"]
+        records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+        assert sum(r["ok"] for r in records) == second["requests"]["completed"] >= 3
+        assert min(r["sent_at"] for r in records) >= t1 - 0.5, "the first test's requests in the second's file"
+        assert second["started_at"] >= t1 - 0.5
+        assert not (out / "test-2").exists()
+    except BaseException:
+        save_failure(d, tmp_path, log_path)
+        raise

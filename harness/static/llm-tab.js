@@ -89,12 +89,13 @@
     }
   }
 
+  var seq = 0;             // answers received; each is drawn once
   function poll() {
     if (polling || !onTab()) return;
     polling = true;
     fetch(base + "llm/stats", { cache: "no-store", credentials: "same-origin" })
       .then(function (r) { return r.json(); })
-      .then(function (st) { last = st; window.llmStats = st; })
+      .then(function (st) { last = st; seq += 1; window.llmStats = st; })
       .catch(function () { /* the next poll tries again */ })
       .then(function () { polling = false; update(); });
   }
@@ -107,26 +108,18 @@
       if (el) el.style.display = "none";
       return;
     }
+    if (!last) poll();       // the tab just opened: its first numbers now, not in 2 s
     el = panel();
     if (!el) return;
     el.style.display = "block";
-    if (last && el.getAttribute("data-rendered") !== String(last.__seq)) {
+    if (last && el.getAttribute("data-rendered") !== String(seq)) {
       render(el, last);
-      el.setAttribute("data-rendered", String(last.__seq));
+      el.setAttribute("data-rendered", String(seq));
     }
   }
 
-  var seq = 0;
-  var origPoll = poll;
-  poll = function () { origPoll(); };
   setInterval(update, 400);
-  setInterval(function () { poll(); }, POLL_MS);
+  setInterval(poll, POLL_MS);
   update();
   poll();
-  // number the answers, so that each is drawn once
-  Object.defineProperty(window, "llmStats", {
-    configurable: true,
-    set: function (v) { v.__seq = ++seq; last = v; this._llmStats = v; },
-    get: function () { return this._llmStats; }
-  });
 })();
