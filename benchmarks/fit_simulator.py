@@ -10,8 +10,8 @@ its engine, GPU, TP, model, weight and KV dtypes, workload, metric and regime). 
 is run through its profile in virtual time, the way the published benchmark ran:
 
 * workload.concurrency C: a closed loop of C clients (`vllm bench serve --max-concurrency`),
-  num_prompts requests (default 5 C, at least 100; capped at 2,000 for speed);
-* workload.request_rate R: Poisson arrivals at R/s (seeded), num_prompts requests (default
+  num_requests requests (default 5 C, at least 100; capped at 2,000 for speed);
+* workload.request_rate R: Poisson arrivals at R/s (seeded), num_requests requests (default
   500); R = "inf" is every request at t=0 through the API server;
 * workload.max_throughput: every request at t=0 with the offline limits and no HTTP front
   end (vLLM's `benchmark_throughput` / `LLM` class, TensorRT-LLM's `trtllm-bench`).
@@ -50,6 +50,7 @@ BOUNDS = {
     "step_overhead_s": (0.0, 0.006),
     "per_seq_overhead_s": (0.0, 80e-6),
     "request_overhead_s": (0.0, 0.040),
+    "idle_launch_s_per_layer": (0.0, 400e-6),
 }
 NVLINK_BOUNDS = (0.5, 20.0)
 MAX_REQUESTS = 2000
@@ -66,6 +67,9 @@ def load_points(path: pathlib.Path = POINTS) -> list[dict]:
 
 
 def _gpu_key(gpu: str) -> str:
+    from servers.simulator.gpus import GPUS
+    if gpu in GPUS:
+        return gpu
     g = gpu.lower().replace("nvidia", "").strip()
     for key in ("h200", "h100", "a100", "l40s"):
         if key in g.replace(" ", "").replace("-", ""):
@@ -74,6 +78,9 @@ def _gpu_key(gpu: str) -> str:
 
 
 def _model_key(model: str) -> str:
+    from servers.simulator.models import MODELS
+    if model in MODELS:
+        return model
     m = model.lower()
     if "70b" in m:
         return "llama-3-70b"
@@ -146,7 +153,7 @@ def profile_for(point: dict, engines: dict | None = None, nvlink_hop_us: float |
                               kv_cache_dtype=_kv_key(point.get("kv_cache_dtype")))
     dep = prof.deployment
     if engines is not None and prof.engine in engines:
-        dep = replace(dep, efficiency=engines[prof.engine])
+        dep = replace(dep, efficiency=engines[prof.engine])   # trial constants, same policy
     if nvlink_hop_us is not None and "NVLink" in dep.gpu.interconnect:
         dep = replace(dep, gpu=replace(dep.gpu, p2p_latency_us=nvlink_hop_us))
     max_model_len = max(prof.max_model_len, _lens(point)[0] + _lens(point)[1])
@@ -201,18 +208,31 @@ def _closed_loop(prof, concurrency: int, n: int, input_len: int, output_len: int
     return ReplayResult(prof.name, 1, records)
 
 
-def simulate(point: dict, prof) -> float:
+def simulate(point: dict, prof) -> float | None:
+    """The point through `prof`: servers.simulator.calibration_set.simulate (the one driver the
+    published table uses), or, for a simulator tree older than it (--before), the legacy
+    driver below."""
+    try:
+        from servers.simulator import calibration_set as cs
+        if "profile" in cs.simulate.__code__.co_varnames:
+            return cs.simulate(point, profile=prof).simulated
+    except ImportError:
+        pass
+    return _simulate_legacy(point, prof)
+
+
+def _simulate_legacy(point: dict, prof) -> float:
     from servers.simulator.replay import replay
     w = point["workload"]
     input_len, output_len = _lens(point)
     kind, stat = metric_of(point["metric"])
     if w.get("concurrency") is not None:
         c = int(w["concurrency"])
-        n = min(MAX_REQUESTS, int(w.get("num_prompts") or max(5 * c, 100)))
+        n = min(MAX_REQUESTS, int(w.get("num_requests") or max(5 * c, 100)))
         result = _closed_loop(prof, c, n, input_len, output_len)
     elif w.get("request_rate") not in (None, "inf", float("inf")):
         rate = float(w["request_rate"])
-        n = min(MAX_REQUESTS, int(w.get("num_prompts") or 500))
+        n = min(MAX_REQUESTS, int(w.get("num_requests") or 500))
         rng = random.Random(0)
         t, arrivals = 0.0, []
         for _ in range(n):
@@ -220,17 +240,21 @@ def simulate(point: dict, prof) -> float:
             arrivals.append((t, input_len, output_len))
         result = replay(prof, arrivals)
     else:
-        n = min(MAX_REQUESTS, int(w.get("num_prompts") or 1000))
+        n = min(MAX_REQUESTS, int(w.get("num_requests") or 1000))
         if w.get("max_throughput") or w.get("request_rate") is None:
             # Offline: the LLM class / trtllm-bench; no HTTP front end, offline limits.
             eff = prof.deployment.efficiency
             if hasattr(eff, "request_overhead_s"):
                 eff = replace(eff, request_overhead_s=0.0)
             prof = replace(prof, deployment=replace(prof.deployment, efficiency=eff),
-                           max_num_seqs=prof.offline_max_num_seqs,
+                           max_num_seqs=int(w.get("max_batch_size") or prof.offline_max_num_seqs),
                            max_num_batched_tokens=prof.offline_max_num_batched_tokens)
         result = replay(prof, [(0.0, input_len, output_len)] * n)
     s = result.summary()
+    if point["metric"] == "batch_latency_ms":
+        return s["duration_s"] * 1e3
+    if point["metric"].endswith("_per_gpu"):
+        return s["output_tokens_per_s"] / int(point.get("gpu_count") or point.get("tp") or 1)
     if kind == "output_tps":
         return s["output_tokens_per_s"]
     if kind == "total_tps":
@@ -245,11 +269,22 @@ def simulate(point: dict, prof) -> float:
 
 # -- loss, fit, report ----------------------------------------------------------------------------
 
+_CACHE: dict = {}
+
+
 def evaluate(points: list[dict], engines=None, nvlink=None) -> list[tuple[dict, float | None]]:
+    """Each point through its profile with these constants; a point whose constants did not
+    change since it last ran (its engine's, and the NVLink hop where it crosses NVLink) is not
+    run again (coordinate descent asks for the same ones often)."""
     out = []
     for p in points:
         try:
-            out.append((p, simulate(p, profile_for(p, engines, nvlink))))
+            prof = profile_for(p, engines, nvlink)
+            key = (p.get("id") or json.dumps(p, sort_keys=True), prof.deployment.efficiency,
+                   prof.deployment.gpu.p2p_latency_us if int(p.get("tp") or 1) > 1 else None)
+            if key not in _CACHE:
+                _CACHE[key] = simulate(p, prof)
+            out.append((p, _CACHE[key]))
         except (KeyError, ValueError, RuntimeError) as e:
             print(f"skip {p.get('id', p.get('source', '?'))}: {e}", file=sys.stderr)
             out.append((p, None))
@@ -259,6 +294,15 @@ def evaluate(points: list[dict], engines=None, nvlink=None) -> list[tuple[dict, 
 PRIOR_WEIGHT = 0.02   # pull toward the prior, per constant, in units of its range squared
 
 
+def band(point: dict) -> str:
+    """The error-band regime of a point, as the published table groups them."""
+    try:
+        from servers.simulator.calibration_set import band_of
+        return band_of(point)
+    except ImportError:
+        return point.get("regime", "?")
+
+
 def loss(results, engines=None, nvlink=None) -> float:
     """Mean squared log ratio, regimes weighted equally; plus a small pull of each constant
     toward its prior (the pre-fit value in roofline.ENGINES / gpus.NVLINK_HOP_US), so a
@@ -266,7 +310,7 @@ def loss(results, engines=None, nvlink=None) -> float:
     by_regime: dict[str, list[float]] = defaultdict(list)
     for p, sim in results:
         if sim and sim > 0:
-            by_regime[p.get("regime", "?")].append(math.log(sim / float(p["value"])) ** 2)
+            by_regime[band(p)].append(math.log(sim / float(p["value"])) ** 2)
     total = sum(sum(v) / len(v) for v in by_regime.values()) / max(1, len(by_regime))
     if engines is not None:
         for name, eff in engines.items():
@@ -274,6 +318,8 @@ def loss(results, engines=None, nvlink=None) -> float:
             if prior is None:
                 continue
             for key, (lo, hi) in BOUNDS.items():
+                if not hasattr(eff, key):
+                    continue
                 total += PRIOR_WEIGHT * ((getattr(eff, key) - getattr(prior, key)) / (hi - lo)) ** 2
     if nvlink is not None:
         lo, hi = NVLINK_BOUNDS
@@ -281,7 +327,11 @@ def loss(results, engines=None, nvlink=None) -> float:
     return total
 
 
-def fit(points: list[dict], passes: int = 3) -> tuple[dict, float]:
+def fit(points: list[dict], passes: int = 3, hold: frozenset = frozenset()) -> tuple[dict, float]:
+    """Coordinate descent over every constant except those in `hold` ("engine.name" or
+    "nvlink"), which stay at their prior: a constant the points cannot tell apart from
+    another (vLLM's memory efficiency from batch-8 decodes alone, with no saturated vLLM
+    point to pin it) is held rather than fitted to the noise."""
     from servers.simulator.gpus import NVLINK_HOP_US
     from servers.simulator.roofline import ENGINES
     engines = dict(ENGINES)
@@ -289,7 +339,9 @@ def fit(points: list[dict], passes: int = 3) -> tuple[dict, float]:
     PRIORS["engines"], PRIORS["nvlink"] = dict(ENGINES), NVLINK_HOP_US
     used = {str(p.get("engine", "vllm")).lower().replace("tensorrt-llm", "trtllm").replace("-", "")
             for p in points}
-    knobs = [(e, k) for e in engines if e in used for k in BOUNDS] + [(None, "nvlink")]
+    knobs = [(e, k) for e in engines if e in used for k in BOUNDS
+             if hasattr(engines[e], k) and f"{e}.{k}" not in hold]
+    knobs += [] if "nvlink" in hold else [(None, "nvlink")]
     best = loss(evaluate(points, engines, nvlink), engines, nvlink)
     print(f"start loss {best:.4f}", flush=True)
     for rnd in range(passes):
@@ -326,7 +378,7 @@ def regime_table(results) -> dict[str, dict[str, Any]]:
     by: dict[str, list[float]] = defaultdict(list)
     for p, sim in results:
         if sim:
-            by[p.get("regime", "?")].append(sim / float(p["value"]))
+            by[band(p)].append(sim / float(p["value"]))
     out = {}
     for regime, r in sorted(by.items()):
         r.sort()
@@ -365,11 +417,20 @@ def main() -> None:
     ap.add_argument("--fit", action="store_true")
     ap.add_argument("--before", metavar="REV", help="also report the simulator as of this git rev")
     ap.add_argument("--json", action="store_true", help="print per-point results as JSON")
+    ap.add_argument("--passes", type=int, default=3, help="coordinate-descent passes (--fit)")
+    ap.add_argument("--hold", default="", help="comma-separated constants kept at their prior "
+                    "(--fit), e.g. vllm.memory,vllm.compute")
+    ap.add_argument("--max-requests", type=int, default=None,
+                    help="requests per point while fitting (calibration_set.MAX_REQUESTS; "
+                         "smaller is faster and a little less exact for big offline batches)")
     ap.add_argument("--no-root", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not args.no_root:
         sys.path.insert(0, str(ROOT))
     points = load_points(pathlib.Path(args.points))
+    if args.max_requests:
+        from servers.simulator import calibration_set as cs
+        cs.MAX_REQUESTS = args.max_requests
     if args.json:
         res = evaluate(points)
         json.dump({"points": [{"point": p, "sim": s} for p, s in res],
@@ -381,7 +442,8 @@ def main() -> None:
         for regime, d in before["regimes"].items():
             print(f"{regime:28}{d['n']:>4}{d['median']:>9.3f}{d['worst']:>9.3f}{d['within_20pct']:>7.0%}")
     if args.fit:
-        fitted, best = fit(points)
+        fitted, best = fit(points, passes=args.passes,
+                           hold=frozenset(h.strip() for h in args.hold.split(",") if h.strip()))
         print("\nfitted constants:")
         for name, eff in fitted["engines"].items():
             print(f"  {name}: " + ", ".join(f"{k}={getattr(eff, k):.6g}" for k in BOUNDS))

@@ -484,10 +484,15 @@ def format_table(doc: dict[str, Any]) -> str:
 CALIBRATION_DOC = Path(__file__).resolve().parents[1] / "docs" / "simulator-calibration.md"
 
 
-def error_band(doc: Path = CALIBRATION_DOC) -> str:
+def error_band(doc: Path = CALIBRATION_DOC, regime: str | None = None) -> str:
     """The simulator's error band as docs/simulator-calibration.md states it: the first
     paragraph under a heading that names an "error band". The doc is the one place it is
-    declared; until it has such a section, say so rather than invent a figure."""
+    declared (benchmarks/calibration_published.py writes it from the published calibration
+    set); until it has such a section, say so rather than invent a figure.
+
+    `regime` (servers.simulator.calibration_set.band_of's names: "saturated throughput",
+    "light TTFT", "light TPOT/ITL/latency") picks that regime's `REGIME: ...` clause of the
+    paragraph; a regime the paragraph does not state gets the whole paragraph."""
     try:
         lines = doc.read_text().splitlines()
     except OSError:
@@ -503,6 +508,13 @@ def error_band(doc: Path = CALIBRATION_DOC) -> str:
                 elif para:
                     break
             if para:
-                return " ".join(para) + f" (docs/{doc.name}, \"{line.lstrip('# ').strip()}\")"
+                text = " ".join(para)
+                where = f" (docs/{doc.name}, \"{line.lstrip('# ').strip()}\")"
+                if regime is not None:
+                    for clause in text.rstrip(".").split("; "):
+                        head, sep, rest = clause.rpartition(f"{regime}: ")
+                        if sep and rest and (not head or head.endswith(": ")):
+                            return f"{regime}: {rest}{where}"
+                return text + where
     return (f"not yet calibrated: docs/{doc.name} states no error band for the simulator yet, so "
             f"a virtual-time capacity is the model's figure with no stated error")

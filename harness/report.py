@@ -178,6 +178,17 @@ def invalid_rows(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> lis
     return rows
 
 
+def _measured_cell(stage: dict[str, Any], metric: str, measured: Any) -> str:
+    """A measured figure; from a simulator target it is the model's, so it carries the
+    calibration's error band for its regime (harness.sim_band)."""
+    shown = fmt(measured)
+    if measured is None or not (stage.get("target") or {}).get("simulator"):
+        return shown
+    from harness.sim_band import short_band
+    band = short_band(metric)
+    return f"{shown} (simulated; {band})" if band else f"{shown} (simulated)"
+
+
 def plan_tables(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[tuple[str, list[list[str]]]]:
     """[(table name, rows)] rows: row, metric, expected, measured, result, physics of target,
     physics of measurement, stage."""
@@ -205,7 +216,7 @@ def plan_tables(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> list
             result = verdict(c) if shown else status
             tables.setdefault(table, []).append([
                 s.get("row") or s["name"], metric, c.get("target_text") or fmt(c.get("target")),
-                fmt(c.get("measured")), result,
+                _measured_cell(s, metric, c.get("measured")), result,
                 f"{pt['mark']}: {pt['detail']}" if pt else "-",
                 f"{pm['mark']}: {pm['detail']}" if pm else "-", s["name"]])
     return list(tables.items())

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import pathlib
 
+from servers.simulator.calibration_set import METRICS
 from servers.simulator.gpus import GPUS
 from servers.simulator.models import KV_CACHE_DTYPES, MODELS, PRECISIONS
 
 POINTS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "data" / "calibration-points.json"
-METRICS = {"output_tokens_per_s", "total_tokens_per_s", "ttft_ms_p50", "ttft_ms_mean",
-           "tpot_ms_mean", "tpot_ms_p50", "itl_ms_p50", "itl_ms_mean"}
 REGIMES = {"light", "saturated", "knee"}
 
 
@@ -64,3 +63,36 @@ def test_committed_published_calibration_table_is_current():
     committed = mod.current_table(mod.DOC.read_text())
     assert committed is not None, "no published-calibration table in docs/simulator-calibration.md"
     assert committed == mod.render(), "stale: run benchmarks/calibration_published.py"
+
+
+def test_the_set_spans_three_gpus_two_model_sizes_both_engines_light_load_and_saturation():
+    pts = _points()
+    assert len(pts) >= 20
+    assert len({p["gpu"] for p in pts}) >= 3
+    assert {MODELS[p["model"]].params > 30e9 for p in pts} == {True, False}
+    assert {p["engine"] for p in pts} >= {"vllm", "trtllm"}
+    light = [p for p in pts if p["regime"] == "light"]
+    assert any(p["metric"].startswith("ttft") for p in light)
+    assert any(p["metric"].startswith(("tpot", "itl", "batch_latency")) for p in light)
+    assert any(p["regime"] == "saturated" for p in pts)
+
+
+def _committed_bands() -> tuple[dict[str, float], float]:
+    """(median ratio per regime, share of all points within +-20%) from the committed table."""
+    import re
+    text = (POINTS.parents[1] / "simulator-calibration.md").read_text()
+    medians = {m.group(1): float(m.group(2)) for m in
+               re.finditer(r"^\| ([a-zA-Z /]+) \| \d+ \| ([0-9.]+) \|", text, re.M)}
+    within = re.search(r"^All points: \d+, (\d+)% within \+-20%", text, re.M)
+    return medians, int(within.group(1)) / 100
+
+
+def test_calibration_meets_the_issues_targets():
+    """Issue #16's targets, on the committed (and, by the staleness test, current) table:
+    median simulated/published 0.9-1.1 for saturated throughput, 0.85-1.15 for light-load
+    TTFT and for TPOT/ITL, and at least 80% of all points within +-20%."""
+    medians, within = _committed_bands()
+    assert 0.9 <= medians["saturated throughput"] <= 1.1
+    assert 0.85 <= medians["light TTFT"] <= 1.15
+    assert 0.85 <= medians["light TPOT/ITL/latency"] <= 1.15
+    assert within >= 0.8

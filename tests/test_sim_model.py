@@ -107,9 +107,9 @@ def test_a_batch_of_one_8b_decode_on_an_h100_costs_little_more_than_reading_the_
     dep = H100_8B.deployment
     weights = dep.weight_bytes_per_gpu / (dep.gpu.mem_bandwidth_gbs * GB * dep.efficiency.memory)
     step = dep.step_time(1, 512, 512.0, 1)
-    # The old fixed 3 ms made this step 1.5x the weight read; vLLM's measured ITL at
-    # batch 1 is within ~20% of it.
-    assert weights < step < 1.25 * weights
+    # The old fixed 3 ms made this step 1.5x the weight read; the step overhead fitted on
+    # vLLM's own published batch-8 latencies (docs/simulator-calibration.md) keeps it under 1.35x.
+    assert weights < step < 1.35 * weights
 
 
 def test_gemms_and_attention_are_separate_kernels_whose_times_add():

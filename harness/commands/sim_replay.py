@@ -85,7 +85,16 @@ def format_table(summary: dict, skipped: dict, wall_s: float) -> str:
                        ("e2e_ms", "E2E ms")):
         d = s[key]
         lines.append(f"  {label:8}" + "".join(f"{_fmt(d[q]):>10}" for q in ("p50", "p90", "p99", "mean")))
+    lines.append("  simulated, not measured; the calibration's error band (docs/simulator-calibration.md):")
+    for band in dict.fromkeys(s.get("error_band", {}).values()):
+        lines.append(f"    {band}")
     return "\n".join(lines)
+
+
+def error_bands() -> dict[str, str]:
+    """Each reported figure's error band (harness.sim_band), by summary key."""
+    from harness.sim_band import short_band
+    return {k: short_band(k) for k in ("output_tokens_per_s", "ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - started
     summary = result.summary()
     summary["skipped"] = skipped
+    summary["error_band"] = error_bands()
     if args.out:
         try:
             with open(args.out, "w") as f:

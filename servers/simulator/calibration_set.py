@@ -23,6 +23,8 @@ import random
 import statistics
 from dataclasses import dataclass
 
+import numpy as np
+
 from collections import deque
 from dataclasses import replace
 
@@ -115,8 +117,15 @@ def _offline(prof: Profile, w: dict, isl: int, osl: int) -> ReplayResult:
     return replay(prof, [(0.0, isl, osl)] * n)
 
 
+# The metrics a point may name: each is computed by `figures`.
+METRICS = ("output_tokens_per_s", "total_tokens_per_s", "output_tokens_per_s_per_gpu",
+           "batch_latency_ms", "ttft_ms_p50", "ttft_ms_mean", "tpot_ms_p50", "tpot_ms_mean",
+           "itl_ms_p50", "itl_ms_mean", "e2e_ms_p50", "e2e_ms_mean")
+
+
 def figures(summary: dict, gpu_count: int) -> dict[str, float | None]:
-    """Every metric a point may name (METRICS), from a replay summary."""
+    """Every metric of METRICS from a replay summary. batch_latency_ms is one offline batch's
+    time, first request in to last token out (`vllm bench latency`'s figure)."""
     out: dict[str, float | None] = {
         "output_tokens_per_s": summary["output_tokens_per_s"],
         "total_tokens_per_s": summary.get("total_tokens_per_s"),
@@ -178,9 +187,27 @@ def band_of(point: dict) -> str:
     return "saturated throughput" if regime == "saturated" else regime
 
 
+def regime_of_metric(metric: str) -> str | None:
+    """The band (band_of's names) a simulated figure of `metric` is held to: a throughput to
+    the saturated band, a TTFT to light TTFT, a TPOT/ITL/E2E/latency to the light decode band;
+    None for what the calibration says nothing about (error rates, counts). Metric names as
+    harness results and replay summaries spell them (ttft_ms_p50, tpot_p50_ms,
+    output_tokens_per_s, small.output_tokens_per_s, ...)."""
+    m = metric.lower()
+    if "ttft" in m:
+        return "light TTFT"
+    if any(k in m for k in ("tpot", "itl", "e2e", "latency")):
+        return "light TPOT/ITL/latency"
+    if any(k in m for k in ("tokens_per_s", "tok_s", "throughput", "requests_per_s")):
+        return "saturated throughput"
+    return None
+
+
 def regime_bands(results: list[PointResult]) -> dict[str, dict]:
     """Per band (band_of): median and worst ratio simulated/published (worst = farthest
-    from 1 in log), the range, and the share within +-20%."""
+    from 1 in log), the range, the share within +-20%, and the central 80% of
+    published/simulated (real_lo, real_hi: where a real engine's figure typically falls
+    relative to the simulated one)."""
     out: dict[str, dict] = {}
     for band in sorted({band_of(r.point) for r in results}):
         ratios = [r.ratio for r in results if band_of(r.point) == band and r.ratio is not None]
@@ -190,5 +217,7 @@ def regime_bands(results: list[PointResult]) -> dict[str, dict]:
         out[band] = {"points": len(ratios), "median": statistics.median(ratios),
                      "worst": max(ratios, key=lambda x: abs(math.log(x))),
                      "min": min(ratios), "max": max(ratios),
-                     "within_20pct": sum(0.8 <= x <= 1.2 for x in ratios) / len(ratios)}
+                     "within_20pct": sum(0.8 <= x <= 1.2 for x in ratios) / len(ratios),
+                     "real_lo": float(np.percentile([1 / x for x in ratios], 10)),
+                     "real_hi": float(np.percentile([1 / x for x in ratios], 90))}
     return out

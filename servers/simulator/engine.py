@@ -80,6 +80,9 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stats = EngineStats()
+        # True while the engine has had nothing to run since its last step: the next step
+        # pays the kernel launches a busy engine hides (Deployment.idle_launch_s).
+        self.idle = True
         # Multiplies every step's duration; the soak tests' slow-down knob.
         self.slowdown = 1.0
 
@@ -171,6 +174,7 @@ class Engine:
                 work.append((seq, q))
                 budget -= q
         if not work:
+            self.idle = True
             return None
         num_tokens = 0
         kv_read = 0
@@ -182,8 +186,11 @@ class Engine:
             attn += q * (seq.computed + q / 2)
             if q > 1:
                 prefill += q
-        duration = self.deployment.step_time(num_tokens, kv_read, attn, len(work)) * self.slowdown
-        return Step(work, duration, num_tokens, prefill)
+        duration = self.deployment.step_time(num_tokens, kv_read, attn, len(work))
+        if self.idle:
+            duration += self.deployment.idle_launch_s
+            self.idle = False
+        return Step(work, duration * self.slowdown, num_tokens, prefill)
 
     def complete(self, step: Step, now: float) -> StepResult:
         result = StepResult()
@@ -213,4 +220,6 @@ class Engine:
                 finished_any = True
         if finished_any:
             self.running = [s for s in self.running if not s.finished]
+        if not self.has_work():
+            self.idle = True
         return result

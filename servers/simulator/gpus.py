@@ -34,7 +34,7 @@ class GpuSpec:
 # kernel's share of the launch; prior 3 us, i.e. ~18 us per all-reduce at TP=4, ~42 at
 # TP=8. Fitted value and date: benchmarks/fit_simulator.py, recorded next to ENGINES
 # in roofline.py.
-NVLINK_HOP_US = 3.0
+NVLINK_HOP_US = 6.656   # fitted 2026-12-06, benchmarks/fit_simulator.py (prior 3.0)
 
 GPUS: dict[str, GpuSpec] = {
     "l40s": GpuSpec(
