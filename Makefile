@@ -15,7 +15,7 @@ SYSTEM_PACKAGES := prometheus chromium chromium-driver docker-compose
 $(BIN)/harness: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,cluster]'
 	touch $(BIN)/harness
 
 venv: $(BIN)/harness

@@ -162,9 +162,8 @@ def run_on_ray(args: argparse.Namespace, layout: Any, *, python: str, kind: str,
                argv_for: Any = None, prog: str = "harness serve") -> int:
     """``--ray``: place ``layout`` on the cluster's nodes and serve it until Ctrl-C/SIGTERM or a
     death (exit codes as without --ray). Shared by ``harness serve`` and ``harness sim``."""
-    from servers.cluster.launch import RayCluster
-    from servers.cluster.plan import make_cluster_plan, vllm_builder
-    from servers.cluster.session import connect
+    from servers.cluster.launch import RayCluster, plan_on_ray
+    from servers.cluster.plan import vllm_builder
     from servers.launcher import LayoutError, ServerDiedError, ServerStartError
 
     if getattr(args, "json", False) and not args.dry_run:
@@ -172,22 +171,13 @@ def run_on_ray(args: argparse.Namespace, layout: Any, *, python: str, kind: str,
     if args.base_port is not None and not 1 <= args.base_port <= 65535:
         raise UsageError(f"--base-port {args.base_port} is not a TCP port")
     try:
-        session = connect(args.ray)
-    except LayoutError as exc:
-        raise UsageError(str(exc)) from None
-    try:
-        nodes = session.probe(need_gpus=layout.needs_gpus, health_timeout=args.health_timeout,
-                              stop_timeout=args.stop_timeout)
-        plan = make_cluster_plan(
-            layout, nodes, python=python, base_port=args.base_port, host=args.host,
+        session, plan = plan_on_ray(
+            layout, args.ray, python=python, argv_for=argv_for or vllm_builder, kind=kind,
+            base_port=args.base_port, host=args.host,
             allow_cross_switch=True if getattr(args, "allow_cross_switch", False) else None,
-            address=args.ray, argv_for=argv_for or vllm_builder, kind=kind)
+            health_timeout=args.health_timeout, stop_timeout=args.stop_timeout)
     except LayoutError as exc:
-        session.close()
         raise UsageError(str(exc)) from None
-    except BaseException:
-        session.close()
-        raise
     if args.dry_run:
         session.close()
         print(plan.to_json() if getattr(args, "json", False) else plan.render())

@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default=None,
                    help="GPU-MODEL-PRECISION[-tpN], e.g. l40s-llama-3-8b-bf16 (default)")
     p.add_argument("--list-profiles", action="store_true", help="print the profiles and exit")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--host", default=None,
+                   help="bind address (default 127.0.0.1; with --ray: each node's address)")
     p.add_argument("--port", type=int, default=8000, help="first port (default 8000)")
     p.add_argument("--replicas", type=int, default=1, help="replicas on consecutive ports")
     p.add_argument("--layout", default=None,
@@ -25,6 +26,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu", default="l40s", help="with --layout: the GPU the replicas simulate")
     p.add_argument("--gpus", type=int, default=12, help="with --layout: GPUs in the simulated machine")
     p.add_argument("--out", default=None, help="with --layout: where endpoints.json goes")
+    from harness.commands.serve import add_ray_option
+    add_ray_option(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --ray: print the placement and every node's commands; start nothing")
+    p.add_argument("--health-timeout", type=float, default=120.0, metavar="S",
+                   help="with --ray: seconds each replica may take to answer /health (default 120)")
+    p.add_argument("--stop-timeout", type=float, default=10.0, metavar="S",
+                   help="with --ray: seconds between SIGTERM and SIGKILL when stopping (default 10)")
     p.add_argument("--served-model-name", default=None, help="model name the API answers to")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
@@ -154,6 +163,11 @@ def run(args: argparse.Namespace) -> int:
         for name in sorted(all_profiles()):
             print(name)
         return 0
+    if args.ray:
+        return run_ray(args)
+    if args.dry_run:
+        raise UsageError("--dry-run goes with --ray (harness sim without it starts at once)")
+    args.host = args.host or "127.0.0.1"
     from servers.simulator.server import serve
 
     profile, replicas = build_replicas(args)
@@ -190,3 +204,29 @@ def run(args: argparse.Namespace) -> int:
     finally:
         _remove_endpoints(args)
     return 0
+
+
+def run_ray(args: argparse.Namespace) -> int:
+    """``--layout L --ray ADDRESS``: the layout's replicas as ``harness sim`` processes on the Ray
+    cluster's nodes, placed, started, watched and stopped exactly as ``harness serve --ray`` does
+    with vLLM (so the multi-host path runs without GPUs)."""
+    import sys
+
+    from harness.commands.serve import run_on_ray
+    from servers.cluster.plan import sim_builder
+    from servers.launcher.errors import LayoutError
+    from servers.launcher.layouts import load_layout
+    from servers.simulator.gpus import GPUS
+
+    if not args.layout:
+        raise UsageError("--ray serves a layout: give --layout single|tp2|mixed12|FILE")
+    if args.gpu not in GPUS:
+        raise UsageError(f"--gpu {args.gpu!r} is not one of {', '.join(GPUS)}")
+    try:
+        layout = load_layout(args.layout)
+    except LayoutError as exc:
+        raise UsageError(str(exc)) from None
+    args.base_port = args.port
+    return run_on_ray(args, layout, python=sys.executable, kind="sim", prog="harness sim",
+                      argv_for=sim_builder(args.gpu, engine=args.engine,
+                                           kv_cache_dtype=args.kv_cache_dtype, seed=args.seed))

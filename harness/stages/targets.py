@@ -9,6 +9,9 @@ One of::
                          {profile: l40s-llama-3-70b-awq-tp2, replicas: 4, role: large}]}
     target: {layout: single, gpus: "0", models: {small: DIR}, python: .venv-vllm/bin/python}
                                                                     # launched here, stopped after
+    target: {layout: mixed12, ray: auto}                            # launched across a Ray
+                                                                    # cluster's nodes (vLLM)
+    target: {layout: mixed12, ray: HOST:6379, sim_gpu: l40s}        # the same, simulated replicas
 
 Simulator replicas and launched layouts live only for the stage: started before the load,
 every process stopped after it (by its own PID / process group). Each target endpoint carries
@@ -30,7 +33,7 @@ from typing import Any, Callable, Iterator
 from harness.ports import free_port_block
 
 KEYS = {"url", "model", "endpoints", "simulator", "replicas", "sim_args", "layout", "models",
-        "gpus", "python", "health_timeout", "role"}
+        "gpus", "python", "health_timeout", "role", "ray", "sim_gpu"}
 
 
 @dataclass
@@ -97,9 +100,31 @@ def validate(spec: dict[str, Any]) -> None:
                 load_layout(lay, models or None)
         except LayoutError as exc:
             raise ValueError(f"target.layout: {exc}") from None
+    if spec.get("ray") is not None or spec.get("sim_gpu") is not None:
+        _validate_ray(spec)
     r = spec.get("replicas")
     if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
         raise ValueError(f"target.replicas: a positive integer, got {r!r}")
+
+
+def _validate_ray(spec: dict[str, Any]) -> None:
+    """``ray:`` serves ``layout:`` across a Ray cluster (harness serve --ray); ``sim_gpu:`` makes
+    its replicas simulated ones of that GPU (harness sim --ray)."""
+    if not spec.get("layout"):
+        raise ValueError("target.ray: goes with target.layout (the layout served across the "
+                         "cluster's nodes)")
+    ray = spec.get("ray")
+    if not isinstance(ray, str) or not ray:
+        raise ValueError(f"target.ray: auto, HOST:PORT or ray://HOST:PORT, got {ray!r}")
+    if spec.get("gpus") is not None:
+        raise ValueError("target.gpus: is for one host; with target.ray each node's agent holds "
+                         "that node's GPUs")
+    gpu = spec.get("sim_gpu")
+    if gpu is not None:
+        from servers.simulator.gpus import GPUS
+
+        if gpu not in GPUS:
+            raise ValueError(f"target.sim_gpu: {gpu!r} is not one of {', '.join(GPUS)}")
 
 
 def healthy(url: str) -> bool:
@@ -190,6 +215,11 @@ def _layout(spec: dict[str, Any], out_dir: Path, log: Callable[[str], None]) -> 
     from servers.launcher import LayoutError
     from servers.launcher.plan import check_model, check_vllm
 
+    if spec.get("ray"):
+        with _layout_on_ray(spec, layout, out_dir, log) as eps:
+            yield eps
+        return
+
     topo = topology.detect() if layout.needs_gpus else None
     if layout.needs_gpus and topo is None:
         raise StageSkipped(f"layout {layout.name} needs GPUs and this machine shows none")
@@ -208,6 +238,43 @@ def _layout(spec: dict[str, Any], out_dir: Path, log: Callable[[str], None]) -> 
                 handle_signals=False, on_progress=lambda m: log(f"serve: {m}")) as cluster:
         yield [TargetEndpoint(name=e.name, role=e.role, url=e.url, model=e.model, gpus=list(e.gpus),
                               tensor_parallel_size=e.tensor_parallel_size) for e in cluster.endpoints]
+
+
+@contextlib.contextmanager
+def _layout_on_ray(spec: dict[str, Any], layout: Any, out_dir: Path,
+                   log: Callable[[str], None]) -> Iterator[list[TargetEndpoint]]:
+    """``target: {layout: L, ray: ADDRESS}``: the layout on the cluster's nodes for the stage,
+    as ``harness serve --ray`` (or, with ``sim_gpu:``, ``harness sim --ray``) serves it; every
+    server on every node stopped after. The cluster must be reachable: an unreachable one fails
+    the stage (with its one line) rather than skipping it, since the plan named it."""
+    from servers.cluster.launch import RayCluster, plan_on_ray
+    from servers.cluster.plan import sim_builder, vllm_builder
+    from servers.launcher import find_vllm_python
+
+    gpu = spec.get("sim_gpu")
+    if gpu:
+        argv_for, python, kind = sim_builder(str(gpu)), sys.executable, "sim"
+    else:
+        argv_for, python, kind = vllm_builder, find_vllm_python(spec.get("python")), "vllm"
+    health = float(spec.get("health_timeout") or (120 if gpu else 900))
+    session, plan = plan_on_ray(layout, str(spec["ray"]), python=python, argv_for=argv_for,
+                                kind=kind, base_port=free_port_block(64),  # free here; a
+                                # port taken on another node fails its start with the log
+                                health_timeout=health)
+    log(f"launching layout {layout.name} on {len(plan.placement.used_nodes)} Ray node(s) at "
+        f"{spec['ray']}: {len(plan.servers)} {'simulated ' if gpu else ''}server(s); placement: "
+        f"{plan.placement.strategy}")
+    profiles = {}
+    if gpu:
+        from servers.simulator.layout import profile_for
+
+        profiles = {s.name: profile_for(s.server.spec, str(gpu)).name for s in plan.servers}
+    with RayCluster(plan, session, str(out_dir / "serve"), health_timeout=health,
+                    handle_signals=False, on_progress=lambda m: log(f"serve: {m}")) as cluster:
+        yield [TargetEndpoint(name=e.name, role=e.role, url=e.url, model=e.model,
+                              profile=profiles.get(e.name),
+                              tensor_parallel_size=e.tensor_parallel_size)
+               for e in cluster.endpoints]
 
 
 @contextlib.contextmanager

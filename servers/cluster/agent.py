@@ -12,10 +12,11 @@ This module imports no Ray at import time; the driver wraps :class:`NodeAgent` w
 what the driver must report (a failed start comes back as a dict), because Ray's re-raised
 exceptions lose the launcher's own types.
 
-Topology, first found wins: the node label ``harness-topology`` (a path on that node to a
-recorded ``nvidia-smi topo -m`` text: ``ray start --labels harness-topology=/etc/topo.txt``),
-``$HARNESS_TOPOLOGY_FILE`` in the node's environment, then NVML / ``nvidia-smi topo -m`` as
-:func:`servers.topology.detect` reads them on one host.
+Topology, first found wins: ``$HARNESS_TOPOLOGY_FILE`` in the node's environment (a path on
+that node to a recorded ``nvidia-smi topo -m`` text, set where the node's ``ray start`` runs:
+``HARNESS_TOPOLOGY_FILE=/etc/topo.txt ray start --address HEAD:6379``; Ray's workers inherit
+the raylet's environment), then NVML / ``nvidia-smi topo -m`` as :func:`servers.topology.detect`
+reads them on one host. (Not a Ray node label: label values cannot hold a path's slashes.)
 """
 from __future__ import annotations
 
@@ -29,19 +30,17 @@ from typing import Any, Sequence
 from servers.launcher.lifecycle import ProcessSpec, ServerGroup
 from servers.launcher.placement import pinnable
 
-TOPOLOGY_LABEL = "harness-topology"
 TOPOLOGY_ENV = "HARNESS_TOPOLOGY_FILE"
 LOG_CHUNK = 1 << 20   # at most this many bytes of one log per poll go back to the driver
 
 
-def read_topology(labels: dict[str, str] | None = None,
-                  environ: dict[str, str] | None = None) -> tuple[Any, str]:
-    """``(Topology | None, source)`` of this node: a recorded text named by the node's label or
+def read_topology(environ: dict[str, str] | None = None) -> tuple[Any, str]:
+    """``(Topology | None, source)`` of this node: a recorded text named by the node's
     environment, else what NVML / nvidia-smi say."""
     from servers import topology
 
     environ = os.environ if environ is None else environ
-    path = (labels or {}).get(TOPOLOGY_LABEL) or environ.get(TOPOLOGY_ENV)
+    path = environ.get(TOPOLOGY_ENV)
     if path:
         with open(path) as f:
             return topology.parse_topo_matrix(f.read()), os.path.basename(path)
@@ -63,9 +62,8 @@ class NodeAgent:
         import ray
 
         ctx = ray.get_runtime_context()
-        labels = ctx.get_node_labels() if hasattr(ctx, "get_node_labels") else {}
         try:
-            topo, source = read_topology(labels)
+            topo, source = read_topology()
             error = ""
         except (OSError, ValueError) as exc:
             topo, source, error = None, "", f"cannot read this node's topology: {exc}"

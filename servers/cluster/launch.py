@@ -1,7 +1,6 @@
 """Run a cluster plan on its nodes' agents: start, health-wait, endpoint list, watch, stop, logs.
 
-    session = connect("auto")
-    plan = make_cluster_plan(layout, session.probe(need_gpus=True), python=...)
+    session, plan = plan_on_ray(layout, "auto", python=...)
     with RayCluster(plan, session, "runs/serve") as cluster:
         cluster.wait()      # until a server dies (ServerDiedError naming its node) or Ctrl-C
     # every server on every node is stopped here, logs are in runs/serve/logs/
@@ -21,12 +20,36 @@ import threading
 import time
 from typing import Any, Callable
 
-from servers.cluster.plan import ClusterPlan, NodeServer, node_dict
-from servers.cluster.session import RaySession
+from servers.cluster.plan import (
+    ArgvBuilder, ClusterPlan, NodeServer, make_cluster_plan, node_dict, vllm_builder,
+)
+from servers.cluster.session import RaySession, connect
 from servers.launcher.cluster import ENDPOINTS_FILE
 from servers.launcher.endpoints import Endpoint, write_endpoints
 from servers.launcher.errors import ServerDiedError, ServerStartError
+from servers.launcher.layouts import Layout
 from servers.launcher.lifecycle import LOG_TAIL_LINES, Terminated, _cause, _quote
+
+
+def plan_on_ray(layout: Layout, address: str, *, python: str, argv_for: ArgvBuilder = vllm_builder,
+                kind: str = "vllm", base_port: int | None = None, host: str | None = None,
+                allow_cross_switch: bool | None = None, health_timeout: float = 900.0,
+                stop_timeout: float = 30.0) -> tuple[RaySession, ClusterPlan]:
+    """Join the cluster at ``address``, put an agent on each node and place ``layout`` there.
+
+    One-line :class:`LayoutError` for what the user must fix (no Ray, unreachable, too few GPUs,
+    a TP group larger than any node); on any error the agents are let go again."""
+    session = connect(address)
+    try:
+        nodes = session.probe(need_gpus=layout.needs_gpus, health_timeout=health_timeout,
+                              stop_timeout=stop_timeout)
+        plan = make_cluster_plan(layout, nodes, python=python, base_port=base_port, host=host,
+                                 allow_cross_switch=allow_cross_switch, address=address,
+                                 argv_for=argv_for, kind=kind)
+    except BaseException:
+        session.close()
+        raise
+    return session, plan
 
 
 class RayCluster:

@@ -35,6 +35,7 @@ class Node:
     topology: Topology | None = None
     topology_source: str = ""          # "nvml", "nvidia-smi", a file name; "" when none
     hostname: str = ""
+    agent_pid: int = 0                 # the node agent's process there (it dies with the driver)
 
     @property
     def label(self) -> str:

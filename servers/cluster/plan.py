@@ -148,7 +148,8 @@ class ClusterPlan:
 
 def node_dict(n: Node, used: bool) -> dict[str, Any]:
     return {"node_id": n.node_id, "address": n.address, "hostname": n.hostname,
-            "gpus": list(n.gpus), "topology_source": n.topology_source, "used": used}
+            "gpus": list(n.gpus), "topology_source": n.topology_source, "used": used,
+            "agent_pid": n.agent_pid}
 
 
 def make_cluster_plan(layout: Layout, nodes: Sequence[Node], *, python: str,

@@ -37,9 +37,11 @@ def connect(address: str) -> "RaySession":
     if not address:
         raise LayoutError("--ray needs an address: auto, HOST:PORT (the head's GCS port, 6379 by "
                           "default) or ray://HOST:10001")
-    _check_reachable(address)
+    target = _check_reachable(address)
+    if _is_loopback(target):
+        _keep_loopback(ray)
     try:
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False,
+        ray.init(address=address if address.startswith("ray://") else target, logging_level=logging.ERROR, log_to_driver=False,
                  namespace="harness", configure_logging=True)
     except Exception as exc:  # ConnectionError, TimeoutError, grpc errors: all say "unreachable"
         raise _unreachable(address, (str(exc).strip().splitlines()
@@ -53,20 +55,38 @@ def _unreachable(address: str, why: str) -> LayoutError:
         "`ray start --head` and pass its address (HOST:6379, or ray://HOST:10001)")
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """A TCP connect to the head first: ``ray.init`` waits minutes on an address nobody answers."""
+def _is_loopback(target: str) -> bool:
+    host = target.removeprefix("ray://").rpartition(":")[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def _keep_loopback(ray: Any) -> None:
+    """A head on a loopback address (``ray start --head --node-ip-address 127.0.0.1``: a cluster
+    of one machine, as the tests run) is joined there: Ray would otherwise rewrite 127.0.0.1 to
+    this machine's network address, where such a head does not listen, and retry for minutes."""
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False   # get_node_ip_address() then answers loopback
+    except (ImportError, AttributeError):
+        pass
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> str:
+    """A TCP connect to the head first: ``ray.init`` waits minutes on an address nobody answers.
+    Returns the ``HOST:PORT`` it reached."""
     import socket
 
     target = address
     if address == "auto":
         try:
-            from ray._private.services import canonicalize_bootstrap_address
+            from ray._private.services import get_ray_address_from_environment
 
-            target = canonicalize_bootstrap_address("auto") or ""
+            target = get_ray_address_from_environment("auto", None) or ""  # as written: no rewrite
         except Exception as exc:
             raise _unreachable(address, str(exc).splitlines()[0][:200] if str(exc)
                                else type(exc).__name__) from None
-        if not target:
+        if not target or target == "auto":
             raise _unreachable(address, "no running Ray instance found here")
     host, _, port = target.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
@@ -75,6 +95,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
         raise _unreachable(address, f"{host}:{port}: {exc.strerror or exc}") from None
+    return target
 
 
 class RaySession:
@@ -129,7 +150,8 @@ class RaySession:
             topo = Topology.from_dict(info["topology"]) if info["topology"] else None
             gpus = tuple(g for g in info["gpus"] if topo is None or g in topo.gpus)
             nodes.append(Node(node_id=node_id, address=info["address"], gpus=gpus, topology=topo,
-                              topology_source=info["topology_source"], hostname=info["hostname"]))
+                              topology_source=info["topology_source"], hostname=info["hostname"],
+                              agent_pid=int(info["pid"])))
         self.nodes = nodes
         return nodes
 
