@@ -706,8 +706,8 @@ def _duration(state: LLMState, agg: Aggregate, stopped_at: float) -> float:
 
 @events.init.add_listener
 def _on_init(environment, **_kw) -> None:
-    if environment.parsed_options is None:
-        return
+    if environment.parsed_options is None or getattr(environment, "llm", None) is not None:
+        return   # (a worker whose first spawn came before init: see _on_test_start)
     state = LLMState(environment)
     environment.llm = state
     runner = environment.runner
@@ -776,6 +776,12 @@ def set_rate(environment, rate: float) -> None:
 
 @events.test_start.add_listener
 def _on_test_start(environment, **_kw) -> None:
+    if getattr(environment, "llm", None) is None and isinstance(environment.runner, WorkerRunner):
+        # Locust connects a worker to its master before it fires init, and the worker's
+        # message loop may take the master's first spawn (test_start) in the same turn as the
+        # connection's ack: the master starts the moment the last worker is ready. Set the
+        # run up here then (init finds it done); the master's options came with the spawn.
+        _on_init(environment)
     state: LLMState = environment.llm
     runner = environment.runner
     if state.started_at is not None:

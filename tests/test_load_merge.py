@@ -3,7 +3,7 @@ recomputing them from every request line the workers wrote (same HDR bucketing).
 from __future__ import annotations
 
 from harness.results import summary_from_requests
-from loadrun import harness_load, locust_aggregated, read_jsonl, summary
+from loadrun import harness_load, locust, locust_aggregated, read_jsonl, summary
 
 STATS = ("p50", "p90", "p95", "p99", "p99_9", "mean", "min", "max", "count")
 # About merging and ports, not generator health: a busy shared machine's CPU samples must not
@@ -58,3 +58,41 @@ def test_multi_worker_run_starts_while_locusts_default_master_port_is_taken(star
         assert len(read_jsonl(out / "requests.jsonl")) == 4
     finally:
         holder.close()
+
+
+# Registered before harness.plugin's own init listener, this one yields on a worker, as any
+# listener doing I/O does: the worker's message loop then takes the master's spawn (Locust
+# connects workers before it fires init, and the master starts once the last one is ready).
+LATE_INIT_LOCUSTFILE = '''
+import gevent
+from locust import events
+from locust.runners import WorkerRunner
+
+@events.init.add_listener
+def _slow_worker_init(environment, **_kw):
+    if isinstance(environment.runner, WorkerRunner):
+        gevent.sleep(1.5)
+
+import harness.plugin  # noqa: E402,F401
+from harness.llm_user import ChatUser  # noqa: E402
+
+
+class Chat(ChatUser):
+    pass
+'''
+
+
+def test_a_worker_whose_first_spawn_comes_before_its_init_runs_its_share(start_sim, tmp_path):
+    url, _ = start_sim()
+    lf = tmp_path / "late_init.py"
+    lf.write_text(LATE_INIT_LOCUSTFILE)
+    out = tmp_path / "run"
+    rc, log = locust("-f", str(lf), "--headless", "--host", url, "--processes", "2",
+                     "-u", "2", "-r", "2", "--run-time", "30s", "--llm-num-requests", "6",
+                     "--llm-out", str(out), "--llm-input-len", "32", "--llm-output-len", "8",
+                     "--only-summary", "--llm-cpu-limit", "1000", timeout=60)
+    assert rc == 0, log
+    assert "has no attribute 'llm'" not in log and "Unknown message type" not in log, log
+    records = read_jsonl(out / "requests.jsonl")
+    assert len(records) == 6 and all(r["ok"] for r in records)
+    assert sorted(summary(out)["generator"]["requests_by_worker"].values()) == [3, 3]

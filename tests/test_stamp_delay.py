@@ -133,6 +133,11 @@ def test_a_kernel_receive_stamp_measures_how_long_the_bytes_waited():
         m.record_anc([], time.time_ns())       # a sampled read without a stamp
         st = sd.stats(m.take())
         assert data == b"x" * 100
+        if not anc:
+            # Some sandboxes' kernels take the option and never stamp (the CI machine's does
+            # this): both reads are counted unstamped, and only the loop lag is judged.
+            assert st["count"] == 0 and st["unstamped"] == 2
+            pytest.skip("this kernel takes SO_TIMESTAMPNS but gives no receive stamps")
         assert st["count"] == 1 and st["unstamped"] == 1
         assert 45.0 <= st["max"] < 5000.0, st
     finally:
