@@ -50,3 +50,19 @@ def test_load_with_an_unreadable_endpoint_list_says_so_in_one_line(tmp_path):
     r = _load(bad, tmp_path / "run")
     assert r.returncode == 2
     assert "endpoint list" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_open_loop_over_an_endpoint_list_offers_every_replica_its_share(tmp_path, start_sim):
+    path = _two_fleets(tmp_path, start_sim)
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "load", "--endpoints", str(path), "--rate", "6",
+         "--arrival", "constant", "--num-requests", "18", "--input-len", "32", "--output-len", "8",
+         "--duration", "60", "--out", str(out), "--quiet",
+         "--cpu-limit", "1000", "--lag-limit-ms", "1000000", "--stamp-delay-limit-ms", "0"],
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    by_endpoint = json.loads((out / "summary.json").read_text())["by_endpoint"]
+    # one dispatcher per replica, each at a third of the rate (before, one dispatcher: one replica)
+    assert len(by_endpoint) == 3, by_endpoint
+    assert all(5 <= row["completed"] <= 7 for row in by_endpoint.values()), by_endpoint

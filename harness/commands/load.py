@@ -171,7 +171,11 @@ def locust_command(args: argparse.Namespace) -> list[str]:
         raise UsageError("--cooldown needs --duration (the end must be known in advance)")
     if args.users is not None and args.users < 1:   # (0 used to run the default 8 users)
         raise UsageError(f"--users must be at least 1 concurrent user, not {args.users}")
-    users = args.workers if args.rate else (args.users or 8)
+    # Open loop: one arrival dispatcher per worker, or with --endpoints one per replica on
+    # every worker (the user classes are the replicas: with fewer users than classes Locust
+    # spawns only the first ones, and the other replicas would get no traffic).
+    replicas = len(_endpoint_list(args.endpoints)) if args.endpoints else 1
+    users = args.workers * replicas if args.rate else (args.users or 8)
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out!r} is a file; give a directory for the results")
@@ -269,6 +273,11 @@ def locust_command(args: argparse.Namespace) -> list[str]:
 
 
 def _first_endpoint_url(path: str) -> str:
+    return _endpoint_list(path)[0].url
+
+
+def _endpoint_list(path: str) -> list:
+    """The endpoints of `harness serve`'s list, or a UsageError naming what is wrong."""
     from servers.launcher import read_endpoints
 
     try:
@@ -278,7 +287,7 @@ def _first_endpoint_url(path: str) -> str:
                          f"write one with `harness serve --out DIR`") from None
     if not eps:
         raise UsageError(f"--endpoints {path!r} lists no endpoints")
-    return eps[0].url
+    return eps
 
 
 def _die_with_parent() -> None:
