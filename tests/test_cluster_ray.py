@@ -308,3 +308,26 @@ def test_real_vllm_cpu_serves_through_the_ray_path(ray_address, tmp_path):
         assert "Application startup complete" in (d.out / "logs" / f"{ep['name']}.log").read_text()
     finally:
         d.close()
+
+
+def test_a_port_taken_on_a_node_is_one_line_and_nothing_is_left_running(ray_address, tmp_path):
+    import socket
+
+    port = free_port_block(8)
+    held = socket.socket()
+    held.bind(("127.0.0.1", port + 1))   # the second replica's port, on every node (one host here)
+    held.listen()
+    try:
+        r = cli("sim", "--layout", "mixed12", "--ray", ray_address, "--port", str(port),
+                "--out", str(tmp_path / "serve"), timeout=180)
+        assert r.returncode == 2, r.stderr
+        # progress lines (placement, nodes starting) come first; the error is the last line
+        line = r.stderr.strip().splitlines()[-1]
+        assert line.startswith("harness sim: error:"), r.stderr
+        assert str(port + 1) in line and "on node " in line, line
+    finally:
+        held.close()
+    # every replica that did start was stopped again: the other ports are free
+    for p in (port, *range(port + 2, port + 8)):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still answers"

@@ -31,6 +31,7 @@ from servers.launcher.lifecycle import ProcessSpec, ServerGroup
 from servers.launcher.placement import pinnable
 
 TOPOLOGY_ENV = "HARNESS_TOPOLOGY_FILE"
+CONCURRENCY = 4      # start, poll, stop (and info) may run at once
 LOG_CHUNK = 1 << 20   # at most this many bytes of one log per poll go back to the driver
 
 
@@ -49,7 +50,11 @@ def read_topology(environ: dict[str, str] | None = None) -> tuple[Any, str]:
 
 
 class NodeAgent:
-    """Runs on one node; created by the driver, one per node, owned by (and dying with) it."""
+    """Runs on one node; created by the driver, one per node, owned by (and dying with) it.
+
+    Created with ``max_concurrency`` > 1 (:data:`CONCURRENCY`) so that ``stop`` runs while
+    ``start`` still waits for /health: a driver stopped during a long vLLM start-up stops the
+    servers at once instead of queueing behind the start."""
 
     def __init__(self, health_timeout: float = 900.0, stop_timeout: float = 30.0) -> None:
         self.health_timeout = health_timeout
@@ -84,7 +89,7 @@ class NodeAgent:
 
         ``{"ok": True, "pids": {name: pid}}``, or ``{"ok": False, "error": one message with the
         log tail, "name": server}`` after every server here was stopped again."""
-        from servers.launcher.errors import LauncherError
+        from servers.launcher.errors import LauncherError, LayoutError
 
         local = [replace(s, log_path=os.path.join(self.log_dir, os.path.basename(s.log_path)),
                          cpus=tuple(pinnable(s.cpus))) for s in specs]
@@ -94,7 +99,8 @@ class NodeAgent:
             self.group.start()
         except LauncherError as exc:
             self.group.stop()
-            return {"ok": False, "error": str(exc), "name": getattr(exc, "name", "")}
+            return {"ok": False, "error": str(exc), "name": getattr(exc, "name", ""),
+                    "usage": isinstance(exc, LayoutError)}   # e.g. a port taken on this node
         return {"ok": True, "pids": {s.name: s.pid for s in self.group.servers}}
 
     def poll(self, offsets: dict[str, int]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from servers.cluster.plan import (
 from servers.cluster.session import RaySession, connect
 from servers.launcher.cluster import ENDPOINTS_FILE
 from servers.launcher.endpoints import Endpoint, write_endpoints
-from servers.launcher.errors import ServerDiedError, ServerStartError
+from servers.launcher.errors import LayoutError, ServerDiedError, ServerStartError
 from servers.launcher.layouts import Layout
 from servers.launcher.lifecycle import LOG_TAIL_LINES, Terminated, _cause, _quote
 
@@ -132,8 +132,9 @@ class RayCluster:
             if r["ok"]:
                 pids.update(r["pids"])
                 self.on_progress(f"node {node.label}: {len(r['pids'])} server(s) healthy")
-            elif failure is None:
-                failure = ServerStartError(f"on node {node.label}: {r['error']}", name=r["name"])
+            elif failure is None or (r.get("usage") and not isinstance(failure, LayoutError)):
+                msg = f"on node {node.label}: {r['error']}"
+                failure = LayoutError(msg) if r.get("usage") else ServerStartError(msg, name=r["name"])
         self.sync_logs()
         if failure is not None:
             raise failure

@@ -113,7 +113,7 @@ class RaySession:
         """One agent per node (holding its GPUs); the nodes as the agents report them."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from servers.cluster.agent import NodeAgent
+        from servers.cluster.agent import CONCURRENCY, NodeAgent
         from servers.topology import Topology
 
         raw = self.alive_nodes()
@@ -128,7 +128,7 @@ class RaySession:
         for n in candidates:
             gpus = int(n.get("Resources", {}).get("GPU", 0))
             handle = actor.options(
-                num_cpus=0, num_gpus=gpus, max_restarts=0,
+                num_cpus=0, num_gpus=gpus, max_restarts=0, max_concurrency=CONCURRENCY,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
             ).remote(health_timeout=health_timeout, stop_timeout=stop_timeout)
             self.agents[n["NodeID"]] = handle
