@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--out", default=None, help="results directory (default runs/demo-TIMESTAMP)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (refused otherwise)")
     p.set_defaults(func=run)
 
 
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         from harness.cli import main
         return main(["load", "--url", url, "--users", str(args.users),
                      "--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
-                     "--output-len", str(args.output_len), "--duration", "120", "--out", str(out)])
+                     "--output-len", str(args.output_len), "--duration", "120", "--out", str(out),
+                     *(["--overwrite"] if args.overwrite else [])])
     finally:
         sim.terminate()
         try:
