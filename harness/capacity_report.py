@@ -12,8 +12,9 @@ from harness import svg
 CLIP = 3.0   # values above CLIP x the largest threshold are drawn at that height (overload blows up)
 
 
-def chart(doc: dict[str, Any], title: str = "") -> str:
-    """The SVG of one capacity.json; "" when no step has a latency value."""
+def chart(doc: dict[str, Any], prefix: str = "") -> str:
+    """The SVG of one capacity.json; "" when no step has a latency value. ``prefix`` (a plan
+    stage's name) goes before the title, which says what the x axis is: rate or users."""
     metrics = []
     for s in doc.get("steps") or []:
         for c in s.get("checks") or []:
@@ -43,7 +44,7 @@ def chart(doc: dict[str, Any], title: str = "") -> str:
         tok = f", {ans['output_tokens_per_s']:,.0f} tok/s" if ans.get("output_tokens_per_s") else ""
         rules.append(("x", ans["rate"], f"capacity {ans['rate']:.4g} {unit}{tok}", -1))
     mode = " (virtual time)" if doc.get("mode") == "virtual" else ""
-    head = title or ("Latency at each step vs concurrent users" if users else "Latency at each step vs offered rate")
+    head = prefix + ("Latency at each step vs concurrent users" if users else "Latency at each step vs offered rate")
     if clipped:
         head += f"; above {top:,.0f} ms drawn at the top"
     return svg.line_chart(head + mode, "concurrent users" if users else "offered requests/s", "ms", series,

@@ -350,7 +350,7 @@ def plot_latency_vs_rate(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def plot_capacity(run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
-    """Each capacity stage's curve: SLO values vs offered rate, thresholds, the capacity."""
+    """Each capacity stage's curve: SLO values vs offered rate (or users), thresholds, the capacity."""
     from harness.capacity_report import chart
 
     charts = []
@@ -359,7 +359,7 @@ def plot_capacity(run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str
         if r.get("stage") != "capacity" or not path.exists():
             continue
         try:
-            svg_text = chart(json.loads(path.read_text()), f"{name}: latency at each step vs offered rate")
+            svg_text = chart(json.loads(path.read_text()), f"{name}: ")
         except (ValueError, KeyError):
             continue
         if svg_text:

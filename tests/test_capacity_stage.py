@@ -69,6 +69,8 @@ def test_a_users_capacity_stage_measures_the_highest_concurrency(tmp_path):
     assert "capacity_rps" not in result["measured"]
     assert result["measured"]["requests_per_s"] == cap_doc["answer"]["requests_per_s"] > 0
     assert "users" in result["detail"]
+    html = (run_dir / "report.html").read_text()   # the curve's x axis is users, and its title says so
+    assert "cap: Latency at each step vs concurrent users" in html and "vs offered rate" not in html
 
 
 def test_a_cost_layout_naming_no_capacity_stage_is_refused():
@@ -94,7 +96,7 @@ def test_virtual_capacity_stage_fills_the_table_the_report_and_the_cost(tmp_path
     assert row["throughput_source"] == "measured at the SLO" and row["stage"] == "cap"
     assert row["output_tokens_per_s"] == doc["answer"]["output_tokens_per_s"]
     html = (run_dir / "report.html").read_text()
-    assert 'class="chart capacity-curve"' in html and "cap: latency at each step vs offered rate" in html
+    assert 'class="chart capacity-curve"' in html and "cap: Latency at each step vs offered rate" in html
     md = (run_dir / "report.md").read_text()
     assert "8B, capacity at SLO" in md and "capacity_rps" in md
 
