@@ -37,7 +37,7 @@ from typing import Any
 from harness.stages.base import ON_INVALID, Field
 
 STAGE_KINDS = {
-    "hardware": "harness.stages.hardware_step",
+    "hardware": "harness.stages.hardware",
     "throughput": "harness.stages.throughput",
     "perplexity": "harness.stages.perplexity",
     "serving": "harness.stages.serving",
