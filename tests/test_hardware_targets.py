@@ -10,6 +10,7 @@ import pytest
 
 from harness.commands import hw as hw_cmd
 from harness.errors import UsageError
+from harness.parsing import parse_gpus
 from harness.hardware import run as hw_run
 from harness.hardware.judge import evaluate, exit_code, p2p_expectation, rejudge
 from harness.hardware.measure import Sizes, buffer_bytes
@@ -281,12 +282,12 @@ def test_cuda_unavailable_skips(tmp_path, monkeypatch):
 
 
 def test_cli_arguments():
-    assert hw_cmd.parse_gpus("0,1") == [0, 1]
-    assert hw_cmd.parse_gpus("0-3") == [0, 1, 2, 3]
-    assert hw_cmd.parse_gpus(None) is None and hw_cmd.parse_gpus("all") is None
+    assert parse_gpus("0,1") == [0, 1]
+    assert parse_gpus("0-3") == [0, 1, 2, 3]
+    assert parse_gpus(None) is None and parse_gpus("all") is None
     for bad in ("a,b", "1,1", "3-1"):
         with pytest.raises(UsageError):
-            hw_cmd.parse_gpus(bad)
+            parse_gpus(bad)
     parser = argparse.ArgumentParser()
     hw_cmd.add_parser(parser.add_subparsers())
     args = parser.parse_args(["hw", "--out", "x", "--gpus", "0,1", "--quick"])

@@ -12,34 +12,10 @@ import sys
 from typing import Any
 
 from harness.errors import UsageError
+from harness.parsing import parse_gpus
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-
-
-def parse_gpus(text: str | None) -> list[int] | None:
-    """``'0,1'`` -> ``[0, 1]``; ``'0-3'`` -> ``[0, 1, 2, 3]``; ``None``/``'all'`` -> ``None``."""
-    if text is None or text.strip().lower() in ("", "all"):
-        return None
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if hi < lo:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise UsageError(
-                f"--gpus {text!r}: give CUDA device indices like 0,1 or 0-3") from None
-    if any(g < 0 for g in out):
-        raise UsageError(f"--gpus {text!r}: device indices are >= 0")
-    if len(set(out)) != len(out):
-        raise UsageError(f"--gpus {text!r}: a GPU is listed twice")
-    return out
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

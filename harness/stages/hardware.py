@@ -132,7 +132,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         report_io.write_report(judge.rejudge(report_io.load_report(src), p.get("target")), ctx.out_dir)
         ctx.log(f"hardware: reusing {src}")
     else:
-        from harness.commands.hw import parse_gpus
+        from harness.parsing import parse_gpus
 
         report = run(str(ctx.out_dir), gpus=parse_gpus(p.get("gpus")), quick=bool(p["quick"]),
                      target=p.get("target"), checks=list(p["checks"]), log=ctx.log)

@@ -25,13 +25,13 @@ PARAMS: dict[str, Field] = {
 
 
 def validate_params(p: dict[str, Any]) -> None:
-    from harness.commands.load import _duration
+    from harness.parsing import parse_duration
     from harness.errors import UsageError
     from harness.stages import targets
 
     targets.validate(p.get("target") or {})
     try:
-        _duration(str(p.get("duration") or "60s"))
+        parse_duration(str(p.get("duration") or "60s"))
     except UsageError as exc:
         raise ValueError(f"duration: {exc}") from None
 
@@ -52,7 +52,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         flatten, generator_reasons, invalid_detail, load_argv, run_loads, slos_from_expect,
     )
     from harness.stages.targets import open_targets, sampled_gpus
-    from harness.commands.load import _duration
+    from harness.parsing import parse_duration
 
     p = {k: params.get(k, f.default) for k, f in PARAMS.items()}
     expected = dict(params.get("expect") or {})
@@ -64,7 +64,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         extra.append("--soak-mix")
     if p.get("num_requests"):
         extra += ["--num-requests", str(p["num_requests"])]
-    seconds = _duration(str(p["duration"]))
+    seconds = parse_duration(str(p["duration"]))
     with open_targets(p["target"], ctx.out_dir, ctx.log) as endpoints:
         ep = endpoints[0]
         ctx.log(f"soak: {p['rate']:g} req/s for {p['duration']} -> {ep.url}"
