@@ -115,6 +115,28 @@ def invalid_reasons(hw: dict[str, Any], want_gpus: int | None) -> list[str]:
     return out
 
 
+def target_marks(stage: dict[str, Any], plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan's hardware targets (``hbm_tbs``, ``gemm_tflops``, ...) against the plan's GPU's
+    datasheet peaks: a target above a peak is impossible (contract hook)."""
+    from harness.stages import physics
+
+    try:
+        gpu = physics.gpu_spec(str(plan["gpu"]), plan.get("gpu_overrides")) if plan.get("gpu") else None
+    except KeyError:
+        gpu = None
+    return [r for r in (physics.check_hardware_value(k, physics.target_number(v), "target", gpu)
+                        for k, v in (stage.get("expect") or {}).items()) if r]
+
+
+def run_environment(result: dict[str, Any], env: dict[str, Any]) -> None:
+    """The GPUs, driver and torch this stage found, for ``run.json`` (contract hook)."""
+    data = result.get("data") or {}
+    if data.get("gpus"):
+        env["gpus"] = data["gpus"]
+        env["driver"] = data.get("driver")
+        env["torch_cuda"] = data.get("torch")
+
+
 def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     from harness.hardware import judge, report_io, summary
     from harness.hardware.run import run
@@ -186,3 +208,34 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         data={"hardware_json": "hardware.json", "gpus": [g.get("name") for g in hw.get("gpus") or []],
               "driver": host.get("driver"), "torch": host.get("torch"), "power": power},
     )
+
+
+# --- the report's power section and P2P heat map (contract hooks) -------------------------------
+
+POWER_HEAD = ["stage", "GPU", "power over the run (average, highest single sample, how read, the card's limit)",
+              "samples"]
+
+
+def report_tables(name: str, result: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """Board power per GPU: the average beside the peak *sample*, labelled with how it was read
+    and the card's limit (an instantaneous sample above it is a spike) (contract hook)."""
+    from harness.report import fmt
+
+    rows = [[name, f"GPU{g}", p.get("text") or "", fmt(p.get("samples"))]
+            for g, p in ((result.get("data") or {}).get("power") or {}).items()]
+    return [("hardware-power", "Hardware power", POWER_HEAD, rows)]
+
+
+def report_charts(run_dir: Path, name: str, result: dict[str, Any]) -> list[str]:
+    """The P2P bandwidth matrix of the ``hardware.json`` this stage wrote (contract hook)."""
+    from harness import svg
+
+    path = run_dir / name / "hardware.json"
+    if not path.exists():
+        return []
+    p2p = json.loads(path.read_text()).get("p2p") or {}
+    if not p2p.get("gbs"):
+        return []
+    labels = [f"GPU{g}" for g in p2p["gpus"]]
+    return [svg.heatmap(f"{name}: P2P bandwidth (GB/s, median of repeats)", labels, p2p["gbs"],
+                        cls="p2p-heatmap")]

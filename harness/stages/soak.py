@@ -9,9 +9,11 @@ generator makes the stage ``invalid``, as in the serving stage.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from harness.stages.base import Field, StageContext, StageResult
+from harness.stages.physics import load_target_marks as target_marks  # noqa: F401  (contract hook)
 from harness.stages.serving import LOAD_PARAMS, METRICS  # noqa: F401  (METRICS: same figures)
 
 PARAMS: dict[str, Field] = {
@@ -93,3 +95,10 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         data={"load_dir": "load", "drift": res.get("drift"), "requests": res.get("requests"),
               "generator": res.get("generator")},
     )
+
+
+def report_charts(run_dir: Path, name: str, result: dict[str, Any]) -> list[str]:
+    """TTFT/TPOT over the whole soak (contract hook)."""
+    from harness.load_charts import over_time
+
+    return over_time(run_dir, name, result)
