@@ -38,7 +38,7 @@ from harness.stages.contract import kinds, stage_module
 
 COMMON = {
     "name": Field("str", required=True),
-    "stage": Field("str", required=True, choices=kinds()),
+    "stage": Field("str", required=True),  # one of contract.kinds(), checked in validate_stage
     "description": Field("str", ""),
     "table": Field("str", None),
     "row": Field("str", None),
@@ -120,6 +120,8 @@ def validate_stage(i: int, raw: Any, where: str) -> dict[str, Any]:
     if not _NAME.match(out["name"]):
         raise PlanError(f"{label}.name: {out['name']!r} must be letters, digits, '.', '_' or '-' "
                         "(it names the stage's folder)")
+    if out["stage"] not in kinds():
+        raise PlanError(f"{label}.stage: {out['stage']!r} is not one of {', '.join(kinds())}")
     mod = stage_module(out["stage"])
     fields: dict[str, Field] = {**COMMON, **mod.PARAMS}
     for key in raw:

@@ -13,11 +13,12 @@ import pkgutil
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Protocol, cast
+from typing import Any, Callable, Protocol, cast, runtime_checkable
 
 from harness.stages.base import Field, StageContext, StageResult
 
 
+@runtime_checkable
 class Stage(Protocol):
     """Every stage module: its plan keys and how it runs."""
 
@@ -27,7 +28,9 @@ class Stage(Protocol):
 
 
 class StageHooks(Protocol):
-    """Optional module-level functions of a stage module, each called only where defined."""
+    """Optional members of a stage module, each used only where defined. Beside these, plan
+    validation reads ``METRICS`` (the figures ``expect:`` may name) and calls
+    ``validate_params(params)`` (raising ``ValueError`` for a bad combination)."""
 
     def target_marks(self, stage: dict[str, Any], plan: dict[str, Any]) -> list[dict[str, Any]]:
         """The physics marks of one validated plan stage's targets, from the plan alone
