@@ -27,8 +27,8 @@ PARAMS: dict[str, Field] = {
 
 
 def validate_params(p: dict[str, Any]) -> None:
-    from harness.parsing import parse_duration
     from harness.errors import UsageError
+    from harness.parsing import parse_duration
     from harness.stages import targets
 
     targets.validate(p.get("target") or {})
