@@ -15,7 +15,7 @@ A plan (see ``plans/*.yaml``)::
     cost: {...}                        # prices and layouts (harness/stages/cost.py)
     stages:
       - name: throughput-8b-bf16       # unique; the stage's folder in the run directory
-        stage: throughput              # hardware|throughput|perplexity|serving|cluster|soak|command|capacity
+        stage: throughput              # a module of harness/stages/ with run_stage (contract.py)
         table: single GPU              # optional: the seed table and row it fills in the report
         row: Llama-3 8B BF16
         expect: {output_tokens_per_s: 4500}
@@ -29,26 +29,16 @@ expected an integer, got 'abc'``.
 """
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
 from typing import Any
 
 from harness.stages.base import ON_INVALID, Field
+from harness.stages.contract import kinds, stage_module
 
-STAGE_KINDS = {
-    "hardware": "harness.stages.hardware_step",
-    "throughput": "harness.stages.throughput",
-    "perplexity": "harness.stages.perplexity",
-    "serving": "harness.stages.serving",
-    "cluster": "harness.stages.cluster",
-    "soak": "harness.stages.soak",
-    "command": "harness.stages.command",
-    "capacity": "harness.stages.capacity",
-}
 COMMON = {
     "name": Field("str", required=True),
-    "stage": Field("str", required=True, choices=tuple(STAGE_KINDS)),
+    "stage": Field("str", required=True),  # one of contract.kinds(), checked in validate_stage
     "description": Field("str", ""),
     "table": Field("str", None),
     "row": Field("str", None),
@@ -78,10 +68,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 class PlanError(ValueError):
     """A plan that cannot run; the message is one line naming the field."""
-
-
-def stage_module(kind: str):
-    return importlib.import_module(STAGE_KINDS[kind])
 
 
 def _typename(kind: str) -> str:
@@ -134,6 +120,8 @@ def validate_stage(i: int, raw: Any, where: str) -> dict[str, Any]:
     if not _NAME.match(out["name"]):
         raise PlanError(f"{label}.name: {out['name']!r} must be letters, digits, '.', '_' or '-' "
                         "(it names the stage's folder)")
+    if out["stage"] not in kinds():
+        raise PlanError(f"{label}.stage: {out['stage']!r} is not one of {', '.join(kinds())}")
     mod = stage_module(out["stage"])
     fields: dict[str, Field] = {**COMMON, **mod.PARAMS}
     for key in raw:

@@ -13,9 +13,13 @@ at any time (``harness run PLAN --out DIR --report-only``). Sections:
 4. the physics check: every target and measured figure held against the roofline;
 5. cost per million output tokens per layout, each cell saying measured or expected;
 6. system figures (the comparison table) against the datasheets;
-7. quality: the perplexity table (perplexity, throughput, memory, relative to the baseline);
-8. plots: latency percentiles vs rate, TTFT/TPOT over time, P2P heat map, perplexity vs
-   throughput.
+7. each stage kind's own sections (its ``report_tables`` hook: the hardware stages' power per
+   GPU, the perplexity table of perplexity, throughput and memory relative to the baseline);
+8. plots, each stage's own (its ``report_charts`` hook): latency percentiles vs rate, TTFT/TPOT
+   over time, the capacity curve, the P2P heat map, perplexity vs throughput.
+
+The physics shown is what the runner stored in ``run.json`` (``target_marks``, ``datasheet``)
+and each stage in its result: the report judges nothing again.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from harness import svg
+from harness.stages.contract import hook
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
@@ -105,13 +109,14 @@ def _cls(text: str) -> str:
             "measurement error": "measurement-error", "ok": "ok"}.get(text, "")
 
 
-def physics_index(results: dict[str, dict[str, Any]], plan: dict[str, Any] | None = None
+def physics_index(results: dict[str, dict[str, Any]], run: dict[str, Any] | None = None
                   ) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """(stage, metric, source) -> physics mark: the plan's targets (judged from the plan alone,
-    so a stage that never ran still shows them), then what each stage recorded."""
+    """(stage, metric, source) -> physics mark: the plan's targets as the runner judged them
+    (``run.json``'s ``target_marks``, from the plan alone, so a stage that never ran still shows
+    them), then what each stage recorded."""
     idx = {}
-    if plan is not None:
-        for name, marks in plan_marks(plan).items():
+    if run is not None:
+        for name, marks in (run.get("target_marks") or {}).items():
             for ph in marks:
                 idx[(name, ph["metric"], ph["source"])] = ph
     for name, r in results.items():
@@ -192,7 +197,7 @@ def _measured_cell(stage: dict[str, Any], metric: str, measured: Any) -> str:
 def plan_tables(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[tuple[str, list[list[str]]]]:
     """[(table name, rows)] rows: row, metric, expected, measured, result, physics of target,
     physics of measurement, stage."""
-    ph = physics_index(results, run["plan"])
+    ph = physics_index(results, run)
     tables: dict[str, list[list[str]]] = {}
     for s in run["plan"]["stages"]:
         table = s.get("table")
@@ -222,34 +227,9 @@ def plan_tables(run: dict[str, Any], results: dict[str, dict[str, Any]]) -> list
     return list(tables.items())
 
 
-POWER_HEAD = ["stage", "GPU", "power over the run (average, highest single sample, how read, the card's limit)",
-              "samples"]
-
-
-def power_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
-    """The hardware stages' board power per GPU: the average beside the peak *sample*, labelled
-    with how it was read and the card's limit (an instantaneous sample above it is a spike)."""
+def physics_rows(results: dict[str, dict[str, Any]], run: dict[str, Any] | None = None) -> list[list[str]]:
     rows = []
-    for name, r in results.items():
-        if r.get("stage") != "hardware":
-            continue
-        for g, p in ((r.get("data") or {}).get("power") or {}).items():
-            rows.append([name, f"GPU{g}", p.get("text") or "", fmt(p.get("samples"))])
-    return rows
-
-
-def plan_marks(plan: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    from harness.stages.physics import plan_marks as marks
-
-    try:
-        return marks(plan)
-    except Exception:  # a plan from an older harness: no target marks rather than no report
-        return {}
-
-
-def physics_rows(results: dict[str, dict[str, Any]], plan: dict[str, Any] | None = None) -> list[list[str]]:
-    rows = []
-    for (name, _metric, _source), p in physics_index(results, plan).items():
+    for (name, _metric, _source), p in physics_index(results, run).items():
         rows.append([name, p["metric"], p["source"], fmt(p.get("value")), fmt(p.get("bound")),
                      p["mark"], p.get("detail") or ""])
     order = {"impossible": 0, "measurement error": 1, "ok": 2}
@@ -270,26 +250,11 @@ def cost_rows(run: dict[str, Any]) -> list[list[str]]:
 
 
 def system_rows(run: dict[str, Any]) -> list[list[str]]:
-    plan = run["plan"]
-    system = plan.get("system") or {}
-    gpu_key, count = plan.get("gpu"), plan.get("gpu_count")
-    if not system or not gpu_key or not count:
+    """The plan's ``system:`` figures beside the datasheet's, as the runner stored them."""
+    system = run["plan"].get("system") or {}
+    sheet = run.get("datasheet") or {}
+    if not system or not sheet:
         return []
-    from harness.stages import physics
-
-    try:
-        spec = physics.gpu_spec(gpu_key, plan.get("gpu_overrides"))
-    except KeyError:
-        return []
-    sheet = {"total_memory_gb": count * spec.memory_gb,
-             "total_bandwidth_tbs": count * spec.mem_bandwidth_gbs / 1000,
-             "power_w": count * spec.tdp_watts, "interconnect": spec.interconnect}
-    try:
-        dep = physics.deployment(gpu_key, "llama-3-8b", "bf16", 1, plan.get("gpu_overrides"))
-        hw = physics.Hardware(dep, 1, 512, 256)
-        sheet["tokens_per_s_per_gpu_7b"] = physics.bounds(hw)["output_tokens_per_s"][1]
-    except Exception:
-        pass
     rows = []
     for k, v in system.items():
         d = sheet.get(k)
@@ -304,125 +269,28 @@ def system_rows(run: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def perplexity_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
+# --- what each stage kind adds (its contract hooks) ---------------------------------------------
+
+def stage_sections(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(key, title, head, rows) of the stages' own sections (their ``report_tables`` hook): one
+    per key, the rows of every stage that adds it together, in stage order."""
+    merged: dict[str, tuple[str, list[str], list[list[str]]]] = {}
     for name, r in results.items():
-        if r.get("stage") == "perplexity":
-            for v in (r.get("data") or {}).get("variants") or []:
-                out.append(dict(v, stage=name))
-    return out
+        tables = hook(str(r.get("stage")), "report_tables")
+        for key, title, head, rows in (tables(name, r) if tables is not None else []):
+            if rows:
+                merged.setdefault(key, (title, head, []))[2].extend(rows)
+    return [(key, title, head, rows) for key, (title, head, rows) in merged.items()]
 
 
-def _target_shown(expr: Any) -> str:
-    """One ``expect:`` entry as written, an informational one marked so."""
-    if isinstance(expr, dict):
-        return f"{fmt(expr.get('target'))}, informational" if expr.get("informational") else fmt(expr.get("target"))
-    return fmt(expr)
-
-
-def perplexity_table_md(rows: list[dict[str, Any]]) -> str:
-    lines = ["| variant | model | quantization | word perplexity (expected) | throughput x (expected) "
-             "| memory x (expected) | weights GB |", "|---|---|---|---|---|---|---|"]
-    for v in rows:
-        e = v.get("expect") or {}
-        lines.append(f"| {v['name']} | {v['model']} | {v.get('quantization')} | "
-                     f"{fmt(v.get('word_perplexity'))} ({_target_shown(e.get('word_perplexity'))}) | "
-                     f"{fmt(v.get('throughput_x'), 3)} ({_target_shown(e.get('throughput_x'))}) | "
-                     f"{fmt(v.get('memory_x'), 3)} ({_target_shown(e.get('memory_x'))}) | {fmt(v.get('memory_gb'), 3)} |")
-    return "\n".join(lines)
-
-
-# --- plots -------------------------------------------------------------------------------------
-
-def plot_latency_vs_rate(results: dict[str, dict[str, Any]]) -> list[str]:
-    charts = []
+def stage_charts(run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
+    """The stages' charts (their ``report_charts`` hook), in stage order."""
+    charts: list[str] = []
     for name, r in results.items():
-        sweep = [s for s in (r.get("data") or {}).get("sweep") or [] if s.get("rate")]
-        if r.get("stage") != "serving" or not sweep:
-            continue
-        sweep.sort(key=lambda s: s["rate"])
-        series = [(label, [(s["rate"], s.get(key)) for s in sweep]) for label, key in
-                  (("TTFT p50", "ttft_p50_ms"), ("TTFT p90", "ttft_p90_ms"), ("TTFT p99", "ttft_p99_ms"),
-                   ("TPOT p50", "tpot_p50_ms"), ("TPOT p99", "tpot_p99_ms"))]
-        charts.append(svg.line_chart(f"{name}: latency percentiles vs request rate", "requests/s",
-                                     "ms", series, cls="latency-vs-rate"))
+        plots = hook(str(r.get("stage")), "report_charts")
+        if plots is not None:
+            charts += plots(run_dir, name, r)
     return charts
-
-
-def plot_capacity(run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
-    """Each capacity stage's curve: SLO values vs offered rate (or users), thresholds, the capacity."""
-    from harness.capacity_report import chart
-
-    charts = []
-    for name, r in results.items():
-        path = run_dir / name / "capacity.json"
-        if r.get("stage") != "capacity" or not path.exists():
-            continue
-        try:
-            svg_text = chart(json.loads(path.read_text()), f"{name}: ")
-        except (ValueError, KeyError):
-            continue
-        if svg_text:
-            charts.append(svg_text)
-    return charts
-
-
-def plot_over_time(run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
-    charts = []
-    for name, r in results.items():
-        if r.get("stage") not in ("serving", "soak") or r.get("status") not in ("pass", "fail", "invalid"):
-            continue
-        ts = read_timeseries(run_dir / name / ((r.get("data") or {}).get("load_dir") or "load") / "timeseries.jsonl")
-        if not ts:
-            continue
-        t0 = ts[0]["t"] - ts[0].get("window_s", 0)
-        series = []
-        for label, key, pct in (("TTFT p50", "ttft_ms", "p50"), ("TTFT p99", "ttft_ms", "p99"),
-                                ("TPOT p50", "tpot_ms", "p50"), ("TPOT p99", "tpot_ms", "p99")):
-            series.append((label, [(w["t"] - t0, (w.get(key) or {}).get(pct)) for w in ts]))
-        tainted = " - load generator INVALID" if r.get("invalid") else ""
-        charts.append(svg.line_chart(f"{name}: TTFT and TPOT over time ({len(ts)} windows){tainted}",
-                                     "seconds into the run", "ms", series, cls="over-time"))
-    return charts
-
-
-def plot_p2p(run_dir: Path, results: dict[str, dict[str, Any]]) -> list[str]:
-    charts = []
-    for name, r in results.items():
-        if r.get("stage") != "hardware":
-            continue
-        path = run_dir / name / "hardware.json"
-        if not path.exists():
-            continue
-        hw = json.loads(path.read_text())
-        p2p = hw.get("p2p") or {}
-        if not p2p.get("gbs"):
-            continue
-        labels = [f"GPU{g}" for g in p2p["gpus"]]
-        charts.append(svg.heatmap(f"{name}: P2P bandwidth (GB/s, median of repeats)", labels, p2p["gbs"],
-                                  cls="p2p-heatmap"))
-    return charts
-
-
-def plot_perplexity(results: dict[str, dict[str, Any]]) -> list[str]:
-    pts = []
-    for v in perplexity_rows(results):
-        e = v.get("expect") or {}
-        from harness.stages.physics import target_number
-
-        x, xm = v.get("throughput_x"), True
-        if x is None and e.get("throughput_x") is not None:
-            x, xm = target_number(e["throughput_x"]), False
-        y, ym = v.get("word_perplexity"), True
-        if y is None and e.get("word_perplexity") is not None:
-            y, ym = target_number(e["word_perplexity"]), False
-        if x is None or y is None:
-            continue
-        pts.append((v["name"], x, y, xm and ym))
-    if not pts:
-        return []
-    return [svg.scatter_chart("Word perplexity vs throughput (relative to the baseline)",
-                              "throughput (x baseline)", "word perplexity", pts, cls="ppl-vs-throughput")]
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -440,7 +308,7 @@ def _html_table(head: list[str], rows: list[list[str]], cls: str = "", status_co
     return "\n".join(out)
 
 
-def _md_table(head: list[str], rows: list[list[str]]) -> str:
+def md_table(head: list[str], rows: list[list[str]]) -> str:
     def cell(c: str) -> str:
         return c.replace("|", "\\|").replace("\n", " ")
 
@@ -487,14 +355,10 @@ def render_html(run_dir: Path) -> str:
         for name, rows in tables:
             parts.append(f"<h3>{escape(name)}</h3>")
             parts.append(_html_table(TABLE_HEAD, rows, "plan-table", status_cols=(4, 5, 6)))
-    power = power_rows(results)
-    if power:
-        parts.append('<h3 id="hardware-power">Hardware power</h3>')
-        parts.append(_html_table(POWER_HEAD, power, "hardware-power"))
     for name, r in results.items():
         if r.get("status") == "error":
             parts.append(f"<h3>{escape(name)}: error</h3><pre>{escape(r.get('detail') or '')}</pre>")
-    phys = physics_rows(results, run["plan"])
+    phys = physics_rows(results, run)
     sysrows = system_rows(run)
     if phys or sysrows:
         parts.append('<h2 id="physics">Physics check</h2><p class="muted">Targets and measurements held '
@@ -510,23 +374,14 @@ def render_html(run_dir: Path) -> str:
     if costs:
         parts.append('<h2 id="cost">Cost per million output tokens</h2>')
         parts.append(_html_table(COST_HEAD, costs, "cost"))
-    ppl = perplexity_rows(results)
-    if ppl:
-        parts.append('<h2 id="quality">Quality: perplexity per quantization</h2>')
-        parts.append(_md_to_html_table(perplexity_table_md(ppl), "perplexity"))
-    charts = (plot_latency_vs_rate(results) + plot_capacity(run_dir, results) + plot_over_time(run_dir, results) + plot_p2p(run_dir, results)
-              + plot_perplexity(results))
+    for key, title, head, rows in stage_sections(results):
+        parts.append(f'<h2 id="{escape(key)}">{escape(title)}</h2>')
+        parts.append(_html_table(head, rows, key))
+    charts = stage_charts(run_dir, results)
     parts.append('<h2 id="plots">Plots</h2>')
     parts.extend(charts or ['<p class="muted">no data to plot in this run</p>'])
     parts.append("</body></html>")
     return "\n".join(parts)
-
-
-def _md_to_html_table(md: str, cls: str) -> str:
-    lines = [ln for ln in md.splitlines() if ln.strip()]
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
-    return _html_table(head, rows, cls)
 
 
 def render_md(run_dir: Path) -> str:
@@ -535,32 +390,28 @@ def render_md(run_dir: Path) -> str:
     out = [f"# Plan {plan['name']}: {run.get('status')}", ""]
     if plan.get("description"):
         out += [plan["description"], ""]
-    out += ["## Environment", "", _md_table(["", ""], environment_rows(run)), "",
-            "## Stages", "", _md_table(STAGE_HEAD, stage_rows(run, results)), ""]
+    out += ["## Environment", "", md_table(["", ""], environment_rows(run)), "",
+            "## Stages", "", md_table(STAGE_HEAD, stage_rows(run, results)), ""]
     invalid = invalid_rows(run, results)
     if invalid:
         out += [f"### INVALID: {len(invalid)} stage(s)", "", INVALID_NOTE, "",
-                _md_table(INVALID_HEAD, [[n, f"**{st.upper()}**", why] for n, st, why in invalid]), ""]
+                md_table(INVALID_HEAD, [[n, f"**{st.upper()}**", why] for n, st, why in invalid]), ""]
     tables = plan_tables(run, results)
     if has_informational(tables):
         out += [INFORMATIONAL_NOTE, ""]
     for name, rows in tables:
-        out += [f"## {name}", "", _md_table(TABLE_HEAD, rows), ""]
-    power = power_rows(results)
-    if power:
-        out += ["## Hardware power", "", _md_table(POWER_HEAD, power), ""]
-    phys = physics_rows(results, run["plan"])
+        out += [f"## {name}", "", md_table(TABLE_HEAD, rows), ""]
+    phys = physics_rows(results, run)
     if phys:
-        out += ["## Physics check", "", _md_table(PHYS_HEAD, phys), ""]
+        out += ["## Physics check", "", md_table(PHYS_HEAD, phys), ""]
     sysrows = system_rows(run)
     if sysrows:
-        out += ["## System figures", "", _md_table(SYS_HEAD, sysrows), ""]
+        out += ["## System figures", "", md_table(SYS_HEAD, sysrows), ""]
     costs = cost_rows(run)
     if costs:
-        out += ["## Cost per million output tokens", "", _md_table(COST_HEAD, costs), ""]
-    ppl = perplexity_rows(results)
-    if ppl:
-        out += ["## Quality: perplexity per quantization", "", perplexity_table_md(ppl), ""]
+        out += ["## Cost per million output tokens", "", md_table(COST_HEAD, costs), ""]
+    for _key, title, head, rows in stage_sections(results):
+        out += [f"## {title}", "", md_table(head, rows), ""]
     out += ["Plots (latency vs rate, TTFT/TPOT over time, P2P heat map, perplexity vs throughput) are in "
             "report.html.", ""]
     return "\n".join(out)

@@ -24,10 +24,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.plan import PlanError, stage_module
+from harness.plan import PlanError
 from harness.stages.base import (
     EXIT_FAILED, EXIT_INVALID, StageContext, StageResult, StageSkipped, now_iso, read_json, write_json,
 )
+from harness.stages.contract import hook, stage_module
 
 RESULT, ERROR, RUN = "result.json", "error.json", "run.json"
 
@@ -122,13 +123,9 @@ def environment(plan: dict[str, Any], results: dict[str, dict[str, Any]]) -> dic
     except (OSError, subprocess.SubprocessError):
         pass
     for r in results.values():
-        data = r.get("data") or {}
-        if r.get("stage") == "hardware" and data.get("gpus"):
-            env["gpus"] = data["gpus"]
-            env["driver"] = data.get("driver")
-            env["torch_cuda"] = data.get("torch")
-        if r.get("stage") in ("throughput", "perplexity") and data.get("python"):
-            env.setdefault("vllm_python", data["python"])
+        add = hook(str(r.get("stage")), "run_environment")
+        if add is not None:
+            add(r, env)
     if "gpus" not in env:
         env["gpus"] = _nvidia_smi_gpus()
     py = env.get("vllm_python")
@@ -223,6 +220,12 @@ def run_plan(plan: dict[str, Any], run_dir: Path, log: Callable[[str], None] = p
     from harness.stages import cost
 
     costs = cost.compute(plan, results)
+    from harness.stages import physics
+
+    try:
+        marks = physics.plan_marks(plan)
+    except Exception:  # a target the roofline cannot read: no marks rather than no run.json
+        marks = {}
     statuses = {s["name"]: (results.get(s["name"]) or {}).get("status", "not run") for s in stages}
     prior_runs = []
     if run_path.exists():
@@ -232,6 +235,9 @@ def run_plan(plan: dict[str, Any], run_dir: Path, log: Callable[[str], None] = p
         "schema": 1, "plan": {k: v for k, v in plan.items() if not k.startswith("_")},
         "plan_source": plan.get("_source"), "statuses": statuses, "stopped_at": stopped_at,
         "costs": costs, "environment": environment(plan, results),
+        # the physics the report shows: each stage's targets against the roofline (judged from
+        # the plan alone, so a stage that never ran has them) and the datasheet's system figures
+        "target_marks": marks, "datasheet": physics.system_sheet(plan),
         "runs": prior_runs + [{"started_at": started, "duration_s": round(duration, 1),
                                "only": only or None}],
     }

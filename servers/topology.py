@@ -643,6 +643,49 @@ def detect() -> Topology | None:
     return topo
 
 
+def reconcile(nvml_topo: Topology | None, smi_text: str | None) -> tuple[Topology | None, list[str]]:
+    """NVML's topology checked against ``nvidia-smi topo -m``'s text, and where they disagree.
+
+    Without NVML's, nvidia-smi's parsed alone (``None`` when unparseable); with both, NVML's
+    with nvidia-smi's NUMA column filling the NUMA nodes NVML left unknown, and one line per
+    link cell the two read differently (``harness hw`` records them as errors).
+    """
+    if not smi_text:
+        return nvml_topo, []
+    try:
+        smi = parse_topo_matrix(smi_text)
+    except ValueError:
+        return nvml_topo, []
+    if nvml_topo is None:
+        return smi, []
+    for g in nvml_topo.gpus:
+        if nvml_topo.numa_nodes.get(g) is None and g in smi.gpus:
+            nvml_topo.numa_nodes[g] = smi.numa(g)
+    return nvml_topo, compare(nvml_topo, smi)
+
+
+def mapped_link(topo: Topology | None, index_map: dict[int, int], i: int, j: int) -> str | None:
+    """The link between ``i`` and ``j`` in another numbering (CUDA's), through ``index_map``
+    (that index -> ``topo``'s NVML index); ``None`` where either is unknown to ``topo``."""
+    if topo is None:
+        return None
+    a, b = index_map.get(i), index_map.get(j)
+    if a is None or b is None or a not in topo.gpus or b not in topo.gpus:
+        return None
+    return topo.link(a, b)
+
+
+def renumbered(topo: Topology, index_map: dict[int, int | None], gpus: Sequence[int]) -> Topology | None:
+    """``topo`` over ``gpus`` in another numbering (CUDA's: ``CUDA_VISIBLE_DEVICES`` and
+    ``CUDA_DEVICE_ORDER`` reorder devices), through ``index_map`` (that index -> NVML's);
+    ``None`` unless every one of ``gpus`` maps onto a GPU ``topo`` knows."""
+    if not all(index_map.get(g) in topo.gpus for g in gpus):
+        return None
+    return Topology(gpus=list(gpus),
+                    matrix=[[topo.link(index_map[i], index_map[j]) for j in gpus] for i in gpus],
+                    source=topo.source)
+
+
 def compare(a: Topology, b: Topology) -> list[str]:
     """Cells where two topologies of the same GPUs disagree (e.g. NVML vs nvidia-smi)."""
     diffs = []

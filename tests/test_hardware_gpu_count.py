@@ -9,7 +9,8 @@ from pathlib import Path
 
 from harness import plan as plan_mod
 from harness import runner
-from harness.stages import hardware as H
+from harness.hardware.judge import rejudge, unmeasurable
+from harness.hardware.report_io import report_from_dict, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 P2P_WHY = "p2p needs at least 2 GPUs; this machine has 1"
@@ -22,9 +23,9 @@ def one_h200(tmp_path: Path) -> Path:
     d["hbm"] = [r for r in d["hbm"] if r["gpu"] == 0]
     d["gemm"] = [r for r in d["gemm"] if r["gpu"] == 0]
     d["host"]["cuda_devices"] = 1
-    report = H.report_from_dict({**d, "checks": []})
-    report.checks = H.unmeasurable(["hbm", "gemm", "p2p"], [0], 1)
-    return H.write_report(H.rejudge(report), tmp_path / "recorded")
+    report = report_from_dict({**d, "checks": []})
+    report.checks = unmeasurable(["hbm", "gemm", "p2p"], [0], 1)
+    return write_report(rejudge(report), tmp_path / "recorded")
 
 
 def run_h200_plan_hardware(tmp_path: Path) -> tuple[int, list[str], Path]:
@@ -62,7 +63,7 @@ def test_p2p_not_measured_says_why_in_the_log_and_the_report(tmp_path):
 
 
 def test_a_figure_the_stage_did_not_ask_for_says_so():
-    from harness.stages.hardware_step import why_not_measured
+    from harness.stages.hardware import why_not_measured
 
     hw = {"checks": [{"name": "hbm_bandwidth", "status": "pass", "detail": "3.0 TB/s"}]}
     assert why_not_measured("p2p_gbs", hw) == "the p2p check did not run (checks:)"

@@ -21,7 +21,11 @@ import pytest
 from harness import plan as plan_mod
 from harness import runner
 from harness.commands import hw as hw_cmd
-from harness.stages import hardware as H
+from harness.hardware import run as hw_run
+from harness.hardware.judge import exit_code, nothing_measured, overall_status, rejudge
+from harness.hardware.model import Check, HardwareReport
+from harness.hardware.report_io import load_report
+from harness.hardware.summary import format_summary
 from harness.stages import serving
 from servers import topology as T
 
@@ -206,20 +210,20 @@ def test_run_status_and_exit_code_precedence():
 # --- hardware ---------------------------------------------------------------------------------
 
 def test_a_recorded_one_gpu_run_asked_for_p2p_is_invalid_not_pass():
-    report = H.rejudge(H.load_report(DATA / "hw" / "hardware-h100x1.json"))
-    text = H.format_summary(report)
-    assert report.status == "invalid" and H.exit_code(report) == 3
+    report = rejudge(load_report(DATA / "hw" / "hardware-h100x1.json"))
+    text = format_summary(report)
+    assert report.status == "invalid" and exit_code(report) == 3
     assert "overall: invalid" in text and "overall: pass" not in text
     assert "p2p needs at least 2 GPUs; this machine has 1" in text
     assert [c.status for c in report.checks if c.name in ("hbm_bandwidth", "gemm_bf16")] == ["pass", "pass"]
 
 
 def test_a_failed_check_outranks_invalid():
-    report = H.load_report(DATA / "hw" / "hardware-h100x1.json")
+    report = load_report(DATA / "hw" / "hardware-h100x1.json")
     report.hbm[0].tbs = 1.0
-    report = H.rejudge(report)
-    assert report.status == "fail" and H.exit_code(report) == 1
-    assert H.overall_status([H.Check("p2p", "invalid"), H.Check("x", "warn")]) == "invalid"
+    report = rejudge(report)
+    assert report.status == "fail" and exit_code(report) == 1
+    assert overall_status([Check("p2p", "invalid"), Check("x", "warn")]) == "invalid"
 
 
 class FakeCuda:
@@ -245,8 +249,8 @@ class FakeCuda:
 def fake_gpus(monkeypatch):
     def with_gpus(n: int) -> None:
         torch = SimpleNamespace(cuda=FakeCuda(n), __version__="2.9+fake", version=SimpleNamespace(cuda="12.8"))
-        monkeypatch.setattr(H, "_import_torch", lambda: (torch, None))
-        monkeypatch.setattr(H, "_import_nvml", lambda: None)
+        monkeypatch.setattr(hw_run, "import_torch", lambda: (torch, None))
+        monkeypatch.setattr(hw_run, "import_nvml", lambda: None)
         monkeypatch.setattr(T, "nvidia_smi_topo_text", lambda timeout=20.0: None)
     return with_gpus
 
@@ -263,7 +267,7 @@ def test_hw_p2p_on_one_gpu_measures_nothing_and_is_invalid(fake_gpus, tmp_path, 
     assert out.rstrip().endswith("overall: invalid") and "overall: pass" not in out
     data = json.loads((tmp_path / "hw" / "hardware.json").read_text())
     assert data["status"] == "invalid" and data["host"]["cuda_devices"] == 1
-    assert H.rejudge(H.load_report(tmp_path / "hw" / "hardware.json")).status == "invalid"
+    assert rejudge(load_report(tmp_path / "hw" / "hardware.json")).status == "invalid"
 
 
 def test_hw_p2p_on_one_chosen_gpu_of_two_says_so(fake_gpus, tmp_path, capsys):
@@ -273,10 +277,10 @@ def test_hw_p2p_on_one_chosen_gpu_of_two_says_so(fake_gpus, tmp_path, capsys):
 
 
 def test_nothing_measured_is_invalid():
-    report = H.HardwareReport(status="pass")
-    assert [c.status for c in H.nothing_measured(["hbm"], report)] == ["invalid"]
-    report.checks.append(H.Check("hbm_bandwidth", "error", gpu=0))
-    assert H.nothing_measured(["hbm"], report) == []
+    report = HardwareReport(status="pass")
+    assert [c.status for c in nothing_measured(["hbm"], report)] == ["invalid"]
+    report.checks.append(Check("hbm_bandwidth", "error", gpu=0))
+    assert nothing_measured(["hbm"], report) == []
 
 
 def hardware_plan(tmp_path: Path, **stage) -> dict:

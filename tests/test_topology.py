@@ -341,3 +341,21 @@ def test_nvml_absent_returns_none():
             raise RuntimeError("NVML Shared Library Not Found")
 
     assert T.from_nvml(Broken()) is None
+
+
+def test_reconcile_fills_numa_and_lists_disagreements_then_renumbers_for_cuda():
+    smi_text = make_text(2, lambda i, j: "NV18", lambda i: "0-7", lambda i: 1)
+    nvml = T.Topology(gpus=[0, 1], matrix=[["X", "PIX"], ["PIX", "X"]], source="nvml")
+    topo, diffs = T.reconcile(nvml, smi_text)
+    assert topo is nvml and topo.numa(0) == 1 and topo.numa(1) == 1
+    assert diffs == ["GPU0-GPU1: nvml PIX vs nvidia-smi NV18", "GPU1-GPU0: nvml PIX vs nvidia-smi NV18"]
+    alone, none = T.reconcile(None, smi_text)
+    assert alone.link(0, 1) == "NV18" and none == []
+    assert T.reconcile(nvml, "not a matrix") == (nvml, []) and T.reconcile(None, None) == (None, [])
+    # CUDA 0 is NVML 1 (CUDA_VISIBLE_DEVICES=1,0): links read through the map
+    three = T.Topology(gpus=[0, 1, 2], matrix=[["X", "SYS", "PIX"], ["SYS", "X", "NV4"], ["PIX", "NV4", "X"]])
+    cuda_to_nvml = {0: 1, 1: 2}
+    assert T.mapped_link(three, cuda_to_nvml, 0, 1) == "NV4" and T.mapped_link(three, cuda_to_nvml, 0, 5) is None
+    cuda = T.renumbered(three, cuda_to_nvml, [0, 1])
+    assert cuda.gpus == [0, 1] and cuda.link(0, 1) == "NV4"
+    assert T.renumbered(three, {0: 1, 1: None}, [0, 1]) is None

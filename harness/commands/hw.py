@@ -12,38 +12,14 @@ import sys
 from typing import Any
 
 from harness.errors import UsageError
+from harness.parsing import parse_gpus
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 
 
-def parse_gpus(text: str | None) -> list[int] | None:
-    """``'0,1'`` -> ``[0, 1]``; ``'0-3'`` -> ``[0, 1, 2, 3]``; ``None``/``'all'`` -> ``None``."""
-    if text is None or text.strip().lower() in ("", "all"):
-        return None
-    out: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if hi < lo:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise UsageError(
-                f"--gpus {text!r}: give CUDA device indices like 0,1 or 0-3") from None
-    if any(g < 0 for g in out):
-        raise UsageError(f"--gpus {text!r}: device indices are >= 0")
-    if len(set(out)) != len(out):
-        raise UsageError(f"--gpus {text!r}: a GPU is listed twice")
-    return out
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from harness.stages.hardware import TARGETS  # light: no torch at import
+    from harness.hardware.targets import TARGETS  # light: no torch at import
 
     p = subparsers.add_parser(
         "hw",
@@ -73,7 +49,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from harness.stages import hardware
+    from harness.hardware import judge, summary, targets
+    from harness.hardware.run import run
 
     gpus = parse_gpus(args.gpus)
     checks = [c.strip() for c in (args.checks or "").split(",") if c.strip()]
@@ -82,7 +59,7 @@ def handle(args: argparse.Namespace) -> int:
         raise UsageError(f"--checks {args.checks!r}: choose from hbm, gemm, p2p")
     if args.target:
         try:
-            hardware.find_target(args.target)
+            targets.find_target(args.target)
         except KeyError as exc:
             raise UsageError(str(exc.args[0])) from None
 
@@ -90,20 +67,20 @@ def handle(args: argparse.Namespace) -> int:
         print(msg, flush=True)
 
     try:
-        report = hardware.run(args.out, gpus=gpus, quick=args.quick, target=args.target,
-                              checks=checks, log=log)
+        report = run(args.out, gpus=gpus, quick=args.quick, target=args.target,
+                     checks=checks, log=log)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if report.status == "skipped":
         print(f"harness hw: skipped: {report.skipped_reason}", file=sys.stderr)
     else:
-        print(hardware.format_summary(report))
+        print(summary.format_summary(report))
     if args.json:
         import json
 
         print(json.dumps(report.to_dict(), indent=2, default=str))
     print(f"wrote {args.out.rstrip('/')}/hardware.json", file=sys.stderr)
-    return hardware.exit_code(report)
+    return judge.exit_code(report)
 
 
 def main(argv: list[str] | None = None) -> int:

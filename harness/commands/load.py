@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from harness.errors import UsageError
+from harness.parsing import parse_duration as _duration
 from harness.ports import free_port_block, require_free
 from harness.progress import STATUS_FILE
 from harness.results import RUN_FILES
@@ -25,16 +26,6 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # earlier summary.json); other files are left alone.
 LOCUST_FILES = (STATUS_FILE, "locust.html", "locust.json", "locust_stats.csv", "locust_stats_history.csv",
                 "locust_failures.csv", "locust_exceptions.csv")
-
-
-def _duration(text: str) -> int:
-    """'90', '90s', '15m', '2h' -> seconds."""
-    t = text.strip().lower()
-    mult = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
-    try:
-        return int(float(t[:-1]) * mult) if mult else int(float(t))
-    except ValueError:
-        raise UsageError(f"bad duration {text!r}: use seconds or 30s / 15m / 2h") from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

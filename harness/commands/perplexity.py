@@ -57,9 +57,9 @@ def handle(args: argparse.Namespace) -> int:
     print_result(doc)
     rows = (doc.get("data") or {}).get("variants") or []
     if rows:
-        from harness.report import perplexity_table_md
+        from harness.stages.perplexity import variants_table_md
 
-        print(perplexity_table_md(rows))
+        print(variants_table_md(rows))
     if args.json:
         print(json.dumps(doc, indent=2, default=str))
     return {"pass": 0, "skipped": 0, "fail": 1}.get(doc["status"], 1)

@@ -86,7 +86,7 @@ def _topology(args: argparse.Namespace):
 
 
 def handle(args: argparse.Namespace) -> int:
-    from harness.commands.hw import parse_gpus
+    from harness.parsing import parse_gpus
     from servers.launcher import (
         LayoutError, ServerDiedError, ServerStartError, find_vllm_python, launch, load_layout,
         make_plan, parse_model_overrides,

@@ -227,3 +227,17 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
                        checks=checks, params=p, detail=f"{where}: {doc['answer']['text']}", invalid=invalid,
                        data={"capacity": "capacity.json", "answer": doc["answer"], "bracket": doc["bracket"],
                              "mode": doc["mode"], "error_band": doc.get("error_band"), "exit_code": code})
+
+
+def report_charts(run_dir: Path, name: str, result: dict[str, Any]) -> list[str]:
+    """SLO values vs offered rate (or users) at each step, the thresholds and the capacity found (contract hook)."""
+    from harness.capacity_report import chart
+
+    path = run_dir / name / "capacity.json"
+    if not path.exists():
+        return []
+    try:
+        svg_text = chart(read_json(path), f"{name}: ")
+    except (ValueError, KeyError):
+        return []
+    return [svg_text] if svg_text else []

@@ -134,3 +134,67 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         detail=f"{len(endpoints)} endpoints, {what} each" + invalid_detail(invalid), invalid=invalid,
         data={"endpoints": per_endpoint, "ceilings": ceilings},
     )
+
+
+# --- the physics of a cluster's targets, from the plan alone -------------------------------------
+
+def _cluster_groups(stage: dict[str, Any], plan: dict[str, Any]) -> list[tuple[str, dict[str, Any], int]]:
+    """(role, physics spec, replicas) of a cluster stage's target, from the plan alone."""
+    target = stage.get("target") or {}
+    spec = dict(stage.get("physics") or {})
+    per_role = bool(spec) and all(isinstance(v, dict) for v in spec.values())
+    sim = target.get("simulator")
+    groups: list[tuple[str, dict[str, Any], int]] = []
+    if isinstance(sim, str):
+        groups.append(("sim", {"profile": sim}, int(target.get("replicas") or 1)))
+    elif isinstance(sim, list):
+        for g in sim:
+            role = str(g.get("role") or g["profile"])
+            groups.append((role, {"profile": g["profile"]}, int(g.get("replicas") or 1)))
+    elif target.get("layout"):
+        from servers.launcher import layout_from_dict, load_layout
+
+        lay = target["layout"]
+        try:
+            layout = layout_from_dict(lay, source="plan") if isinstance(lay, dict) else load_layout(str(lay))
+        except Exception:
+            return []
+        total = int(plan.get("gpu_count") or 0)
+        fixed = sum(s.replicas * s.tensor_parallel_size for s in layout.servers if isinstance(s.replicas, int))
+        for s in layout.servers:
+            n = s.replicas if isinstance(s.replicas, int) else max(0, total - fixed) // max(1, s.tensor_parallel_size)
+            role_spec = dict(spec.get(s.role) or {}) if per_role else dict(spec)
+            groups.append((s.role, role_spec, n))
+    return groups
+
+
+def target_marks(stage: dict[str, Any], plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets (``output_tokens_per_s``, ``ROLE.output_tokens_per_s``) against the sum of the
+    replicas' hardware ceilings: a target above it is impossible (source 'target')."""
+    from harness.stages.physics import IMPOSSIBLE, OK, bounds, hardware_from, stage_value, target_number
+
+    in_len, out_len = int(stage_value(stage, "input_len") or 512), int(stage_value(stage, "output_len") or 128)
+    bounds_by: dict[str, float] = {}
+    complete = True
+    for role, spec, n in _cluster_groups(stage, plan):
+        hw = hardware_from(spec, plan, replicas=n, input_len=in_len, output_len=out_len)
+        b = bounds(hw) if hw else {}
+        if "output_tokens_per_s" not in b:
+            complete = False
+            continue
+        bounds_by[f"{role}.output_tokens_per_s"] = bounds_by.get(f"{role}.output_tokens_per_s", 0.0) + \
+            b["output_tokens_per_s"][1]
+    if bounds_by and complete:
+        bounds_by["output_tokens_per_s"] = sum(bounds_by.values())
+    out = []
+    for k, v in (stage.get("expect") or {}).items():
+        value = target_number(v)
+        if k not in bounds_by or value is None:
+            continue
+        bound = bounds_by[k]
+        mark = IMPOSSIBLE if value > bound else OK
+        out.append({"metric": k, "value": value, "source": "target", "bound": round(bound, 1),
+                    "bound_name": "sum of the replicas' hardware ceilings", "mark": mark,
+                    "detail": (f"{value:,.0f} above the replicas' summed hardware ceiling {bound:,.0f} tok/s"
+                               if mark != OK else f"summed hardware ceiling {bound:,.0f} tok/s")})
+    return out

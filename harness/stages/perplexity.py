@@ -52,6 +52,7 @@ from harness.stages.base import (
     Field, StageContext, StageResult, StageSkipped, exit_text, find_python_with, python_has,
     read_fresh_json, repo_root,
 )
+from harness.stages.contract import vllm_python_environment as run_environment  # noqa: F401  (contract hook)
 
 TASK_NAME = "harness_local_ppl"
 PARAMS: dict[str, Field] = {
@@ -383,3 +384,71 @@ if __name__ == "__main__":  # pragma: no cover
     print("usage: python -m harness.stages.perplexity --lm-eval SPEC.json  (users: `harness perplexity`)",
           file=sys.stderr)
     sys.exit(2)
+
+
+# --- the report's quality section and chart (contract hooks) ------------------------------------
+
+VARIANT_HEAD = ["variant", "model", "quantization", "word perplexity (expected)", "throughput x (expected)",
+                "memory x (expected)", "weights GB"]
+
+
+def _target_shown(expr: Any) -> str:
+    """One ``expect:`` entry as written, an informational one marked so."""
+    from harness.report import fmt
+
+    if isinstance(expr, dict):
+        return f"{fmt(expr.get('target'))}, informational" if expr.get("informational") else fmt(expr.get("target"))
+    return fmt(expr)
+
+
+def variant_rows(variants: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per variant: perplexity, throughput and memory relative to the baseline, each
+    beside its target."""
+    from harness.report import fmt
+
+    rows = []
+    for v in variants:
+        e = v.get("expect") or {}
+        rows.append([v["name"], v["model"], str(v.get("quantization")),
+                     f"{fmt(v.get('word_perplexity'))} ({_target_shown(e.get('word_perplexity'))})",
+                     f"{fmt(v.get('throughput_x'), 3)} ({_target_shown(e.get('throughput_x'))})",
+                     f"{fmt(v.get('memory_x'), 3)} ({_target_shown(e.get('memory_x'))})",
+                     fmt(v.get("memory_gb"), 3)])
+    return rows
+
+
+def variants_table_md(variants: list[dict[str, Any]]) -> str:
+    """The variants as a Markdown table (``harness perplexity`` prints it)."""
+    from harness.report import md_table
+
+    return md_table(VARIANT_HEAD, variant_rows(variants))
+
+
+def report_tables(name: str, result: dict[str, Any]) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """The report's quality section: every variant of this stage (contract hook)."""
+    variants = (result.get("data") or {}).get("variants") or []
+    return [("quality", "Quality: perplexity per quantization", VARIANT_HEAD, variant_rows(variants))]
+
+
+def report_charts(run_dir: Path, name: str, result: dict[str, Any]) -> list[str]:
+    """Word perplexity vs throughput of this stage's variants, a target standing in for a
+    figure not measured (drawn hollow) (contract hook)."""
+    from harness import svg
+    from harness.stages.physics import target_number
+
+    pts = []
+    for v in (result.get("data") or {}).get("variants") or []:
+        e = v.get("expect") or {}
+        x, xm = v.get("throughput_x"), True
+        if x is None and e.get("throughput_x") is not None:
+            x, xm = target_number(e["throughput_x"]), False
+        y, ym = v.get("word_perplexity"), True
+        if y is None and e.get("word_perplexity") is not None:
+            y, ym = target_number(e["word_perplexity"]), False
+        if x is None or y is None:
+            continue
+        pts.append((v["name"], x, y, xm and ym))
+    if not pts:
+        return []
+    return [svg.scatter_chart("Word perplexity vs throughput (relative to the baseline)",
+                              "throughput (x baseline)", "word perplexity", pts, cls="ppl-vs-throughput")]

@@ -204,93 +204,60 @@ def target_number(expr: Any) -> float | None:
 
 # --- targets of a whole plan, before anything runs ------------------------------------------------
 
-def _cluster_groups(stage: dict[str, Any], plan: dict[str, Any]) -> list[tuple[str, dict[str, Any], int]]:
-    """(role, physics spec, replicas) of a cluster stage's target, from the plan alone."""
-    target = stage.get("target") or {}
-    spec = dict(stage.get("physics") or {})
-    per_role = bool(spec) and all(isinstance(v, dict) for v in spec.values())
-    sim = target.get("simulator")
-    groups: list[tuple[str, dict[str, Any], int]] = []
-    if isinstance(sim, str):
-        groups.append(("sim", {"profile": sim}, int(target.get("replicas") or 1)))
-    elif isinstance(sim, list):
-        for g in sim:
-            role = str(g.get("role") or g["profile"])
-            groups.append((role, {"profile": g["profile"]}, int(g.get("replicas") or 1)))
-    elif target.get("layout"):
-        from servers.launcher import layout_from_dict, load_layout
+def stage_value(stage: dict[str, Any], key: str) -> Any:
+    """A validated plan stage's ``key``, else its kind's default (``PARAMS``)."""
+    from harness.stages.contract import stage_module
 
-        lay = target["layout"]
-        try:
-            layout = layout_from_dict(lay, source="plan") if isinstance(lay, dict) else load_layout(str(lay))
-        except Exception:
-            return []
-        total = int(plan.get("gpu_count") or 0)
-        fixed = sum(s.replicas * s.tensor_parallel_size for s in layout.servers if isinstance(s.replicas, int))
-        for s in layout.servers:
-            n = s.replicas if isinstance(s.replicas, int) else max(0, total - fixed) // max(1, s.tensor_parallel_size)
-            role_spec = dict(spec.get(s.role) or {}) if per_role else dict(spec)
-            groups.append((s.role, role_spec, n))
-    return groups
+    v = stage.get(key)
+    if v is not None:
+        return v
+    params = getattr(stage_module(stage["stage"]), "PARAMS", {})
+    return params[key].default if key in params else None
+
+
+def load_target_marks(stage: dict[str, Any], plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """A load stage's targets (throughput, serving, soak) against the roofline of its
+    ``physics:`` spec, or of its simulator target's profile (source 'target')."""
+    in_len, out_len = int(stage_value(stage, "input_len") or 512), int(stage_value(stage, "output_len") or 128)
+    spec = dict(stage.get("physics") or {})
+    sim = (stage.get("target") or {}).get("simulator")
+    if not spec and isinstance(sim, str):
+        spec = {"profile": sim}
+    hw = hardware_from(spec, plan, input_len=in_len, output_len=out_len)
+    return check_all(((k, target_number(v), "target") for k, v in (stage.get("expect") or {}).items()), hw)
 
 
 def target_marks(stage: dict[str, Any], plan: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every target of one validated plan stage held against the roofline (source 'target')."""
-    from harness.plan import stage_module
+    """Every target of one validated plan stage held against the roofline (source 'target'),
+    by its kind's ``target_marks`` hook; none for a kind without one."""
+    from harness.stages.contract import hook
 
-    kind = stage["stage"]
-    expected = stage.get("expect") or {}
-    if not expected:
-        return []
-    params = getattr(stage_module(kind), "PARAMS", {})
-
-    def val(key: str) -> Any:
-        v = stage.get(key)
-        return v if v is not None else (params[key].default if key in params else None)
-
-    if kind == "hardware":
-        try:
-            gpu = gpu_spec(str(plan["gpu"]), plan.get("gpu_overrides")) if plan.get("gpu") else None
-        except KeyError:
-            gpu = None
-        return [r for r in (check_hardware_value(k, target_number(v), "target", gpu)
-                            for k, v in expected.items()) if r]
-    in_len, out_len = int(val("input_len") or 512), int(val("output_len") or 128)
-    if kind in ("throughput", "serving", "soak"):
-        spec = dict(stage.get("physics") or {})
-        sim = (stage.get("target") or {}).get("simulator")
-        if not spec and isinstance(sim, str):
-            spec = {"profile": sim}
-        hw = hardware_from(spec, plan, input_len=in_len, output_len=out_len)
-        return check_all(((k, target_number(v), "target") for k, v in expected.items()), hw)
-    if kind == "cluster":
-        bounds_by: dict[str, float] = {}
-        complete = True
-        for role, spec, n in _cluster_groups(stage, plan):
-            hw = hardware_from(spec, plan, replicas=n, input_len=in_len, output_len=out_len)
-            b = bounds(hw) if hw else {}
-            if "output_tokens_per_s" not in b:
-                complete = False
-                continue
-            bounds_by[f"{role}.output_tokens_per_s"] = bounds_by.get(f"{role}.output_tokens_per_s", 0.0) + \
-                b["output_tokens_per_s"][1]
-        if bounds_by and complete:
-            bounds_by["output_tokens_per_s"] = sum(bounds_by.values())
-        out = []
-        for k, v in expected.items():
-            value = target_number(v)
-            if k not in bounds_by or value is None:
-                continue
-            bound = bounds_by[k]
-            mark = IMPOSSIBLE if value > bound else OK
-            out.append({"metric": k, "value": value, "source": "target", "bound": round(bound, 1),
-                        "bound_name": "sum of the replicas' hardware ceilings", "mark": mark,
-                        "detail": (f"{value:,.0f} above the replicas' summed hardware ceiling {bound:,.0f} tok/s"
-                                   if mark != OK else f"summed hardware ceiling {bound:,.0f} tok/s")})
-        return out
-    return []
+    marks = hook(stage["stage"], "target_marks")
+    return marks(stage, plan) if marks is not None and stage.get("expect") else []
 
 
 def plan_marks(plan: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """stage name -> the physics marks of its targets."""
     return {s["name"]: target_marks(s, plan) for s in plan["stages"]}
+
+
+def system_sheet(plan: dict[str, Any]) -> dict[str, Any]:
+    """The datasheet's side of the plan's ``system:`` figures: ``gpu_count`` x the plan GPU's
+    memory, bandwidth and TDP, its interconnect, and one GPU's 8B BF16 output-token ceiling;
+    empty without ``system:``, ``gpu:`` and ``gpu_count:``."""
+    gpu_key, count = plan.get("gpu"), plan.get("gpu_count")
+    if not plan.get("system") or not gpu_key or not count:
+        return {}
+    try:
+        spec = gpu_spec(gpu_key, plan.get("gpu_overrides"))
+    except KeyError:
+        return {}
+    sheet: dict[str, Any] = {"total_memory_gb": count * spec.memory_gb,
+                             "total_bandwidth_tbs": count * spec.mem_bandwidth_gbs / 1000,
+                             "power_w": count * spec.tdp_watts, "interconnect": spec.interconnect}
+    try:
+        dep = deployment(gpu_key, "llama-3-8b", "bf16", 1, plan.get("gpu_overrides"))
+        sheet["tokens_per_s_per_gpu_7b"] = bounds(Hardware(dep, 1, 512, 256))["output_tokens_per_s"][1]
+    except Exception:
+        pass
+    return sheet

@@ -27,9 +27,9 @@ class _Sampling:
 
         self._t0 = time.perf_counter()
         try:
-            from harness.stages.hardware import PowerSampler, _import_nvml
+            from harness.hardware.nvml import PowerSampler, import_nvml
 
-            nvml = _import_nvml()
+            nvml = import_nvml()
             if nvml is None:
                 return self
             count = nvml.nvmlDeviceGetCount()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.stages.base import Field, StageContext, StageResult
+from harness.stages.physics import load_target_marks as target_marks  # noqa: F401  (contract hook)
 
 PCTS = ("p50", "p90", "p95", "p99", "p99_9", "mean", "max")
 LATENCIES = ("ttft", "tpot", "itl", "e2e", "ttft_from_schedule", "schedule_lag")
@@ -331,3 +332,10 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
               "requests": main_summary.get("requests"), "generator": gen,
               "slo": main_summary.get("slo")},
     )
+
+
+def report_charts(run_dir: Path, name: str, result: dict[str, Any]) -> list[str]:
+    """Latency vs rate of a sweep, and TTFT/TPOT over the run (contract hook)."""
+    from harness import load_charts
+
+    return load_charts.latency_vs_rate(name, result) + load_charts.over_time(run_dir, name, result)

@@ -9,9 +9,11 @@ generator makes the stage ``invalid``, as in the serving stage.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from harness.stages.base import Field, StageContext, StageResult
+from harness.stages.physics import load_target_marks as target_marks  # noqa: F401  (contract hook)
 from harness.stages.serving import LOAD_PARAMS, METRICS  # noqa: F401  (METRICS: same figures)
 
 PARAMS: dict[str, Field] = {
@@ -25,13 +27,13 @@ PARAMS: dict[str, Field] = {
 
 
 def validate_params(p: dict[str, Any]) -> None:
-    from harness.commands.load import _duration
     from harness.errors import UsageError
+    from harness.parsing import parse_duration
     from harness.stages import targets
 
     targets.validate(p.get("target") or {})
     try:
-        _duration(str(p.get("duration") or "60s"))
+        parse_duration(str(p.get("duration") or "60s"))
     except UsageError as exc:
         raise ValueError(f"duration: {exc}") from None
 
@@ -52,7 +54,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         flatten, generator_reasons, invalid_detail, load_argv, run_loads, slos_from_expect,
     )
     from harness.stages.targets import open_targets, sampled_gpus
-    from harness.commands.load import _duration
+    from harness.parsing import parse_duration
 
     p = {k: params.get(k, f.default) for k, f in PARAMS.items()}
     expected = dict(params.get("expect") or {})
@@ -64,7 +66,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         extra.append("--soak-mix")
     if p.get("num_requests"):
         extra += ["--num-requests", str(p["num_requests"])]
-    seconds = _duration(str(p["duration"]))
+    seconds = parse_duration(str(p["duration"]))
     with open_targets(p["target"], ctx.out_dir, ctx.log) as endpoints:
         ep = endpoints[0]
         ctx.log(f"soak: {p['rate']:g} req/s for {p['duration']} -> {ep.url}"
@@ -93,3 +95,10 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
         data={"load_dir": "load", "drift": res.get("drift"), "requests": res.get("requests"),
               "generator": res.get("generator")},
     )
+
+
+def report_charts(run_dir: Path, name: str, result: dict[str, Any]) -> list[str]:
+    """TTFT/TPOT over the whole soak (contract hook)."""
+    from harness.load_charts import over_time
+
+    return over_time(run_dir, name, result)

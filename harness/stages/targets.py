@@ -197,7 +197,7 @@ def _simulators(spec: dict[str, Any], out_dir: Path, log: Callable[[str], None])
 
 @contextlib.contextmanager
 def _layout(spec: dict[str, Any], out_dir: Path, log: Callable[[str], None]) -> Iterator[list[TargetEndpoint]]:
-    from harness.commands.hw import parse_gpus
+    from harness.parsing import parse_gpus
     from servers import topology
     from servers.launcher import find_vllm_python, launch, layout_from_dict, load_layout, make_plan
     from servers.launcher.layouts import apply_models, validate as validate_layout

@@ -35,6 +35,8 @@ from harness.stages.base import (
     Field, StageContext, StageResult, StageSkipped, exit_text, find_python_with, python_has,
     read_fresh_json, repo_root,
 )
+from harness.stages.physics import load_target_marks as target_marks  # noqa: F401  (contract hook)
+from harness.stages.contract import vllm_python_environment as run_environment  # noqa: F401  (contract hook)
 
 PARAMS: dict[str, Field] = {
     "model": Field("str", required=True, help="hub id or local folder"),
