@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from harness.histograms import HistogramSet
+from harness.metric_catalog import LATENCIES, LATENCY
 from harness.progress import STATUS_FILE
 from harness.slo import Slo, evaluate, request_is_good
 from harness.timing import INCOMPLETE, RequestRecord
@@ -19,8 +20,6 @@ from harness.timing import INCOMPLETE, RequestRecord
 SCHEMA = 1
 # A requests.jsonl line's fields, in contract order (harness.timing.RequestRecord).
 REQUEST_FIELDS = tuple(RequestRecord.__dataclass_fields__)
-LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "icl_ms", "e2e_ms", "schedule_lag_ms",
-                "ttft_from_schedule_ms")
 
 
 class RequestLog:
@@ -135,8 +134,8 @@ def build_summary(*, hist: HistogramSet, counters: Counters, duration_s: float,
         "output_tokens": counters.output_tokens,
         "error_rate": counters.failed / total if total else 0.0,
     }
-    for key in LATENCY_KEYS:
-        summary[key] = hist.summary(key)
+    for lat in LATENCIES:
+        summary[lat.field] = hist.summary(lat.field)
     summary.update(rates(counters, duration_s))
     summary["goodput_ratio"] = counters.good / total if total else None
     summary["slo"] = evaluate(slos, summary)
@@ -236,9 +235,10 @@ def now() -> float:
 
 def format_table(summary: dict[str, Any]) -> str:
     """The human summary `harness load` and `make demo` print."""
-    rows = [("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E", "e2e_ms")]
+    shown = ["ttft", "tpot", "itl", "e2e"]
     if (summary.get("schedule_lag_ms") or {}).get("count"):
-        rows += [("TTFT from schedule", "ttft_from_schedule_ms"), ("schedule lag", "schedule_lag_ms")]
+        shown += ["ttft_from_schedule", "schedule_lag"]
+    rows = [(LATENCY[n].label, LATENCY[n].field) for n in shown]
     cols = ("p50", "p90", "p99", "p99_9", "mean", "max")
     fmt = lambda v: "-" if v is None else f"{v:,.1f}"  # noqa: E731
     lines = [f"{'ms':<20}" + "".join(f"{c:>10}" for c in cols) + f"{'count':>10}"]

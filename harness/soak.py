@@ -15,11 +15,12 @@ from typing import Any
 
 from harness import drift
 from harness.errors import UsageError
+from harness.metric_catalog import SCALARS
 from harness.results import write_json
 from harness.slo import evaluate, parse_slo, run_exit_code
 from harness.workload import WorkloadSpec
 
-DRIFT_METRICS = ("ttft_drift_ms_per_h", "tpot_drift_ms_per_h")
+DRIFT_METRICS = tuple(s.name for s in SCALARS if s.unit == "ms/h")
 # Exit codes of the plugin that `finish_run` may recompute; anything else (Locust's own
 # errors, a signal) is passed through untouched.
 _OUR_CODES = (0, 1, 3, 4)
