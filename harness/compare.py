@@ -36,7 +36,7 @@ import numpy as np
 
 from harness import metric_catalog as mc
 from harness.errors import UsageError
-from harness.results import read_requests
+from harness.json_io import read_jsonl
 
 SCHEMA = 1
 LATENCY = tuple(mc.LATENCY[n] for n in ("ttft", "tpot", "itl", "e2e"))   # the ones judged
@@ -75,9 +75,9 @@ def load_run(path: str | pathlib.Path) -> Run:
         except ValueError as e:
             raise UsageError(f"{p / 'summary.json'}: not JSON ({e})") from None
     try:
-        records = read_requests(req)
-    except ValueError as e:
-        raise UsageError(f"{req}: a line is not JSON ({e})") from None
+        records = read_jsonl(req)
+    except ValueError as e:   # json_io.JsonlError: the file and line
+        raise UsageError(str(e)) from None
     records = measured(records, summary)
     if not records:
         raise UsageError(f"{req}: no requests in the run's measured window")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import svg
+from harness.json_io import read_jsonl
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
@@ -60,21 +61,6 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
                     continue
                 break
     return run, results
-
-
-def read_timeseries(path: Path) -> list[dict[str, Any]]:
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except ValueError:
-                        break
-    except OSError:
-        pass
-    return out
 
 
 # --- formatting --------------------------------------------------------------------------------
@@ -372,7 +358,8 @@ def plot_over_time(run_dir: Path, results: dict[str, dict[str, Any]]) -> list[st
     for name, r in results.items():
         if r.get("stage") not in ("serving", "soak") or r.get("status") not in ("pass", "fail", "invalid"):
             continue
-        ts = read_timeseries(run_dir / name / ((r.get("data") or {}).get("load_dir") or "load") / "timeseries.jsonl")
+        ts = read_jsonl(run_dir / name / ((r.get("data") or {}).get("load_dir") or "load") / "timeseries.jsonl",
+                        missing_ok=True)
         if not ts:
             continue
         t0 = ts[0]["t"] - ts[0].get("window_s", 0)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from harness.histograms import HistogramSet
+from harness.json_io import read_jsonl
 from harness.metric_catalog import LATENCIES, LATENCY
 from harness.progress import STATUS_FILE
 from harness.slo import Slo, evaluate, request_is_good
@@ -148,17 +149,6 @@ def build_summary(*, hist: HistogramSet, counters: Counters, duration_s: float,
     return summary
 
 
-def read_requests(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every whole line of a requests.jsonl (a torn last line from a kill is skipped)."""
-    out = []
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            out.append(json.loads(line))
-    return out
-
-
 STARTED_FILE = "started.jsonl"
 STARTED_FIELDS = ("id", "user_class", "url", "model", "scheduled_at", "sent_at", "input_tokens")
 
@@ -170,8 +160,8 @@ def reconcile_started(out: pathlib.Path) -> int:
     started_path, log_path = out / STARTED_FILE, out / "requests.jsonl"
     if not started_path.exists():
         return 0
-    recorded = {d.get("id") for d in read_requests(log_path)} if log_path.exists() else set()
-    lost = [d for d in read_requests(started_path) if d.get("id") not in recorded]
+    recorded = {d.get("id") for d in read_jsonl(log_path, missing_ok=True)}
+    lost = [d for d in read_jsonl(started_path) if d.get("id") not in recorded]
     if not lost:
         return 0
     log = RequestLog(log_path)
@@ -196,14 +186,6 @@ def summary_from_requests(records: Iterable[dict[str, Any]], slos: list[Slo] | N
     duration = ((counters.last_finished or 0) - (counters.first_sent or 0)) if counters.first_sent else 0.0
     return build_summary(hist=hist, counters=counters, duration_s=duration, started_at=counters.first_sent or 0,
                          target={}, workload={}, slos=slos, generator={})
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # One run's files in its results directory: what archive_run moves aside.

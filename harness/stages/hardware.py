@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from harness.json_io import write_json
 from servers import topology as topo_mod
 
 SCHEMA = 1
@@ -933,9 +934,7 @@ def write_report(report: HardwareReport, out_dir: str | os.PathLike[str]) -> Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "hardware.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
+    write_json(path, report.to_dict(), default=_json_default)
     return path
 
 
