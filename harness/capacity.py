@@ -37,13 +37,13 @@ or users), and its ``requests_per_s`` the rate it achieved.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from harness import metric_catalog as mc
 from harness.compare import MIN_TAIL, bootstrap_quantiles, n_blocks
 from harness.errors import UsageError
 from harness.slo import Slo, parse_slo
@@ -53,9 +53,9 @@ DEFAULT_RESOLUTION = 0.05
 GROWTH = 2.0          # the bracketing step: each passing rate is doubled (capped at max_rate)
 MAX_STEPS = 40        # a bound on the search whatever the inputs (bisection needs ~log2 of range/res)
 # The metrics a step can judge with a confidence interval (what the block bootstrap covers).
-_LATENCY = re.compile(r"^(ttft|tpot|itl|e2e)_(p50|p90|p95|p99|p99_9|mean)_ms$")
-_Q = {"p50": 0.50, "p90": 0.90, "p95": 0.95, "p99": 0.99, "p99_9": 0.999}
-_LABEL = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "E2E"}
+JUDGED = tuple(mc.LATENCY[n] for n in ("ttft", "tpot", "itl", "e2e"))
+JUDGED_STATS = (*mc.PERCENTILES, "mean")
+_Q = {k: round(p / 100.0, 6) for k, p in mc.PERCENTILES.items()}   # p99_9 -> 0.999 exactly
 PASS, FAIL = "pass", "fail"
 LOADS = ("rate", "users")     # the search's axis: open-loop req/s, or closed-loop users
 UNIT = {"rate": "req/s", "users": "users"}
@@ -72,12 +72,19 @@ def parse_capacity_slos(texts: list[str]) -> list[Slo]:
     out = []
     for t in texts:
         s = parse_slo(t)
-        if not (_LATENCY.match(s.metric) or s.metric == "error_rate") or s.op not in ("<=", "<"):
+        if not (_judged(s.metric) or s.metric == "error_rate") or s.op not in ("<=", "<"):
             raise UsageError(f"--slo {t!r}: a capacity search judges upper bounds (<=) on "
-                             f"(ttft|tpot|itl|e2e)_(p50|p90|p95|p99|p99_9|mean)_ms or error_rate, "
+                             f"({'|'.join(m.name for m in JUDGED)})_({'|'.join(JUDGED_STATS)})_ms "
+                             f"or error_rate, "
                              f"the metrics it can put a confidence interval on")
         out.append(s)
     return out
+
+
+def _judged(metric: str) -> tuple[mc.Latency, str] | None:
+    """(latency, statistic) of a metric a step can put a confidence interval on, else None."""
+    lat = mc.split_latency(metric)
+    return lat if lat is not None and lat[0] in JUDGED and lat[1] in JUDGED_STATS else None
 
 
 def min_requests(slos: list[Slo]) -> int:
@@ -86,9 +93,9 @@ def min_requests(slos: list[Slo]) -> int:
     request is enough there. A step sends at least this many, however short --duration-per-step."""
     need = 10
     for s in slos:
-        m = _LATENCY.match(s.metric)
-        if m and m.group(1) != "itl" and m.group(2) in _Q:
-            need = max(need, math.ceil(MIN_TAIL / (1.0 - _Q[m.group(2)]) - 1e-9))
+        m = _judged(s.metric)
+        if m and not m[0].per_token and m[1] in _Q:
+            need = max(need, math.ceil(MIN_TAIL / (1.0 - _Q[m[1]]) - 1e-9))
     return need
 
 
@@ -120,14 +127,6 @@ def users_warmup(records: list[dict[str, Any]], users: int) -> list[dict[str, An
     when every user sends its first request at once, a burst no steady closed loop of that
     many users has (it would set a p99 on its own)."""
     return sorted(records, key=lambda r: r.get("sent_at") or 0.0)[int(users):]
-
-
-def slo_label(metric: str) -> str:
-    """ttft_p99_ms -> 'TTFT p99'; error_rate -> 'error rate'."""
-    m = _LATENCY.match(metric)
-    if m:
-        return f"{_LABEL[m.group(1)]} {m.group(2).replace('_', '.')}"
-    return metric.replace("_", " ")
 
 
 # -- judging one step ---------------------------------------------------------------------------
@@ -180,7 +179,7 @@ def judge_slo(slo: Slo, records: list[dict[str, Any]], *, confidence: float, res
               rng: np.random.Generator) -> dict[str, Any]:
     """One SLO on one step: value, confidence interval, verdict (holds, breaks, uncertain,
     too few samples, not measured)."""
-    out: dict[str, Any] = {"slo": slo.text, "metric": slo.metric, "label": slo_label(slo.metric),
+    out: dict[str, Any] = {"slo": slo.text, "metric": slo.metric, "label": mc.label(slo.metric),
                            "op": slo.op, "threshold": slo.threshold, "value": None, "ci": None,
                            "unfinished": 0, "samples": 0, "verdict": "not measured"}
     a = (1.0 - confidence) / 2.0
@@ -197,8 +196,8 @@ def judge_slo(slo: Slo, records: list[dict[str, Any]], *, confidence: float, res
         samples = len(vals)
         enough = True
     else:
-        m = _LATENCY.match(slo.metric)
-        field, stat = m.group(1) + "_ms", m.group(2)
+        lat, stat = _judged(slo.metric)  # type: ignore[misc]  (parse_capacity_slos let it in)
+        field = lat.field
         vals, groups, k, n = _latency_samples(records, field)
         if n == 0:
             return out

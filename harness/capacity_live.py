@@ -120,7 +120,7 @@ def measure(rate: float, slos: list[Slo], *, options: LiveOptions, out: Path, du
     """Run one step into `out` and judge it. Raises KeyboardInterrupt when a signal came
     before the step started (nothing to keep)."""
     from harness.compare import measured
-    from harness.results import read_requests
+    from harness.json_io import read_jsonl
     from harness.slo import run_exit_code
 
     if interrupt.received:
@@ -161,7 +161,7 @@ def measure(rate: float, slos: list[Slo], *, options: LiveOptions, out: Path, du
     records = []
     if req_path.exists():
         try:
-            records = measured(read_requests(req_path), summary)
+            records = measured(read_jsonl(req_path), summary)
         except ValueError:
             records = []
     if interrupt.received:

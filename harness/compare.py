@@ -34,11 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from harness import metric_catalog as mc
 from harness.errors import UsageError
-from harness.results import read_requests
+from harness.json_io import read_jsonl
 
 SCHEMA = 1
-LATENCY = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E"))
+LATENCY = tuple(mc.LATENCY[n] for n in ("ttft", "tpot", "itl", "e2e"))   # the ones judged
 STATS = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))
 RATES = (("output_tokens_per_s", "output tok/s"), ("requests_per_s", "requests/s"))
 # A bootstrap cannot see beyond the largest values it was given: a percentile is judged
@@ -48,7 +49,7 @@ MIN_TAIL = 5
 
 
 def metric_keys() -> list[str]:
-    keys = [f"{m[:-3]}_{s}_ms" for m, _ in LATENCY for s, _ in STATS]
+    keys = [m.key(s) for m in LATENCY for s, _ in STATS]
     return keys + [k for k, _ in RATES] + ["error_rate"]
 
 
@@ -74,9 +75,9 @@ def load_run(path: str | pathlib.Path) -> Run:
         except ValueError as e:
             raise UsageError(f"{p / 'summary.json'}: not JSON ({e})") from None
     try:
-        records = read_requests(req)
-    except ValueError as e:
-        raise UsageError(f"{req}: a line is not JSON ({e})") from None
+        records = read_jsonl(req)
+    except ValueError as e:   # json_io.JsonlError: the file and line
+        raise UsageError(str(e)) from None
     records = measured(records, summary)
     if not records:
         raise UsageError(f"{req}: no requests in the run's measured window")
@@ -261,11 +262,11 @@ def compare(baseline: Run, run: Run, *, threshold: float = 0.05, error_rate_thre
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
     opts = dict(confidence=confidence)
-    for field, label in LATENCY:
-        b = latency_stats(baseline, field, resamples, rng)
-        r = latency_stats(run, field, resamples, rng)
+    for lat in LATENCY:
+        b = latency_stats(baseline, lat.field, resamples, rng)
+        r = latency_stats(run, lat.field, resamples, rng)
         for j, (stat, q) in enumerate(STATS):
-            key = f"{field[:-3]}_{stat}_ms"
+            key, label = lat.key(stat), lat.label
             enough = min(b.get("samples", 0), r.get("samples", 0)) * (1.0 - q) >= MIN_TAIL
             rows.append(judge(key, f"{label} {stat}", "ms", "lower", b["point"][stat], r["point"][stat],
                               None if b["boot"] is None or not enough else b["boot"][:, j],

@@ -41,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from harness.histograms import LatencyHistogram
+from harness.metric_catalog import LATENCY, PERCENTILES
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,12 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025,
 
 #: exported name -> (summary metric, buckets, help)
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...], str]] = {
-    "ttft": ("ttft_ms", TTFT_BUCKETS, "Time to first token (send -> first token-carrying event)"),
-    "tpot": ("tpot_ms", TOKEN_BUCKETS, "Time per output token per request, (E2E - TTFT) / (tokens - 1)"),
-    "itl": ("itl_ms", TOKEN_BUCKETS, "Inter-token latency, one sample per token"),
-    "e2e": ("e2e_ms", E2E_BUCKETS, "End-to-end request latency (send -> last token)"),
-}
-QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.95", "p95"), ("0.99", "p99"), ("0.999", "p99_9"))
-WINDOW_QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"))
+    m.name: (m.field, buckets, m.help)
+    for m, buckets in ((LATENCY["ttft"], TTFT_BUCKETS), (LATENCY["tpot"], TOKEN_BUCKETS),
+                       (LATENCY["itl"], TOKEN_BUCKETS), (LATENCY["e2e"], E2E_BUCKETS))}
+#: (quantile label, summary key): every percentile of the catalog, "0.999" for p99_9.
+QUANTILES = tuple((f"{p / 100:g}", key) for key, p in PERCENTILES.items())
+WINDOW_QUANTILES = tuple(q for q in QUANTILES if q[1] in ("p50", "p90", "p99"))
 
 
 def histogram_buckets(hist: LatencyHistogram, bounds_s: tuple[float, ...]) -> tuple[list[tuple[str, int]], float]:

@@ -32,20 +32,17 @@ import numpy as np
 import orjson
 from hdrh.histogram import HdrHistogram
 
-__all__ = ["LatencyHistogram", "HistogramSet", "METRICS", "PERCENTILES"]
+from harness.metric_catalog import LATENCIES, PERCENTILES
+
+__all__ = ["LatencyHistogram", "HistogramSet", "METRICS"]
 
 LOWEST_US = 1
 HIGHEST_US = 3_600_000_000  # one hour
 SIGNIFICANT_DIGITS = 3
 
-#: Summary key -> percentile.
-PERCENTILES: dict[str, float] = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0,
-                                 "p99_9": 99.9}
-
 #: Metrics a HistogramSet keeps, named as in summary.json and requests.jsonl.
-METRICS: tuple[str, ...] = ("ttft_ms", "tpot_ms", "itl_ms", "icl_ms", "e2e_ms",
-                            "schedule_lag_ms", "ttft_from_schedule_ms")
-_LIST_METRICS = frozenset({"itl_ms", "icl_ms"})
+METRICS: tuple[str, ...] = tuple(m.field for m in LATENCIES)
+_LIST_METRICS = frozenset(m.field for m in LATENCIES if m.per_token)
 
 
 class LatencyHistogram:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import svg
+from harness.json_io import read_jsonl
 
 
 def latency_vs_rate(name: str, result: dict[str, Any]) -> list[str]:
@@ -28,12 +29,11 @@ def latency_vs_rate(name: str, result: dict[str, Any]) -> list[str]:
 def over_time(run_dir: Path, name: str, result: dict[str, Any]) -> list[str]:
     """TTFT and TPOT p50/p99 per window of a load run that finished, marked when its load
     generator was invalid."""
-    from harness.report import read_timeseries
 
     if result.get("status") not in ("pass", "fail", "invalid"):
         return []
     load_dir = (result.get("data") or {}).get("load_dir") or "load"
-    ts = read_timeseries(run_dir / name / load_dir / "timeseries.jsonl")
+    ts = read_jsonl(run_dir / name / load_dir / "timeseries.jsonl", missing_ok=True)
     if not ts:
         return []
     t0 = ts[0]["t"] - ts[0].get("window_s", 0)

@@ -35,8 +35,9 @@ from harness.credentials import DEFAULT_ENV_VAR as DEFAULT_API_KEY_ENV
 from harness.credentials import ApiKey
 from harness.errors import TargetError, UsageError
 from harness.histograms import HistogramSet
+from harness.json_io import read_jsonl, write_json
 from harness.results import (REQUEST_FIELDS, STARTED_FILE, Counters, RequestLog, archive_run, build_summary,
-                             read_requests, reconcile_started, write_json)
+                             reconcile_started)
 from harness.slo import EXIT_BAD_INPUT, Slo, parse_slo, run_exit_code
 from harness.workload import Workload, WorkloadSpec, server_token_counter
 
@@ -1062,7 +1063,7 @@ def _recover_from_log(state: LLMState, agg: Aggregate):
 
     hist, counters, by_name, counters_by_name = HistogramSet(), Counters(), {}, {}
     since = (state.started_at or 0) - 1.0
-    for d in read_requests(path):
+    for d in read_jsonl(path):
         if (d.get("sent_at") or d.get("finished_at") or 0) < since:
             continue   # an earlier run's line
         rec = _RecordView(d)

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import IO, Any
 
+from harness.json_io import write_json
+
 SCHEMA = 1
 STATUS_FILE = "progress.json"
 MODES = ("auto", "bar", "lines", "off")
@@ -102,10 +104,8 @@ def choose_mode(option: str, stdout_isatty: bool, headless: bool, locust_prints_
 
 def write_status(path: Path, p: Progress) -> None:
     """``progress.json``, replaced whole (a reader never sees half of it)."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(p.to_dict()))
-        os.replace(tmp, path)
+        write_json(path, p.to_dict(), indent=None)
     except OSError:
         pass   # progress is a courtesy: a full disk must not cost the run
 

@@ -66,21 +66,6 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     return run, results
 
 
-def read_timeseries(path: Path) -> list[dict[str, Any]]:
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except ValueError:
-                        break
-    except OSError:
-        pass
-    return out
-
-
 # --- formatting --------------------------------------------------------------------------------
 
 def fmt(v: Any, digits: int = 4) -> str:

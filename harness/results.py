@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from harness.histograms import HistogramSet
+from harness.json_io import read_jsonl
+from harness.metric_catalog import LATENCIES, LATENCY
 from harness.progress import STATUS_FILE
 from harness.slo import Slo, evaluate, request_is_good
 from harness.timing import INCOMPLETE, RequestRecord
@@ -19,8 +21,6 @@ from harness.timing import INCOMPLETE, RequestRecord
 SCHEMA = 1
 # A requests.jsonl line's fields, in contract order (harness.timing.RequestRecord).
 REQUEST_FIELDS = tuple(RequestRecord.__dataclass_fields__)
-LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "icl_ms", "e2e_ms", "schedule_lag_ms",
-                "ttft_from_schedule_ms")
 
 
 class RequestLog:
@@ -135,8 +135,8 @@ def build_summary(*, hist: HistogramSet, counters: Counters, duration_s: float,
         "output_tokens": counters.output_tokens,
         "error_rate": counters.failed / total if total else 0.0,
     }
-    for key in LATENCY_KEYS:
-        summary[key] = hist.summary(key)
+    for lat in LATENCIES:
+        summary[lat.field] = hist.summary(lat.field)
     summary.update(rates(counters, duration_s))
     summary["goodput_ratio"] = counters.good / total if total else None
     summary["slo"] = evaluate(slos, summary)
@@ -147,17 +147,6 @@ def build_summary(*, hist: HistogramSet, counters: Counters, duration_s: float,
     if extra:
         summary.update(extra)
     return summary
-
-
-def read_requests(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every whole line of a requests.jsonl (a torn last line from a kill is skipped)."""
-    out = []
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            out.append(json.loads(line))
-    return out
 
 
 STARTED_FILE = "started.jsonl"
@@ -171,8 +160,8 @@ def reconcile_started(out: pathlib.Path) -> int:
     started_path, log_path = out / STARTED_FILE, out / "requests.jsonl"
     if not started_path.exists():
         return 0
-    recorded = {d.get("id") for d in read_requests(log_path)} if log_path.exists() else set()
-    lost = [d for d in read_requests(started_path) if d.get("id") not in recorded]
+    recorded = {d.get("id") for d in read_jsonl(log_path, missing_ok=True)}
+    lost = [d for d in read_jsonl(started_path) if d.get("id") not in recorded]
     if not lost:
         return 0
     log = RequestLog(log_path)
@@ -197,14 +186,6 @@ def summary_from_requests(records: Iterable[dict[str, Any]], slos: list[Slo] | N
     duration = ((counters.last_finished or 0) - (counters.first_sent or 0)) if counters.first_sent else 0.0
     return build_summary(hist=hist, counters=counters, duration_s=duration, started_at=counters.first_sent or 0,
                          target={}, workload={}, slos=slos, generator={})
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # One run's files in its results directory: what archive_run moves aside.
@@ -236,9 +217,10 @@ def now() -> float:
 
 def format_table(summary: dict[str, Any]) -> str:
     """The human summary `harness load` and `make demo` print."""
-    rows = [("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E", "e2e_ms")]
+    shown = ["ttft", "tpot", "itl", "e2e"]
     if (summary.get("schedule_lag_ms") or {}).get("count"):
-        rows += [("TTFT from schedule", "ttft_from_schedule_ms"), ("schedule lag", "schedule_lag_ms")]
+        shown += ["ttft_from_schedule", "schedule_lag"]
+    rows = [(LATENCY[n].label, LATENCY[n].field) for n in shown]
     cols = ("p50", "p90", "p99", "p99_9", "mean", "max")
     fmt = lambda v: "-" if v is None else f"{v:,.1f}"  # noqa: E731
     lines = [f"{'ms':<20}" + "".join(f"{c:>10}" for c in cols) + f"{'count':>10}"]

@@ -24,9 +24,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from harness.json_io import write_json
 from harness.plan import PlanError
 from harness.stages.base import (
-    EXIT_FAILED, EXIT_INVALID, StageContext, StageResult, StageSkipped, now_iso, read_json, write_json,
+    EXIT_FAILED, EXIT_INVALID, StageContext, StageResult, StageSkipped, now_iso, read_json,
 )
 from harness.stages.contract import hook, stage_module
 

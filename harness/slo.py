@@ -2,22 +2,14 @@
 and the per-request view of the same thresholds that defines goodput."""
 from __future__ import annotations
 
-import operator
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from harness import metric_catalog as mc
 from harness.errors import UsageError
 
-_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
-_SLO = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
-# ttft_p99_ms -> ("ttft_ms", "p99"); e2e_mean_ms -> ("e2e_ms", "mean")
-_PCT = re.compile(r"^(ttft|tpot|itl|icl|e2e|schedule_lag|ttft_from_schedule)_(p50|p90|p95|p99|p99_9|mean|min|max)_ms$")
-_SCALARS = ("error_rate", "output_tokens_per_s", "total_tokens_per_s", "requests_per_s",
-            "goodput_rps", "goodput_ratio", "ttft_drift_ms_per_h", "tpot_drift_ms_per_h",
-            "requests_completed", "requests_failed")
-# Scalars that live in a nested block of the summary.
-_NESTED = {"requests_completed": ("requests", "completed"), "requests_failed": ("requests", "failed")}
+_SLO = re.compile(rf"^\s*([a-z0-9_]+)\s*({mc.OP_PATTERN})\s*([-+0-9.eE]+)\s*$")
 
 
 @dataclass(frozen=True)
@@ -30,27 +22,20 @@ class Slo:
     @property
     def per_request_field(self) -> str | None:
         """The requests.jsonl field a single request is judged on, for goodput."""
-        m = _PCT.match(self.metric)
-        if m and self.op in ("<=", "<") and m.group(1) in ("ttft", "tpot", "e2e", "ttft_from_schedule"):
-            return m.group(1) + "_ms"
+        lat = mc.split_latency(self.metric)
+        if lat is not None and self.op in ("<=", "<") and lat[0].goodput:
+            return lat[0].field
         return None
 
     def value(self, summary: dict[str, Any]) -> float | None:
-        m = _PCT.match(self.metric)
-        if m:
-            block = summary.get(m.group(1) + "_ms") or {}
-            return block.get(m.group(2))
-        if self.metric in _NESTED:
-            block, key = _NESTED[self.metric]
-            return (summary.get(block) or {}).get(key)
-        return summary.get(self.metric)
+        return mc.summary_value(summary, self.metric)
 
     def check(self, summary: dict[str, Any]) -> dict[str, Any]:
         """One entry of summary.json's `slo.checks`. A metric the run did not measure (no
         samples, or drift without enough windows) fails the check: a gate that cannot be
         verified does not pass."""
         v = self.value(summary)
-        passed = v is not None and _OPS[self.op](v, self.threshold)
+        passed = v is not None and mc.OPS[self.op](v, self.threshold)
         out = {"slo": self.text, "metric": self.metric, "op": self.op,
                "threshold": self.threshold, "value": v, "passed": bool(passed)}
         if v is None:
@@ -65,7 +50,7 @@ class Slo:
         if v is None:
             # TPOT is undefined for one-token outputs: nothing to violate.
             return field == "tpot_ms"
-        return _OPS[self.op](v, self.threshold)
+        return mc.OPS[self.op](v, self.threshold)
 
 
 def parse_slo(text: str) -> Slo:
@@ -74,11 +59,11 @@ def parse_slo(text: str) -> Slo:
         raise UsageError(f"bad --slo {text!r}: write METRIC<=VALUE, e.g. 'ttft_p99_ms<=200' "
                          f"or 'error_rate<=0.01'")
     metric, op, value = m.groups()
-    if not (_PCT.match(metric) or metric in _SCALARS):
+    if metric not in mc.SUMMARY_METRICS:
         raise UsageError(f"bad --slo {text!r}: unknown metric {metric!r}; use "
-                         f"<ttft|tpot|itl|icl|e2e|schedule_lag|ttft_from_schedule>_"
-                         f"<p50|p90|p95|p99|p99_9|mean|min|max>_ms or one of "
-                         f"{', '.join(_SCALARS)}")
+                         f"<{'|'.join(m.name for m in mc.LATENCIES)}>_"
+                         f"<{'|'.join(mc.STATS)}>_ms or one of "
+                         f"{', '.join(mc.SCALAR)}")
     try:
         threshold = float(value)
     except ValueError:

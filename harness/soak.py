@@ -15,11 +15,12 @@ from typing import Any
 
 from harness import drift
 from harness.errors import UsageError
-from harness.results import write_json
+from harness.json_io import read_jsonl, write_json
+from harness.metric_catalog import SCALARS
 from harness.slo import evaluate, parse_slo, run_exit_code
 from harness.workload import WorkloadSpec
 
-DRIFT_METRICS = ("ttft_drift_ms_per_h", "tpot_drift_ms_per_h")
+DRIFT_METRICS = tuple(s.name for s in SCALARS if s.unit == "ms/h")
 # Exit codes of the plugin that `finish_run` may recompute; anything else (Locust's own
 # errors, a signal) is passed through untouched.
 _OUR_CODES = (0, 1, 3, 4)
@@ -46,23 +47,6 @@ def apply_defaults(args: argparse.Namespace, run_time_s: int | None) -> None:
         args.window = max(5.0, run_time_s / 120.0)
 
 
-def read_timeseries(path: str | pathlib.Path) -> list[dict[str, Any]]:
-    """Every whole JSON line of a timeseries.jsonl (a torn last line is skipped)."""
-    out = []
-    p = pathlib.Path(path)
-    if not p.exists():
-        return out
-    with open(p, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
-
-
 def add_drift(summary: dict[str, Any], lines: list[dict[str, Any]],
               alpha: float = drift.DEFAULT_ALPHA) -> dict[str, Any]:
     """Put the drift block and its scalar keys into `summary` and re-check its SLOs."""
@@ -84,7 +68,7 @@ def finish_run(out: str | pathlib.Path, locust_code: int) -> int:
     if not path.exists():
         return locust_code
     summary = json.loads(path.read_text())
-    add_drift(summary, read_timeseries(out / "timeseries.jsonl"))
+    add_drift(summary, read_jsonl(out / "timeseries.jsonl", missing_ok=True))
     write_json(path, summary)
     if locust_code not in _OUR_CODES:
         return locust_code

@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping
 from flask import Response, jsonify, request, send_from_directory
 
 from harness.histograms import HistogramSet
+from harness.metric_catalog import LATENCY
 from harness.results import Counters
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,7 @@ TAB_KEY = "llm"
 TIMELINE_MAX = 20_000           # windows kept for the charts (5 s windows: about a day)
 AGGREGATE_ROW = "All (merged)"
 
-_LAT = (("ttft", "ttft_ms", "TTFT"), ("tpot", "tpot_ms", "TPOT"), ("itl", "itl_ms", "ITL"),
-        ("e2e", "e2e_ms", "E2E"))
+_LAT = tuple((m.name, m.field, m.label) for m in (LATENCY[n] for n in ("ttft", "tpot", "itl", "e2e")))
 _PCTS = ("p50", "p90", "p99")
 
 TABLE_STRUCTURE: list[dict[str, str]] = (

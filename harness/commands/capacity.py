@@ -159,7 +159,7 @@ def _check_load_args(argv: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     from harness import capacity as cap
     from harness.capacity_report import render_html
-    from harness.stages.base import write_json
+    from harness.json_io import write_json
 
     check_args(args)
     slos = cap.parse_capacity_slos(args.slo)

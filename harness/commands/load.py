@@ -366,10 +366,11 @@ def preflight(args: argparse.Namespace) -> None:
 def add_breakdowns(out: pathlib.Path) -> None:
     """Per-endpoint and per-model figures (the seed's cluster table), recomputed from
     requests.jsonl so they add up to the aggregate by construction."""
-    from harness.results import endpoint_breakdown, read_requests, write_json
+    from harness.json_io import read_jsonl, write_json
+    from harness.results import endpoint_breakdown
 
     summary = json.loads((out / "summary.json").read_text())
-    by_endpoint, by_model = endpoint_breakdown(read_requests(out / "requests.jsonl"),
+    by_endpoint, by_model = endpoint_breakdown(read_jsonl(out / "requests.jsonl"),
                                                summary.get("duration_s") or 0.0)
     summary["by_endpoint"], summary["by_model"] = by_endpoint, by_model
     write_json(out / "summary.json", summary)

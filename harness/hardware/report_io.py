@@ -12,15 +12,14 @@ from harness.hardware.model import (
     SCHEMA, Check, GemmResult, GpuInfo, HardwareReport, HbmResult, P2PResult, PowerStats,
 )
 from harness.hardware.targets import thresholds_doc
+from harness.json_io import write_json
 
 
 def write_report(report: HardwareReport, out_dir: str | os.PathLike[str]) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "hardware.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
+    write_json(path, report.to_dict(), default=_json_default)
     return path
 
 

@@ -110,17 +110,6 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Atomic: a reader (or a resumed run) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path) as f:
         return json.load(f)

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness import capacity
 from harness.stages.base import Field, StageContext, StageResult, read_json
 
 PARAMS: dict[str, Field] = {
@@ -60,8 +61,7 @@ PARAMS: dict[str, Field] = {
     "timeout_s": Field("float", 7200.0, minimum=1, help="the stage's own bound"),
 }
 METRICS = {"capacity_rps": ">=", "capacity_users": ">=", "output_tokens_per_s": ">=", "requests_per_s": ">="}
-METRICS.update({f"{lat}_{p}_ms": "<=" for lat in ("ttft", "tpot", "itl", "e2e")
-                for p in ("p50", "p90", "p95", "p99", "p99_9", "mean")})
+METRICS.update({lat.key(p): "<=" for lat in capacity.JUDGED for p in capacity.JUDGED_STATS})
 METRICS["error_rate"] = "<="
 
 

@@ -13,12 +13,12 @@ whose simulated L40S cannot meet them) beside the targets that decide the run.
 """
 from __future__ import annotations
 
-import operator
 import re
 from typing import Any, Sequence
 
-_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
-_EXPR = re.compile(r"^\s*(<=|>=|<|>)?\s*([-+]?[\d_,]*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
+from harness import metric_catalog as mc
+
+_EXPR = re.compile(rf"^\s*({mc.OP_PATTERN})?\s*([-+]?[\d_,]*\.?\d+(?:[eE][-+]?\d+)?)\s*$")
 _RANGE = re.compile(r"^\s*([\d_,]*\.?\d+)\s*(?:-|\.\.)\s*([\d_,]*\.?\d+)\s*$")
 _HIGHER = ("tokens_per_s", "requests_per_s", "goodput", "tbs", "tflops", "gbs", "per_joule")
 
@@ -49,7 +49,11 @@ def unwrap(metric: str, expr: Any) -> tuple[Any, bool]:
 
 
 def default_op(metric: str) -> str:
+    """The op a bare number takes: the catalog's direction for a load-run metric, else (the
+    hardware, power and perplexity stages' figures) higher is better for a rate."""
     base = metric.rsplit(".", 1)[-1]
+    if base in mc.SUMMARY_METRICS:
+        return mc.SUMMARY_METRICS[base]
     return ">=" if any(h in base for h in _HIGHER) else "<="
 
 
@@ -89,7 +93,7 @@ def check(metric: str, expr: Any, measured: float | None, tolerance: float = 0.0
         limit = value
         if bare and tolerance:
             limit = value * (1 - tolerance) if op in (">=", ">") else value * (1 + tolerance)
-        passed = bool(_OPS[op](measured, limit))
+        passed = bool(mc.OPS[op](measured, limit))
     shown = f"{value:g}-{upper:g}" if op == "range" else f"{op} {value:g}"
     return {"metric": metric, "op": op, "target": value, "upper": upper, "target_text": shown,
             "measured": measured, "passed": passed,

@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.json_io import write_json
 from harness.stages.base import (
     Field, StageContext, StageResult, StageSkipped, exit_text, find_python_with, python_has,
     read_fresh_json, repo_root,
@@ -370,10 +371,7 @@ def _worker(spec_path: str) -> int:  # pragma: no cover - runs under lm-eval's P
            "bits_per_byte": metric("bits_per_byte"), "weights_bytes": weights,
            "load_s": round(t1 - t0, 2), "eval_s": round(time.monotonic() - t1, 2),
            "lm_eval_version": getattr(lm_eval, "__version__", None), "raw": res}
-    tmp = spec["out"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2, default=str)
-    os.replace(tmp, spec["out"])
+    write_json(spec["out"], doc)
     print(f"word_perplexity {doc['word_perplexity']}")
     return 0
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,18 +24,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from harness import metric_catalog as mc
 from harness.stages.base import Field, StageContext, StageResult
 from harness.stages.physics import load_target_marks as target_marks  # noqa: F401  (contract hook)
 
-PCTS = ("p50", "p90", "p95", "p99", "p99_9", "mean", "max")
-LATENCIES = ("ttft", "tpot", "itl", "e2e", "ttft_from_schedule", "schedule_lag")
-SCALARS = ("output_tokens_per_s", "total_tokens_per_s", "requests_per_s", "goodput_rps",
-           "goodput_ratio", "error_rate", "ttft_drift_ms_per_h", "tpot_drift_ms_per_h")
-METRICS = {f"{lat}_{p}_ms": "<=" for lat in LATENCIES for p in PCTS}
-METRICS.update({k: ">=" for k in SCALARS[:5]})
-METRICS.update({"error_rate": "<=", "ttft_drift_ms_per_h": "<=", "tpot_drift_ms_per_h": "<=",
-                "tokens_per_joule": ">="})
-_SLO_METRIC = re.compile(r"^(ttft|tpot|itl|icl|e2e|ttft_from_schedule)_(p50|p90|p95|p99|p99_9|mean|max)_ms$")
+# Every figure of a load summary (harness/metric_catalog.py), and what a power run adds.
+METRICS = {**mc.SUMMARY_METRICS, "tokens_per_joule": ">="}
 
 LOAD_PARAMS: dict[str, Field] = {
     "target": Field("dict", required=True, help="url | endpoints | simulator | layout"),
@@ -87,7 +80,8 @@ def slos_from_expect(expected: dict[str, Any], extra: list[str]) -> list[str]:
 
     out = [str(s) for s in extra]
     for metric, target in expected.items():
-        if "." in metric or not _SLO_METRIC.match(metric):
+        lat = None if "." in metric else mc.split_latency(metric)
+        if lat is None or lat[0].generator:
             continue
         op, value, _ = parse_target(metric, target)
         if op in ("<=", "<"):
@@ -98,16 +92,17 @@ def slos_from_expect(expected: dict[str, Any], extra: list[str]) -> list[str]:
 def flatten(summary: dict[str, Any]) -> dict[str, float | None]:
     """summary.json -> {"ttft_p50_ms": ..., "output_tokens_per_s": ..., ...}."""
     out: dict[str, float | None] = {}
-    for lat in LATENCIES:
-        block = summary.get(f"{lat}_ms") or {}
+    for lat in mc.LATENCIES:
+        block = summary.get(lat.field) or {}
         if not block.get("count"):
             continue
-        for p in PCTS:
-            if block.get(p) is not None:
-                out[f"{lat}_{p}_ms"] = block[p]
-    for k in SCALARS:
-        if summary.get(k) is not None:
-            out[k] = summary[k]
+        for stat in mc.STATS:
+            if block.get(stat) is not None:
+                out[lat.key(stat)] = block[stat]
+    for scalar in mc.SCALARS:
+        value = mc.summary_value(summary, scalar.name)
+        if value is not None:
+            out[scalar.name] = value
     return out
 
 
