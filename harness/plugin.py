@@ -30,8 +30,7 @@ from locust import events
 from locust.runners import (HEARTBEAT_LIVENESS, STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, STATE_STOPPED, LocalRunner,
                             MasterRunner, WorkerRunner)
 
-from harness import token_bins
-from harness.credentials import DEFAULT_ENV_VAR as DEFAULT_API_KEY_ENV
+from harness import load_options, token_bins
 from harness.credentials import ApiKey
 from harness.errors import TargetError, UsageError
 from harness.histograms import HistogramSet
@@ -68,85 +67,7 @@ def _listen_on_loopback(parser) -> None:
 @events.init_command_line_parser.add_listener
 def _add_options(parser) -> None:
     _listen_on_loopback(parser)
-    g = parser  # Locust shows our options in its web UI start form unless told not to
-    g.add_argument("--llm-model", default="", include_in_web_ui=True,
-                   help="served model name (default: the server's first /v1/models entry)")
-    g.add_argument("--llm-input-len", type=int, default=512, include_in_web_ui=True,
-                   help="prompt tokens, calibrated with the server's /tokenize")
-    g.add_argument("--llm-output-len", type=int, default=128, include_in_web_ui=True,
-                   help="output tokens (max_tokens, with ignore_eos + min_tokens)")
-    g.add_argument("--llm-input-len-range", include_in_web_ui=False, type=float, default=0.0, help="+- fraction, uniform")
-    g.add_argument("--llm-output-len-range", include_in_web_ui=False, type=float, default=0.0, help="+- fraction, uniform")
-    g.add_argument("--llm-shared-prefix-len", include_in_web_ui=False, type=int, default=0, help="tokens shared by every prompt")
-    g.add_argument("--llm-dataset", default="", include_in_web_ui=True,
-                   help="ShareGPT JSON or JSONL prompts file")
-    g.add_argument("--llm-soak-mix", include_in_web_ui=False, action="store_true", default=False,
-                   help="the seed plan's three prompts (128 tokens out)")
-    import argparse
-    from harness.arrivals import MAX_RATE, check_rate
-    from harness.timing import MAX_RESPONSE_BYTES
-
-    def rate(text: str) -> float:   # argparse types whose error says what is wrong, in one line
-        try:
-            return check_rate(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    def at_least_0(kind, unit: str):
-        def convert(text: str):
-            try:
-                value = kind(text)
-            except ValueError:
-                value = -1
-            if not 0 <= value < float("inf"):
-                raise argparse.ArgumentTypeError(f"give {unit} >= 0, not {text!r}")
-            return value
-        return convert
-
-    g.add_argument("--llm-rate", type=rate, default=0.0, include_in_web_ui=True,
-                   help=f"open loop: requests/s across all workers (0 = closed loop, one request per "
-                        f"user at a time; at most {MAX_RATE:g})")
-    g.add_argument("--llm-arrival", include_in_web_ui=False, default="poisson", choices=["poisson", "gamma", "constant"],
-                   help="open-loop arrival process")
-    g.add_argument("--llm-burstiness", include_in_web_ui=False, type=float, default=1.0, help="gamma shape (1 = Poisson)")
-    g.add_argument("--llm-max-concurrency", include_in_web_ui=False, type=int, default=0, help="open-loop in-flight cap (0 = none)")
-    g.add_argument("--llm-num-requests", include_in_web_ui=False, type=int, default=0, help="stop after this many requests (0 = no limit)")
-    g.add_argument("--llm-warmup", include_in_web_ui=False, type=float, default=0.0, help="seconds excluded from the summary at the start")
-    g.add_argument("--llm-cooldown", include_in_web_ui=False, type=float, default=0.0, help="seconds excluded at the end (needs --run-time)")
-    g.add_argument("--llm-out", include_in_web_ui=False, default="", help="results directory (summary.json, requests.jsonl, timeseries.jsonl)")
-    g.add_argument("--llm-slo", default="", include_in_web_ui=True,
-                   help="comma-separated SLOs, e.g. 'ttft_p99_ms<=200,tpot_p99_ms<=30,error_rate<=0.01'")
-    g.add_argument("--llm-timeout", include_in_web_ui=False, type=float, default=600.0, help="read timeout per request, seconds")
-    g.add_argument("--llm-request-deadline", include_in_web_ui=False, default=0.0,
-                   type=at_least_0(float, "seconds"),
-                   help="whole-request deadline, seconds from the send (0 = --llm-timeout plus a "
-                        "second per output token)")
-    g.add_argument("--llm-max-response-bytes", include_in_web_ui=False, default=MAX_RESPONSE_BYTES,
-                   type=at_least_0(int, "bytes"),
-                   help="cap on the bytes read for one response (0 = no cap)")
-    g.add_argument("--llm-drain-timeout", include_in_web_ui=False, type=float, default=-1.0,
-                   help="when the run ends, wait up to this many seconds for the requests in flight "
-                        "(default: --llm-timeout); what is still unfinished is recorded as incomplete")
-    g.add_argument("--llm-seed", include_in_web_ui=False, type=int, default=0)
-    g.add_argument("--llm-window", include_in_web_ui=False, type=float, default=10.0, help="timeseries window, seconds")
-    g.add_argument("--llm-cpu-limit", include_in_web_ui=False, type=float, default=90.0,
-                   help="generator invalid when a worker's median CPU %% exceeds this")
-    g.add_argument("--llm-lag-limit-ms", include_in_web_ui=False, type=float, default=10.0,
-                   help="generator invalid when open-loop schedule lag p99 exceeds this")
-    g.add_argument("--llm-stamp-delay-limit-ms", include_in_web_ui=False, type=float, default=10.0,
-                   env_var="LOCUST_LLM_STAMP_DELAY_LIMIT_MS",
-                   help="generator invalid when the p99 of its read-to-stamp delay (kernel receive "
-                        "time to its timestamp, harness.stamp_delay) exceeds this; 0 = not judged")
-    g.add_argument("--llm-api-key-env", include_in_web_ui=False, default=DEFAULT_API_KEY_ENV,
-                   help="environment variable holding the API key (never logged)")
-    g.add_argument("--llm-expected-workers", include_in_web_ui=False, type=int, default=0, help=argparse_hidden())
-    # set by the master at its start, for its workers: where the API key may be sent
-    g.add_argument("--llm-key-origins", include_in_web_ui=False, nargs="*", default=None, help=argparse_hidden())
-
-
-def argparse_hidden() -> str:
-    import argparse
-    return argparse.SUPPRESS
+    load_options.add_locust_options(parser)   # Locust shows the web-UI ones in its start form
 
 
 class LLMState:
@@ -158,11 +79,10 @@ class LLMState:
         self._read_options(environment.parsed_options)
         # Fixed at start, whatever a web form or a spawn message says later (harness.credentials):
         # where the key comes from and goes to, and where results are written (and deleted).
-        o = environment.parsed_options
-        self.api_key = ApiKey(getattr(o, "llm_api_key_env", DEFAULT_API_KEY_ENV),
+        self.api_key = ApiKey(self.load.api_key_env,
                               [getattr(environment, "host", None)]
                               + [getattr(u, "host", None) for u in getattr(environment, "user_classes", ())])
-        self.out = getattr(o, "llm_out", "") or ""
+        self.out = self.load.out
         self.quota: int | None = None
         self.inflight = 0
         self.due = 0              # open-loop arrivals taken from the quota and not yet sending
@@ -198,37 +118,27 @@ class LLMState:
         self._cpu_since = time.monotonic()
 
     def _read_options(self, o) -> None:
-        self.options = o
         from harness.arrivals import MAX_RATE
-        from harness.timing import MAX_RESPONSE_BYTES, default_request_deadline
-        self.rate = min(float(getattr(o, "llm_rate", 0.0) or 0.0), MAX_RATE)   # (a start form's is unchecked)
+        from harness.timing import default_request_deadline
+
+        self.options = o
+        spec = self.load = load_options.from_locust(o)
+        self.rate = min(spec.rate, MAX_RATE)   # (a start form's is unchecked)
         # bumped whenever the rate may have changed (set_rate, options re-read at a test
         # start): open-loop dispatchers then re-plan their next arrival at once
         self.rate_version = getattr(self, "rate_version", 0) + 1
-        self.arrival = getattr(o, "llm_arrival", "poisson")
-        self.burstiness = float(getattr(o, "llm_burstiness", 1.0))
-        self.max_concurrency = int(getattr(o, "llm_max_concurrency", 0) or 0)
-        self.timeout = float(getattr(o, "llm_timeout", 600.0))
-        drain = float(getattr(o, "llm_drain_timeout", -1.0))
-        self.drain_timeout = self.timeout if drain < 0 else drain
-        self.seed = int(getattr(o, "llm_seed", 0))
-        self.slos: list[Slo] = [parse_slo(s) for s in (getattr(o, "llm_slo", "") or "").split(",") if s.strip()]
-        self.spec = WorkloadSpec(
-            input_len=int(getattr(o, "llm_input_len", 512)), output_len=int(getattr(o, "llm_output_len", 128)),
-            dataset=getattr(o, "llm_dataset", "") or None, soak_mix=bool(getattr(o, "llm_soak_mix", False)),
-            input_len_range=float(getattr(o, "llm_input_len_range", 0.0)),
-            output_len_range=float(getattr(o, "llm_output_len_range", 0.0)),
-            shared_prefix_len=int(getattr(o, "llm_shared_prefix_len", 0)), seed=self.seed)
-        if self.spec.soak_mix:
-            self.spec.output_len = int(getattr(o, "llm_output_len", 128))
-        self.window_s = float(getattr(o, "llm_window", 5.0))
-        self.warmup = float(getattr(o, "llm_warmup", 0.0))
-        self.cooldown = float(getattr(o, "llm_cooldown", 0.0))
+        self.arrival, self.burstiness, self.max_concurrency = spec.arrival, spec.burstiness, spec.max_concurrency
+        self.timeout = spec.timeout
+        self.drain_timeout = spec.timeout if spec.drain_timeout is None else spec.drain_timeout
+        self.seed = spec.seed
+        self.slos: list[Slo] = [parse_slo(s) for s in spec.slo]
+        self.spec = spec.workload()
+        self.window_s, self.warmup, self.cooldown = spec.window, spec.warmup, spec.cooldown
         self.run_time = getattr(o, "run_time", None)
-        self.num_requests = int(getattr(o, "llm_num_requests", 0) or 0)
-        self.request_deadline = float(getattr(o, "llm_request_deadline", 0.0) or 0.0) or default_request_deadline(
+        self.num_requests = spec.num_requests
+        self.request_deadline = spec.request_deadline or default_request_deadline(
             self.timeout, self.spec.output_len * (1 + self.spec.output_len_range))
-        self.max_response_bytes = int(getattr(o, "llm_max_response_bytes", MAX_RESPONSE_BYTES) or 0) or None
+        self.max_response_bytes = spec.max_response_bytes or None
 
     def reload_options(self) -> None:
         """Re-read the options at each test start: the web UI's start form (and a master's
@@ -243,9 +153,9 @@ class LLMState:
             # A worker takes these from its master, which fixed them at its own start (a web
             # form cannot set them there): the results directory, the key's variable and the
             # origins the key may go to.
-            self.out = getattr(o, "llm_out", "") or ""
-            env_var = getattr(o, "llm_api_key_env", DEFAULT_API_KEY_ENV)
-            origins = getattr(o, "llm_key_origins", None) or self.api_key.origins
+            self.out = self.load.out
+            env_var = self.load.api_key_env
+            origins = list(self.load.key_origins or ()) or self.api_key.origins
             if (env_var, list(origins)) != (self.api_key.env_var, self.api_key.origins):
                 self.api_key = ApiKey(env_var, origins)
 
@@ -263,8 +173,7 @@ class LLMState:
     def workers(self) -> int:
         runner = self.env.runner
         if isinstance(runner, WorkerRunner):
-            n = int(getattr(self.options, "llm_expected_workers", 0) or 0) or int(
-                getattr(self.options, "expect_workers", 1) or 1)
+            n = self.load.expected_workers or int(getattr(self.options, "expect_workers", 1) or 1)
             return max(1, n)
         return 1
 
@@ -345,9 +254,8 @@ class LLMState:
 
     # -- model and prompts ---------------------------------------------------------
     def resolve_model(self, base: str, conn_factory: Callable) -> str:
-        opt = getattr(self.options, "llm_model", "") or ""
-        if opt:
-            return opt
+        if self.load.model:
+            return self.load.model
         if base not in self._models:
             conn = conn_factory()
             status, _, body = conn.request("GET", "/v1/models", None, self.api_key.headers_for(base))
@@ -667,16 +575,16 @@ class Aggregate:
             median = s[len(s) // 2]
             cpu_max = max(cpu_max, s[-1])
             per_worker[wid] = {"median": median, "max": s[-1]}
-            if median > float(getattr(st.options, "llm_cpu_limit", 90.0)):
+            if median > st.load.cpu_limit:
                 reasons.append(f"worker {wid} CPU median {median:.0f}% > limit; add workers (--workers)")
         lag = self.hist.summary("schedule_lag_ms")
-        lag_limit = float(getattr(st.options, "llm_lag_limit_ms", 10.0))
+        lag_limit = st.load.lag_limit_ms
         if st.rate > 0 and lag.get("p99") is not None and lag["p99"] > lag_limit:
             reasons.append(f"schedule lag p99 {lag['p99']:.1f} ms > {lag_limit:g} ms: the load generator "
                            f"cannot keep the schedule; add workers (--workers)")
         from harness import stamp_delay
         delays = self.stamp_delay
-        delay_limit = float(getattr(st.options, "llm_stamp_delay_limit_ms", stamp_delay.DEFAULT_LIMIT_MS))
+        delay_limit = st.load.stamp_delay_limit_ms
         late = stamp_delay.verdict(delays, delay_limit)
         if late:
             reasons.append(late)
@@ -1110,7 +1018,7 @@ def run_summary(environment, stopped_at: float, extra: dict[str, Any] | None = N
         extra=extra,
         hist=agg.hist, counters=agg.counters, duration_s=_duration(state, agg, stopped_at),
         started_at=state.started_at or stopped_at,
-        target={"url": environment.host, "model": getattr(state.options, "llm_model", "") or
+        target={"url": environment.host, "model": state.load.model or
                 (next(iter(state._models.values()), None))},
         workload={"input_len": state.spec.input_len, "output_len": state.spec.output_len,
                   "dataset": state.spec.dataset, "soak_mix": state.spec.soak_mix,

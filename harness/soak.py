@@ -13,11 +13,10 @@ import json
 import pathlib
 from typing import Any
 
-from harness import drift
-from harness.errors import UsageError
+from harness import drift, load_options
+from harness.load_options import LoadSpec
 from harness.results import write_json
 from harness.slo import evaluate, parse_slo, run_exit_code
-from harness.workload import WorkloadSpec
 
 DRIFT_METRICS = ("ttft_drift_ms_per_h", "tpot_drift_ms_per_h")
 # Exit codes of the plugin that `finish_run` may recompute; anything else (Locust's own
@@ -31,19 +30,17 @@ def wants_drift(args: argparse.Namespace) -> bool:
         parse_slo(s).metric in DRIFT_METRICS for s in (getattr(args, "slo", None) or []))
 
 
-def apply_defaults(args: argparse.Namespace, run_time_s: int | None) -> None:
+def apply_defaults(spec: LoadSpec, args: argparse.Namespace, run_time_s: int | None) -> LoadSpec:
     """--soak implies the seed's three-prompt mix unless a workload was given (--dataset,
     --locustfile or an --input-len of its own), and about 120 windows over the run unless
-    --window was given (at least the plugin's 5 s)."""
-    window = getattr(args, "window", None)
-    if window is not None and not window > 0:
-        raise UsageError(f"--window must be > 0 seconds, not {window}")
+    --window was given (at least 5 s)."""
     if not getattr(args, "soak", False):
-        return
-    if not (args.dataset or args.locustfile or args.input_len != WorkloadSpec.input_len):
-        args.soak_mix = True
-    if getattr(args, "window", None) is None and run_time_s:
-        args.window = max(5.0, run_time_s / 120.0)
+        return spec
+    if not (spec.dataset or args.locustfile or spec.input_len != load_options.default("input-len")):
+        spec = spec.replace(soak_mix=True)
+    if not load_options.given(args, "window") and run_time_s:
+        spec = spec.replace(window=max(5.0, run_time_s / 120.0))
+    return spec
 
 
 def read_timeseries(path: str | pathlib.Path) -> list[dict[str, Any]]:

@@ -284,7 +284,7 @@ def install(environment, web_ui) -> None:
                         "rev": timeline.revision, "rate": environment.llm.rate,
                         "state": getattr(runner, "state", None),
                         "user_count": getattr(runner, "user_count", 0),
-                        "window_s": float(getattr(environment.parsed_options, "llm_window", 5.0)),
+                        "window_s": environment.llm.window_s,
                         "now": time.time()})
 
     @app.route(f"{prefix}/llm/rate", methods=["POST"])
