@@ -104,6 +104,8 @@ class LoadSpec:
                                              "recorded as incomplete", zero_ok=True,
                                        unit="seconds (0: no wait for requests in flight)")
     seed: int = _opt(0, "random seed of the prompts and arrivals")
+    drift: bool = _opt(False, "at the end, the drift of TTFT/TPOT per hour over the timeseries (summary.json's "
+                              "drift block; harness load --soak or a drift SLO sets it)", harness=False)
     window: float = _opt(10.0, "timeseries window, seconds", zero_ok=False, unit="seconds (one timeseries line each)")
     cpu_limit: float = _opt(90.0, "generator invalid when a worker's median CPU %% exceeds this", zero_ok=True,
                             unit="% (a worker's median CPU; 0: any use makes the generator invalid)")

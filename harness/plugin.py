@@ -35,7 +35,8 @@ from harness.credentials import ApiKey
 from harness.errors import TargetError, UsageError
 from harness.histograms import HistogramSet
 from harness.results import (REQUEST_FIELDS, STARTED_FILE, Counters, RequestLog, archive_run, build_summary,
-                             read_requests, reconcile_started, write_json)
+                             read_requests, reconcile_started)
+from harness.run_summary import RunSummary
 from harness.slo import EXIT_BAD_INPUT, Slo, parse_slo, run_exit_code
 from harness.workload import Workload, WorkloadSpec, server_token_counter
 
@@ -1009,13 +1010,12 @@ def _on_quitting(environment, **_kw) -> None:
     write_run_results(environment)
 
 
-def run_summary(environment, stopped_at: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run's summary (summary.json's content) from the merged view as it is now: written
-    at the end, and what the web UI judges the SLOs with while the test runs."""
+def run_summary(environment, stopped_at: float) -> dict[str, Any]:
+    """The run's figures from the merged view as it is now: summary.json's measured part at the
+    end (RunSummary), and what the web UI judges the SLOs with while the test runs."""
     state: LLMState = environment.llm
     agg: Aggregate = environment.llm_aggregate
     return build_summary(
-        extra=extra,
         hist=agg.hist, counters=agg.counters, duration_s=_duration(state, agg, stopped_at),
         started_at=state.started_at or stopped_at,
         target={"url": environment.host, "model": state.load.model or
@@ -1049,29 +1049,33 @@ def write_run_results(environment) -> dict[str, Any]:
     if isinstance(runner, MasterRunner):
         agg.lost_workers = {str(c.id) for c in runner.clients.all if _silent(c)}
     recovered = _recover_from_log(state, agg)
-    # How the run ended: the measured window (first send to last finish) includes the drain.
-    extra: dict[str, Any] = {"interrupted": state.interrupted,
-                             "drain": {"timeout_s": state.drain_timeout, "waited_s": state.drain_waited_s,
-                                       "interrupted": state.interrupted}}
-    if state.fatal:   # why the run stopped early (only then: readers take "error" as failure)
-        extra["error"] = state.fatal
     if recovered is not None:
         agg.hist, agg.counters, agg.by_name, agg.counters_by_name = recovered
-        extra["recovered"] = ("requests.jsonl held requests no worker report carried (a worker "
-                              "was interrupted or killed); this summary was rebuilt from it")
-    summary = run_summary(environment, stopped, extra)
-    environment.llm_summary = summary
+    # How the run ended: the measured window (first send to last finish) includes the drain.
+    summary = RunSummary(
+        run_summary(environment, stopped), state.slos, interrupted=state.interrupted,
+        drain={"timeout_s": state.drain_timeout, "waited_s": state.drain_waited_s,
+               "interrupted": state.interrupted},
+        error=state.fatal,
+        recovered=None if recovered is None else (
+            "requests.jsonl held requests no worker report carried (a worker was interrupted or "
+            "killed); this summary was rebuilt from it"))
     _write_final_locust_csv(environment)
     if state.out:
+        out = pathlib.Path(state.out)
         if agg.ts_file is not None:
             agg.flush_window(0, final=True)
             agg.ts_file.close()
             agg.ts_file = None
-            agg.rewrite_timeseries(pathlib.Path(state.out) / "timeseries.jsonl")
-        write_json(pathlib.Path(state.out) / "summary.json", summary)
+            agg.rewrite_timeseries(out / "timeseries.jsonl")
+        if (out / "requests.jsonl").exists():
+            summary.add_breakdowns(read_requests(out / "requests.jsonl"))
+    if state.load.drift:
+        summary.add_drift([line for line, _bins in agg.lines])
+    doc = summary.write(state.out) if state.out else summary.to_dict()
     # Always set: Locust's own rule (exit 1 on any failure) does not know our SLOs.
-    environment.process_exit_code = EXIT_BAD_INPUT if state.fatal else run_exit_code(summary)
-    return summary
+    environment.process_exit_code = EXIT_BAD_INPUT if state.fatal else run_exit_code(doc)
+    return doc
 
 
 # Option ranges, the web UI's port and the targets, before any load (before `live`, which binds

@@ -120,8 +120,8 @@ def locust_command(args: argparse.Namespace) -> list[str]:
             also = f" plus --cooldown {spec.cooldown:g} s" if spec.cooldown else ""
             raise UsageError(f"--warmup {spec.warmup:g} s{also} leaves nothing of --duration "
                              f"{args.duration} to measure")
-    from harness.soak import apply_defaults
-    spec = apply_defaults(spec, args, run_time if args.duration else None)
+    from harness import soak
+    spec = soak.apply_defaults(spec, args, run_time if args.duration else None)
     if spec.cooldown and not args.duration:
         raise UsageError("--cooldown needs --duration (the end must be known in advance)")
     if args.users is not None and args.users < 1:   # (0 used to run the default 8 users)
@@ -144,7 +144,8 @@ def locust_command(args: argparse.Namespace) -> list[str]:
     # which the plugin's own check (harness.start_checks) sees.
     spec = spec.replace(out=str(out), progress="off" if args.quiet else spec.progress,
                         no_preflight=args.no_preflight or not args.locustfile,
-                        expected_workers=args.workers if args.workers > 1 else 0)
+                        expected_workers=args.workers if args.workers > 1 else 0,
+                        drift=soak.wants_drift(args))
     args.spec = spec
     cmd = [sys.executable, "-m", "locust", "-f", args.locustfile or str(LOCUSTFILE), "--headless",
            "-u", str(users), "-r", str(users),
@@ -255,12 +256,7 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     if code < 0:   # Locust itself was killed by a signal
         code = 128 - code
-    summary_path = out / "summary.json"
-    if summary_path.exists() and (out / "requests.jsonl").exists():
-        add_breakdowns(out)
-    from harness import soak
-    if summary_path.exists() and soak.wants_drift(args):
-        code = soak.finish_run(out, code)
+    summary_path = out / "summary.json"   # (written whole by the plugin: harness.run_summary)
     if summary_path.exists() and not args.quiet:
         summary = json.loads(summary_path.read_text())
         print(format_table(summary))
@@ -289,15 +285,3 @@ def preflight(args: argparse.Namespace) -> None:
     key = ApiKey(DEFAULT_ENV_VAR, [url for url, _m, _o in targets])
     for url, model, option in targets:
         check_target(url, model, key, option)
-
-
-def add_breakdowns(out: pathlib.Path) -> None:
-    """Per-endpoint and per-model figures (the seed's cluster table), recomputed from
-    requests.jsonl so they add up to the aggregate by construction."""
-    from harness.results import endpoint_breakdown, read_requests, write_json
-
-    summary = json.loads((out / "summary.json").read_text())
-    by_endpoint, by_model = endpoint_breakdown(read_requests(out / "requests.jsonl"),
-                                               summary.get("duration_s") or 0.0)
-    summary["by_endpoint"], summary["by_model"] = by_endpoint, by_model
-    write_json(out / "summary.json", summary)
