@@ -50,9 +50,9 @@ def _on_init(environment, web_ui=None, **_kw) -> None:
 
 @events.quit.add_listener
 def _on_quit(**_kw) -> None:
-    from harness.plugin import _ENV
+    from harness.run_state import current_environment
 
-    env = _ENV.get("env")
+    env = current_environment()
     server = getattr(env, "llm_metrics_server", None) if env is not None else None
     if server is None:
         return

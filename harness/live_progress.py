@@ -26,13 +26,11 @@ from harness import progress
 
 def reading(environment, final: bool = False) -> progress.Progress:
     """The run's figures now, from its merged aggregate."""
-    from harness.plugin import _duration
-
     agg = environment.llm_aggregate
     state = environment.llm
     agg.refresh()
     now = time.time()
-    duration = _duration(state, agg, now)
+    duration = agg.measured_window(now)
     c = agg.counters
     run_time = getattr(state.options, "run_time", None)
     return progress.Progress(
@@ -123,9 +121,9 @@ def _on_test_stop(environment, **_kw) -> None:
 
 @events.quit.add_listener
 def _on_quit(**_kw) -> None:
-    from harness.plugin import _ENV
+    from harness.run_state import current_environment
 
-    env = _ENV.get("env")
+    env = current_environment()
     p = getattr(env, "llm_progress", None) if env is not None else None
     if p is not None:
         env.llm_progress = None
