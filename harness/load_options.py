@@ -35,7 +35,7 @@ METRICS_HOST = "127.0.0.1"   # /metrics listens on loopback unless told otherwis
 
 @dataclass(frozen=True)
 class Option:
-    """One load option: `harness load --NAME`, Locust's `--llm-NAME`, `LoadSpec.NAME_`."""
+    """One load option: `harness load --NAME`, Locust's `--llm-NAME`, the LoadSpec field NAME (with _)."""
 
     name: str                 # "output-len"
     kind: type                # int, float, str, bool (a flag), tuple (repeatable; comma-joined for Locust)
@@ -122,7 +122,8 @@ class LoadSpec:
     key_origins: tuple[str, ...] | None = _opt(None, "", harness=False, hidden=True)
     metrics_port: int = _opt(0, "serve Prometheus /metrics on this port (0 = off; the web UI always "
                                 "serves /metrics too)")
-    metrics_host: str = _opt(METRICS_HOST, "address the /metrics server binds (default 127.0.0.1)", harness=False)
+    metrics_host: str = _opt(METRICS_HOST, f"address the /metrics server binds (default {METRICS_HOST})",
+                             harness=False)
     metrics_linger: float = _opt(0.0, "keep /metrics up this many seconds after the run, for a last scrape",
                                  zero_ok=True, unit="seconds")
     server_metrics: str = _opt("auto", "server state in timeseries.jsonl: 'auto' scrapes <host>/metrics, "
@@ -163,7 +164,6 @@ def _options() -> tuple[Option, ...]:
 
 OPTIONS: tuple[Option, ...] = _options()
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
-DEFAULTS = LoadSpec()
 
 
 def default(name: str) -> Any:

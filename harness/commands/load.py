@@ -71,8 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def locust_command(args: argparse.Namespace) -> list[str]:
-    """The Locust command line of this run, after every check that needs no server; sets
-    `args.spec` (the run's LoadSpec, which the command line carries to the plugin)."""
+    """The Locust command line of this run, after every check that needs no server: the run's
+    LoadSpec crosses to the plugin as its `--llm-*` flags (harness.load_options)."""
     import math
 
     from harness.arrivals import check_rate
@@ -146,7 +146,6 @@ def locust_command(args: argparse.Namespace) -> list[str]:
                         no_preflight=args.no_preflight or not args.locustfile,
                         expected_workers=args.workers if args.workers > 1 else 0,
                         drift=soak.wants_drift(args))
-    args.spec = spec
     cmd = [sys.executable, "-m", "locust", "-f", args.locustfile or str(LOCUSTFILE), "--headless",
            "-u", str(users), "-r", str(users),
            "--run-time", f"{run_time}s", "--only-summary",
