@@ -46,7 +46,6 @@ from harness.metric_catalog import LATENCY, PERCENTILES
 log = logging.getLogger(__name__)
 
 PREFIX = "llm_harness_"
-DEFAULT_HOST = "127.0.0.1"
 
 # Bucket upper bounds in seconds.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,

@@ -13,7 +13,6 @@ line (or the bar's last state) holds every worker's last report.
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -25,35 +24,13 @@ from locust.runners import LocalRunner, MasterRunner
 from harness import progress
 
 
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not progress.MIN_INTERVAL_S <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"give seconds >= {progress.MIN_INTERVAL_S:g}, not {text!r}")
-    return value
-
-
-@events.init_command_line_parser.add_listener
-def _add_options(parser) -> None:
-    parser.add_argument("--llm-progress", default="auto", choices=progress.MODES, include_in_web_ui=False,
-                        help="live progress of a headless run: 'auto' (a bar on a terminal, plain "
-                             "lines on a pipe or with Locust's periodic tables), 'bar', 'lines' or 'off'")
-    parser.add_argument("--llm-progress-interval", type=_interval, default=progress.DEFAULT_INTERVAL_S,
-                        include_in_web_ui=False,
-                        help="seconds between plain progress lines (default 5)")
-
-
 def reading(environment, final: bool = False) -> progress.Progress:
     """The run's figures now, from its merged aggregate."""
-    from harness.plugin import _duration
-
     agg = environment.llm_aggregate
     state = environment.llm
     agg.refresh()
     now = time.time()
-    duration = _duration(state, agg, now)
+    duration = agg.measured_window(now)
     c = agg.counters
     run_time = getattr(state.options, "run_time", None)
     return progress.Progress(
@@ -76,12 +53,12 @@ class _Progress:
         self.env = environment
         o = environment.parsed_options
         mode = progress.choose_mode(
-            getattr(o, "llm_progress", "auto") or "auto", _isatty(sys.stdout),
+            environment.llm.load.progress, _isatty(sys.stdout),
             bool(getattr(o, "headless", False)),
             bool(getattr(o, "headless", False)) and not getattr(o, "only_summary", False))
         out = environment.llm.out
         self.status = pathlib.Path(out) / progress.STATUS_FILE if out else None
-        interval = float(getattr(o, "llm_progress_interval", progress.DEFAULT_INTERVAL_S))
+        interval = environment.llm.load.progress_interval
         first = reading(environment)
         if self.status is not None:   # at once: a reader must not take an earlier run's file for this one
             progress.write_status(self.status, first)
@@ -144,9 +121,9 @@ def _on_test_stop(environment, **_kw) -> None:
 
 @events.quit.add_listener
 def _on_quit(**_kw) -> None:
-    from harness.plugin import _ENV
+    from harness.run_state import current_environment
 
-    env = _ENV.get("env")
+    env = current_environment()
     p = getattr(env, "llm_progress", None) if env is not None else None
     if p is not None:
         env.llm_progress = None

@@ -1,56 +1,43 @@
-"""The Locust plugin: our command-line/web-UI options, per-process measurement
-state, exact histogram shipping from workers to the master, and the results
-directory. Importing this module (every locustfile does) registers the listeners.
+"""The Locust plugin: its options (harness.load_options) and its listeners. Importing this module
+(every locustfile does) registers them.
 
-Each worker records into HDR histograms and ships them, encoded, inside Locust's
-own stats report (`report_to_master`, every 3 s and once more on quit); the
-master merges them (`worker_report`), so its percentiles are those of the union
-of every worker's samples, not an average of averages or Locust's rounded buckets.
-A local runner (one process) merges its histograms into the run's totals directly
-(`Aggregate.merge_local`): the same sums, without the encoding and decoding, which
-ran inside the event loop and delayed every token event arriving meanwhile.
+The listeners set up each process's state of the run (harness.run_state, `environment.llm`)
+and, on the master or the local runner, the run's merged view (harness.aggregate,
+`environment.llm_aggregate`); they ship each worker's histograms to the master inside Locust's
+own stats report (`report_to_master`, every 3 s and once more on quit) and merge them there
+(`worker_report`), so that its percentiles are those of the union of every worker's samples,
+not an average of averages or Locust's rounded buckets; they drain the run at its end, and
+write its results (`write_run_results`): the last timeseries window, summary.json
+(harness.run_summary), Locust's final CSVs and the exit code.
 """
 from __future__ import annotations
 
-import json
-import logging
 import math
 import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import gevent
-import gevent.event
-import gevent.lock
-import orjson
 import psutil
 from locust import events
 from locust.runners import (HEARTBEAT_LIVENESS, STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, STATE_STOPPED, LocalRunner,
                             MasterRunner, WorkerRunner)
 
-from harness import token_bins
-from harness.credentials import DEFAULT_ENV_VAR as DEFAULT_API_KEY_ENV
-from harness.credentials import ApiKey
-from harness.errors import TargetError, UsageError
-from harness.histograms import HistogramSet
-from harness.json_io import read_jsonl, write_json
-from harness.results import (REQUEST_FIELDS, STARTED_FILE, Counters, RequestLog, archive_run, build_summary,
-                             reconcile_started)
-from harness.slo import EXIT_BAD_INPUT, Slo, parse_slo, run_exit_code
-from harness.workload import Workload, WorkloadSpec, server_token_counter
+from harness import load_options
+from harness.aggregate import Aggregate
+from harness.errors import UsageError
+from harness.json_io import read_jsonl
+from harness.results import STARTED_FILE, RequestLog, archive_run, reconcile_started
+from harness.run_state import DRAIN_POLL_S, LLMState, current_environment, remember_environment
+from harness.run_summary import RunSummary
+from harness.slo import EXIT_BAD_INPUT, run_exit_code
 
-
-# The shortest interval a CPU sample may cover (see LLMState.sample_cpu).
-MIN_CPU_SAMPLE_S = 1.0
-DRAIN_POLL_S = 0.02
 WINDOW_LATE_S = 0.002   # a timeseries window closes this long after its grid boundary
 # How long a master waits for its workers beyond the drain timeout (their answers, their exit).
 WORKER_REPLY_MARGIN_S = 5.0
 SILENT_WORKER_S = 4   # heartbeats (one a second) a worker may miss before a drain stops waiting for it
-
-
 
 
 # Locust listens on every interface by default (web UI, master), with no login: ours listen on
@@ -69,640 +56,12 @@ def _listen_on_loopback(parser) -> None:
 @events.init_command_line_parser.add_listener
 def _add_options(parser) -> None:
     _listen_on_loopback(parser)
-    g = parser  # Locust shows our options in its web UI start form unless told not to
-    g.add_argument("--llm-model", default="", include_in_web_ui=True,
-                   help="served model name (default: the server's first /v1/models entry)")
-    g.add_argument("--llm-input-len", type=int, default=512, include_in_web_ui=True,
-                   help="prompt tokens, calibrated with the server's /tokenize")
-    g.add_argument("--llm-output-len", type=int, default=128, include_in_web_ui=True,
-                   help="output tokens (max_tokens, with ignore_eos + min_tokens)")
-    g.add_argument("--llm-input-len-range", include_in_web_ui=False, type=float, default=0.0, help="+- fraction, uniform")
-    g.add_argument("--llm-output-len-range", include_in_web_ui=False, type=float, default=0.0, help="+- fraction, uniform")
-    g.add_argument("--llm-shared-prefix-len", include_in_web_ui=False, type=int, default=0, help="tokens shared by every prompt")
-    g.add_argument("--llm-dataset", default="", include_in_web_ui=True,
-                   help="ShareGPT JSON or JSONL prompts file")
-    g.add_argument("--llm-soak-mix", include_in_web_ui=False, action="store_true", default=False,
-                   help="the seed plan's three prompts (128 tokens out)")
-    import argparse
-    from harness.arrivals import MAX_RATE, check_rate
-    from harness.timing import MAX_RESPONSE_BYTES
-
-    def rate(text: str) -> float:   # argparse types whose error says what is wrong, in one line
-        try:
-            return check_rate(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    def at_least_0(kind, unit: str):
-        def convert(text: str):
-            try:
-                value = kind(text)
-            except ValueError:
-                value = -1
-            if not 0 <= value < float("inf"):
-                raise argparse.ArgumentTypeError(f"give {unit} >= 0, not {text!r}")
-            return value
-        return convert
-
-    g.add_argument("--llm-rate", type=rate, default=0.0, include_in_web_ui=True,
-                   help=f"open loop: requests/s across all workers (0 = closed loop, one request per "
-                        f"user at a time; at most {MAX_RATE:g})")
-    g.add_argument("--llm-arrival", include_in_web_ui=False, default="poisson", choices=["poisson", "gamma", "constant"],
-                   help="open-loop arrival process")
-    g.add_argument("--llm-burstiness", include_in_web_ui=False, type=float, default=1.0, help="gamma shape (1 = Poisson)")
-    g.add_argument("--llm-max-concurrency", include_in_web_ui=False, type=int, default=0, help="open-loop in-flight cap (0 = none)")
-    g.add_argument("--llm-num-requests", include_in_web_ui=False, type=int, default=0, help="stop after this many requests (0 = no limit)")
-    g.add_argument("--llm-warmup", include_in_web_ui=False, type=float, default=0.0, help="seconds excluded from the summary at the start")
-    g.add_argument("--llm-cooldown", include_in_web_ui=False, type=float, default=0.0, help="seconds excluded at the end (needs --run-time)")
-    g.add_argument("--llm-out", include_in_web_ui=False, default="", help="results directory (summary.json, requests.jsonl, timeseries.jsonl)")
-    g.add_argument("--llm-slo", default="", include_in_web_ui=True,
-                   help="comma-separated SLOs, e.g. 'ttft_p99_ms<=200,tpot_p99_ms<=30,error_rate<=0.01'")
-    g.add_argument("--llm-timeout", include_in_web_ui=False, type=float, default=600.0, help="read timeout per request, seconds")
-    g.add_argument("--llm-request-deadline", include_in_web_ui=False, default=0.0,
-                   type=at_least_0(float, "seconds"),
-                   help="whole-request deadline, seconds from the send (0 = --llm-timeout plus a "
-                        "second per output token)")
-    g.add_argument("--llm-max-response-bytes", include_in_web_ui=False, default=MAX_RESPONSE_BYTES,
-                   type=at_least_0(int, "bytes"),
-                   help="cap on the bytes read for one response (0 = no cap)")
-    g.add_argument("--llm-drain-timeout", include_in_web_ui=False, type=float, default=-1.0,
-                   help="when the run ends, wait up to this many seconds for the requests in flight "
-                        "(default: --llm-timeout); what is still unfinished is recorded as incomplete")
-    g.add_argument("--llm-seed", include_in_web_ui=False, type=int, default=0)
-    g.add_argument("--llm-window", include_in_web_ui=False, type=float, default=10.0, help="timeseries window, seconds")
-    g.add_argument("--llm-cpu-limit", include_in_web_ui=False, type=float, default=90.0,
-                   help="generator invalid when a worker's median CPU %% exceeds this")
-    g.add_argument("--llm-lag-limit-ms", include_in_web_ui=False, type=float, default=10.0,
-                   help="generator invalid when open-loop schedule lag p99 exceeds this")
-    g.add_argument("--llm-stamp-delay-limit-ms", include_in_web_ui=False, type=float, default=10.0,
-                   env_var="LOCUST_LLM_STAMP_DELAY_LIMIT_MS",
-                   help="generator invalid when the p99 of its read-to-stamp delay (kernel receive "
-                        "time to its timestamp, harness.stamp_delay) exceeds this; 0 = not judged")
-    g.add_argument("--llm-api-key-env", include_in_web_ui=False, default=DEFAULT_API_KEY_ENV,
-                   help="environment variable holding the API key (never logged)")
-    g.add_argument("--llm-expected-workers", include_in_web_ui=False, type=int, default=0, help=argparse_hidden())
-    # set by the master at its start, for its workers: where the API key may be sent
-    g.add_argument("--llm-key-origins", include_in_web_ui=False, nargs="*", default=None, help=argparse_hidden())
+    load_options.add_locust_options(parser)   # Locust shows the web-UI ones in its start form
 
 
-def argparse_hidden() -> str:
-    import argparse
-    return argparse.SUPPRESS
-
-
-class LLMState:
-    """One per Locust process (`environment.llm`)."""
-
-    def __init__(self, environment) -> None:
-        self.env = environment
-        self.extra_body: dict | None = None
-        self._read_options(environment.parsed_options)
-        # Fixed at start, whatever a web form or a spawn message says later (harness.credentials):
-        # where the key comes from and goes to, and where results are written (and deleted).
-        o = environment.parsed_options
-        self.api_key = ApiKey(getattr(o, "llm_api_key_env", DEFAULT_API_KEY_ENV),
-                              [getattr(environment, "host", None)]
-                              + [getattr(u, "host", None) for u in getattr(environment, "user_classes", ())])
-        self.out = getattr(o, "llm_out", "") or ""
-        self.quota: int | None = None
-        self.inflight = 0
-        self.due = 0              # open-loop arrivals taken from the quota and not yet sending
-        self.draining = False     # the run is ending: start nothing new (see `drain`)
-        self._drain_perf: float | None = None
-        self.drain_waited_s: float | None = None
-        self.interrupted = False  # stopped by a signal: no drain
-        self.fatal: str | None = None   # why the run could not go on (`abort`)
-        self.finished_event = gevent.event.Event()
-        self.done_sent = False
-        self.started_perf: float | None = None
-        self.started_at: float | None = None
-        self._models: dict[str, str] = {}
-        self._workloads: dict[tuple, Workload] = {}
-        self._prep_lock = gevent.lock.Semaphore()
-        # What this process measured since its last report (workers) or its last merge into
-        # the run's totals (local). The sets are emptied in place after each report/merge
-        # (`_reset_pending`), not rebuilt: a new HDR histogram costs the event loop up to ~0.1 ms.
-        self.pending = HistogramSet()
-        self.pending_by_name: dict[str, HistogramSet] = {}   # names recorded since the last one
-        self.pending_counters_by_name: dict[str, Counters] = {}   # the same names' counts
-        self._by_name_sets: dict[str, HistogramSet] = {}     # every name's set, for reuse
-        self.window = HistogramSet()
-        self.window_counters = Counters()
-        self.pending_token_bins: token_bins.Bins = {}   # output tokens by when they streamed
-        self.outside = HistogramSet()    # warm-up / cool-down records (whole window only)
-        self._outside_used = False
-        self.log: RequestLog | None = None
-        self.started_log: RequestLog | None = None   # STARTED_FILE: one line as each request is sent
-        self.cpu_samples: list[float] = []
-        self._proc = psutil.Process()
-        self._proc.cpu_percent(None)
-        self._cpu_since = time.monotonic()
-
-    def _read_options(self, o) -> None:
-        self.options = o
-        from harness.arrivals import MAX_RATE
-        from harness.timing import MAX_RESPONSE_BYTES, default_request_deadline
-        self.rate = min(float(getattr(o, "llm_rate", 0.0) or 0.0), MAX_RATE)   # (a start form's is unchecked)
-        # bumped whenever the rate may have changed (set_rate, options re-read at a test
-        # start): open-loop dispatchers then re-plan their next arrival at once
-        self.rate_version = getattr(self, "rate_version", 0) + 1
-        self.arrival = getattr(o, "llm_arrival", "poisson")
-        self.burstiness = float(getattr(o, "llm_burstiness", 1.0))
-        self.max_concurrency = int(getattr(o, "llm_max_concurrency", 0) or 0)
-        self.timeout = float(getattr(o, "llm_timeout", 600.0))
-        drain = float(getattr(o, "llm_drain_timeout", -1.0))
-        self.drain_timeout = self.timeout if drain < 0 else drain
-        self.seed = int(getattr(o, "llm_seed", 0))
-        self.slos: list[Slo] = [parse_slo(s) for s in (getattr(o, "llm_slo", "") or "").split(",") if s.strip()]
-        self.spec = WorkloadSpec(
-            input_len=int(getattr(o, "llm_input_len", 512)), output_len=int(getattr(o, "llm_output_len", 128)),
-            dataset=getattr(o, "llm_dataset", "") or None, soak_mix=bool(getattr(o, "llm_soak_mix", False)),
-            input_len_range=float(getattr(o, "llm_input_len_range", 0.0)),
-            output_len_range=float(getattr(o, "llm_output_len_range", 0.0)),
-            shared_prefix_len=int(getattr(o, "llm_shared_prefix_len", 0)), seed=self.seed)
-        if self.spec.soak_mix:
-            self.spec.output_len = int(getattr(o, "llm_output_len", 128))
-        self.window_s = float(getattr(o, "llm_window", 5.0))
-        self.warmup = float(getattr(o, "llm_warmup", 0.0))
-        self.cooldown = float(getattr(o, "llm_cooldown", 0.0))
-        self.run_time = getattr(o, "run_time", None)
-        self.num_requests = int(getattr(o, "llm_num_requests", 0) or 0)
-        self.request_deadline = float(getattr(o, "llm_request_deadline", 0.0) or 0.0) or default_request_deadline(
-            self.timeout, self.spec.output_len * (1 + self.spec.output_len_range))
-        self.max_response_bytes = int(getattr(o, "llm_max_response_bytes", MAX_RESPONSE_BYTES) or 0) or None
-
-    def reload_options(self) -> None:
-        """Re-read the options at each test start: the web UI's start form (and a master's
-        spawn message) may have changed them since init. Prompts are recalibrated only
-        when the workload changed."""
-        old_spec = self.spec
-        o = self.env.parsed_options
-        self._read_options(o)
-        if self.spec != old_spec:
-            self._workloads.clear()
-        if isinstance(self.env.runner, WorkerRunner):
-            # A worker takes these from its master, which fixed them at its own start (a web
-            # form cannot set them there): the results directory, the key's variable and the
-            # origins the key may go to.
-            self.out = getattr(o, "llm_out", "") or ""
-            env_var = getattr(o, "llm_api_key_env", DEFAULT_API_KEY_ENV)
-            origins = getattr(o, "llm_key_origins", None) or self.api_key.origins
-            if (env_var, list(origins)) != (self.api_key.env_var, self.api_key.origins):
-                self.api_key = ApiKey(env_var, origins)
-
-    # -- workers and rates ------------------------------------------------------
-    def worker_index(self) -> int:
-        runner = self.env.runner
-        if isinstance(runner, WorkerRunner):
-            return max(0, int(getattr(runner, "worker_index", 0) or 0))
-        return 0
-
-    def change_rate(self, rate: float) -> None:
-        self.rate = float(rate)
-        self.rate_version += 1
-
-    def workers(self) -> int:
-        runner = self.env.runner
-        if isinstance(runner, WorkerRunner):
-            n = int(getattr(self.options, "llm_expected_workers", 0) or 0) or int(
-                getattr(self.options, "expect_workers", 1) or 1)
-            return max(1, n)
-        return 1
-
-    def rate_per_user(self, user) -> float:
-        """This user's share of the total rate (each worker runs rate / workers)."""
-        users = max(1, self.env.runner.user_count if self.env.runner else 1)
-        return self.rate / self.workers() / users
-
-    def max_concurrency_per_user(self) -> int:
-        if not self.max_concurrency:
-            return 0
-        users = max(1, self.env.runner.user_count if self.env.runner else 1)
-        return max(1, self.max_concurrency // (self.workers() * users))
-
-    def _start_quota(self) -> None:
-        if not self.num_requests:
-            self.quota = None
-            return
-        runner = self.env.runner
-        w = self.workers()
-        idx = getattr(runner, "worker_index", 0) if isinstance(runner, WorkerRunner) else 0
-        idx = max(0, idx) % w
-        self.quota = self.num_requests // w + (1 if idx < self.num_requests % w else 0)
-
-    def take_quota(self) -> bool:
-        if self.quota is None:
-            return True
-        if self.quota <= 0:
-            return False
-        self.quota -= 1
-        return True
-
-    def abort(self, reason: str) -> None:
-        """Nothing can run (the target refuses us, the workload cannot be built): end the run
-        now with `reason` and exit 2, instead of idling until its time is up with dead users."""
-        if self.fatal is not None:
-            return
-        self.fatal = reason
-        logging.getLogger(__name__).error("stopping the run: %s", reason)
-        runner = self.env.runner
-        if isinstance(runner, WorkerRunner):
-            runner.send_message("llm_fatal", {"reason": reason})
-        elif runner is not None:
-            gevent.spawn_later(0.1, runner.quit)
-
-    # -- the end of a run ------------------------------------------------------------
-    def scheduled_before_drain(self, t_perf: float) -> bool:
-        """An open-loop arrival due before the drain began is still sent."""
-        return self._drain_perf is not None and t_perf <= self._drain_perf
-
-    def drain(self) -> float:
-        """Stop starting requests and wait for those in flight (and arrivals already due) to
-        finish, up to `drain_timeout`; returns the seconds waited. What is still running
-        afterwards is killed by Locust's stop and recorded as incomplete (LLMUser.send)."""
-        if not self.draining:
-            self.draining = True
-            self._drain_perf = time.perf_counter()
-        t0 = time.monotonic()
-        deadline = t0 + self.drain_timeout
-        gevent.sleep(0)   # let a dispatcher holding a due arrival send it first
-        while (self.inflight or self.due) and time.monotonic() < deadline:
-            gevent.sleep(DRAIN_POLL_S)
-        return time.monotonic() - t0
-
-    def wait_finished(self) -> None:
-        """A user with nothing left to send parks here until the run ends."""
-        self.check_finished()
-        self.finished_event.wait(timeout=1.0)
-
-    def check_finished(self) -> None:
-        if self.quota == 0 and self.inflight == 0 and self.due == 0 and not self.done_sent:
-            self.done_sent = True
-            runner = self.env.runner
-            if isinstance(runner, WorkerRunner):
-                runner.send_message("llm_done", {"worker_index": getattr(runner, "worker_index", -1)})
-            elif runner is not None:
-                gevent.spawn_later(0.1, runner.quit)
-
-    # -- model and prompts ---------------------------------------------------------
-    def resolve_model(self, base: str, conn_factory: Callable) -> str:
-        opt = getattr(self.options, "llm_model", "") or ""
-        if opt:
-            return opt
-        if base not in self._models:
-            conn = conn_factory()
-            status, _, body = conn.request("GET", "/v1/models", None, self.api_key.headers_for(base))
-            if status in (401, 403):
-                key = (f"the key from ${self.api_key.env_var} was refused" if self.api_key.present else
-                       f"no API key was sent: set ${self.api_key.env_var} (or name another variable "
-                       f"with --llm-api-key-env)")
-                raise TargetError(f"GET {base}/v1/models answered {status}: {key}")
-            if status != 200:
-                raise TargetError(f"GET {base}/v1/models answered {status}; pass --llm-model")
-            self._models[base] = json.loads(body)["data"][0]["id"]
-        return self._models[base]
-
-    def workload_for(self, base: str, model: str, chat: bool, conn_factory: Callable) -> Workload:
-        key = (base, model, chat)
-        with self._prep_lock:   # the first user calibrates; the others wait for it
-            if key not in self._workloads:
-                counter = server_token_counter(conn_factory, model, self.api_key.headers_for(base))
-                wl = Workload(self.spec, counter, chat, stream=self.worker_index())
-                wl.prepare()
-                self._workloads[key] = wl
-        return self._workloads[key]
-
-    # -- recording -----------------------------------------------------------------
-    def in_window(self, rec) -> bool:
-        if self.started_at is None:
-            return True
-        if self.warmup and (rec.sent_at or 0) < self.started_at + self.warmup:
-            return False
-        if self.cooldown and self.run_time and (rec.finished_at or 0) > self.started_at + self.run_time - self.cooldown:
-            return False
-        return True
-
-    def started(self, line: dict[str, Any]) -> None:
-        """A request is about to be sent: its line in STARTED_FILE, so that one in flight in a
-        worker that is killed still gets its requests.jsonl line (`reconcile_started`)."""
-        if self.started_log is not None:
-            self.started_log.write(orjson.dumps(line) + b"\n")
-
-    def record(self, rec, user_class: str, name: str) -> None:
-        """One finished request: its requests.jsonl line, and its latencies into one histogram
-        set -- its name's (measured) or the warm-up/cool-down set. The report's three views
-        (all measured, per name, whole window) are put together from those once per report
-        (`_report_sets`): recording each request three times cost ~30 us per request."""
-        if self.log is not None:
-            self.log.write(rec.to_json_line())
-        d = {f: getattr(rec, f) for f in REQUEST_FIELDS}
-        self.window_counters.add(d, self.slos)
-        token_bins.book(self.pending_token_bins, d, self.window_s)
-        if not self.in_window(rec):
-            self.outside.add_record(d)
-            self._outside_used = True
-            return
-        c = self.pending_counters_by_name.get(name)
-        if c is None:
-            c = self.pending_counters_by_name[name] = Counters()
-        c.add(d, self.slos)
-        hs = self.pending_by_name.get(name)
-        if hs is None:
-            hs = self._by_name_sets.get(name)
-            if hs is None:
-                hs = self._by_name_sets[name] = HistogramSet()
-            self.pending_by_name[name] = hs
-        hs.add_record(d)
-
-    def _report_sets(self) -> tuple[HistogramSet, dict[str, HistogramSet], HistogramSet]:
-        """(measured, measured per name, whole window) since the last report. With one name and
-        no warm-up or cool-down records -- the usual case -- all three are the one set."""
-        names = self.pending_by_name
-        if len(names) == 1:
-            pending = next(iter(names.values()))
-        else:
-            pending = self.pending
-            for hs in names.values():
-                pending.merge(hs)
-        if not self._outside_used:
-            return pending, names, pending
-        window = self.window
-        window.merge(pending)
-        window.merge(self.outside)
-        return pending, names, window
-
-    def _report_counters(self) -> tuple[Counters, dict[str, Counters]]:
-        """(measured, measured per name) counts since the last report: a request is counted
-        once, in its name's counters, and the total is their sum (with one name, that name's
-        own object), as `_report_sets` does for the histograms."""
-        names = self.pending_counters_by_name
-        if len(names) == 1:
-            return next(iter(names.values())), names
-        total = Counters()
-        for c in names.values():
-            total.merge(c)
-        return total, names
-
-    def sample_cpu(self) -> float | None:
-        """This process's CPU % since the last sample; None when that was under a second ago
-        (a worker's last report right after a regular one: a percentage over a few
-        milliseconds is noise, and once read 1,000%+ on a busy machine, failing the run)."""
-        now = time.monotonic()
-        if now - self._cpu_since < MIN_CPU_SAMPLE_S:
-            return None
-        self._cpu_since = now
-        pct = self._proc.cpu_percent(None)
-        self.cpu_samples.append(pct)
-        return pct
-
-    def take_report(self, sample_cpu: bool = True) -> dict[str, Any]:
-        """Everything measured since the last report, encoded for the master
-        (`sample_cpu=False`: a live refresh between reports, no CPU sample)."""
-        pending, by_name, window = self._report_sets()
-        counters, counters_by_name = self._report_counters()
-        encoded: dict[int, str] = {}   # a set that stands for several views is encoded once
-
-        def enc(hs: HistogramSet) -> str:
-            if id(hs) not in encoded:
-                encoded[id(hs)] = hs.encode()
-            return encoded[id(hs)]
-
-        rep = {"hist": enc(pending), "counters": counters.to_dict(),
-               "by_name": {k: enc(v) for k, v in by_name.items()},
-               "counters_by_name": {k: v.to_dict() for k, v in counters_by_name.items()},
-               "win": enc(window), "win_counters": self.window_counters.to_dict(),
-               "token_bins": token_bins.to_pairs(self.pending_token_bins)}
-        if sample_cpu:
-            rep["cpu"] = self.sample_cpu()
-        from harness import stamp_delay
-        rep["stamp_delay"] = stamp_delay.take()   # this process's read-to-stamp delays
-        self._reset_pending()
-        return rep
-
-    def _reset_pending(self) -> None:
-        """Start the next report's (or local merge's) measurements: the same as new empty sets,
-        at a few us per histogram instead of up to ~0.1 ms."""
-        self.pending.reset()
-        self.pending_counters_by_name = {}
-        for hs in self.pending_by_name.values():
-            hs.reset()
-        self.pending_by_name = {}
-        self.window.reset()
-        self.window_counters = Counters()
-        self.pending_token_bins = {}
-        if self._outside_used:
-            self.outside.reset()
-            self._outside_used = False
-
-
-class Aggregate:
-    """The master's (or the local runner's) merged view of the whole run."""
-
-    def __init__(self, state: LLMState) -> None:
-        self.state = state
-        # Called with each timeseries line before it is written (may add keys to it):
-        # harness.server_metrics adds the server's state, harness.webui keeps it for charts.
-        self.window_hooks: list[Callable[[dict], None]] = []
-        # Called with a line whose output tokens grew (see `token_bins` below).
-        self.revision_hooks: list[Callable[[dict], None]] = []
-        self.ts_file = None   # timeseries.jsonl, open while a test runs with --llm-out
-        self.reset()
-
-    def reset(self) -> None:
-        """Start from no measurement: at init, and when a test starts again in the same process
-        (the web UI's start after a stop; Locust clears its own stats then too). The hooks stay."""
-        self.hist = HistogramSet()
-        self.counters = Counters()
-        self.by_name: dict[str, HistogramSet] = {}
-        self.counters_by_name: dict[str, Counters] = {}   # per endpoint, as by_name
-        self.window = HistogramSet()
-        self.window_counters = Counters()
-        self.cpu: dict[str, list[float]] = {}
-        self.requests_by_worker: dict[str, int] = {}   # every recorded request, warm-up included
-        self.done_workers: set[str] = set()
-        self.drained_workers: set[str] = set()
-        self.lost_workers: set[str] = set()   # went silent mid-run (killed)
-        self.lost_requests = 0                # sent by a worker that died before recording them
-        self.stamp_delay: dict | None = None   # read-to-stamp delays, every worker's (harness.stamp_delay)
-        if self.ts_file is not None:
-            self.ts_file.close()
-        self.ts_file = None
-        self.last_window = time.time()
-        # Output tokens by when they streamed (harness.token_bins). A line covers whole bins; as
-        # requests finish, earlier lines gain tokens: revision hooks get the line then, and
-        # timeseries.jsonl is rewritten with every line's final count at the end of the run.
-        self.token_bins: token_bins.Bins = {}
-        self.bin_cursor: int | None = None      # the first bin no line covers yet
-        self.lines: list[tuple[dict, range]] = []
-        self._line_of_bin: dict[int, int] = {}
-        self._changed_bins: set[int] = set()
-
-    def merge_token_bins(self, pairs) -> None:
-        self._changed_bins |= token_bins.merge(self.token_bins, pairs or ())
-
-    def merge_report(self, client_id: str, rep: dict[str, Any]) -> None:
-        """Merge one worker's report (`LLMState.take_report`, shipped encoded)."""
-        self._merge(client_id, HistogramSet.decode(rep["hist"]), Counters.from_dict(rep["counters"]),
-                    {name: HistogramSet.decode(enc) for name, enc in rep.get("by_name", {}).items()},
-                    {name: Counters.from_dict(d) for name, d in rep.get("counters_by_name", {}).items()},
-                    HistogramSet.decode(rep["win"]), Counters.from_dict(rep["win_counters"]),
-                    rep.get("cpu"), rep.get("stamp_delay"))
-        self.merge_token_bins(rep.get("token_bins"))
-
-    def merge_local(self, sample_cpu: bool = True) -> None:
-        """A local runner's merge: the same as `merge_report("local", state.take_report())`,
-        from the process's own histograms (no encoding and decoding), which are then emptied
-        in place for the next window."""
-        from harness import stamp_delay
-        st = self.state
-        pending, by_name, window = st._report_sets()
-        counters, counters_by_name = st._report_counters()
-        self.merge_token_bins(token_bins.to_pairs(st.pending_token_bins))
-        self._merge("local", pending, counters, by_name, counters_by_name, window, st.window_counters,
-                    st.sample_cpu() if sample_cpu else None, stamp_delay.take())
-        st._reset_pending()
-
-    def _merge(self, client_id: str, hist: HistogramSet, counters: Counters,
-               by_name: dict[str, HistogramSet], counters_by_name: dict[str, Counters],
-               window: HistogramSet, window_counters: Counters, cpu: float | None,
-               stamp_delays: dict | None) -> None:
-        from harness import stamp_delay
-        self.stamp_delay = stamp_delay.merge(self.stamp_delay, stamp_delays)   # exact sums
-        self.hist.merge(hist)
-        self.counters.merge(counters)
-        for name, hs in by_name.items():
-            mine = self.by_name.get(name)
-            if mine is None:
-                mine = self.by_name[name] = HistogramSet()
-            mine.merge(hs)
-        for name, c in counters_by_name.items():
-            self.counters_by_name.setdefault(name, Counters()).merge(c)
-        self.window.merge(window)
-        self.window_counters.merge(window_counters)
-        self.requests_by_worker[client_id] = (self.requests_by_worker.get(client_id, 0)
-                                              + window_counters.recorded)
-        if cpu is not None:
-            self.cpu.setdefault(client_id, []).append(float(cpu))
-
-    def refresh(self) -> None:
-        """Bring a local runner's view up to date now (exact: the same merge as the window
-        greenlet's). A master's view is as fresh as the workers' last reports (3 s)."""
-        if isinstance(self.state.env.runner, LocalRunner):
-            self.merge_local(sample_cpu=False)
-
-    def start_windows(self, started_at: float) -> None:
-        self.last_window = started_at
-        self.bin_cursor = token_bins.bin_of(started_at, self.state.window_s)
-
-    def flush_window(self, users: int, final: bool = False) -> None:
-        """One timeseries line: requests that finished since the last line, and the output
-        tokens that streamed in its bins (those of the bin in progress too when `final`)."""
-        now = time.time()
-        span = max(1e-9, now - self.last_window)
-        self.last_window = now
-        c = self.window_counters
-        width = self.state.window_s
-        if self.bin_cursor is None:
-            self.bin_cursor = token_bins.bin_of(now - span, width)
-        end = max(token_bins.bin_of(now, width) + (1 if final else 0), self.bin_cursor + 1)
-        bins = range(self.bin_cursor, end)
-        self.bin_cursor = end
-        tokens = token_bins.tokens_in(self.token_bins, bins)
-        line = {"t": now, "window_s": span, "users": users, "target_rate": self.state.rate,
-                "completed": c.completed, "failed": c.failed, "incomplete": c.incomplete,
-                "errors_by_kind": c.errors_by_kind, "output_tokens": tokens,
-                "output_tokens_per_s": tokens / span, "requests_per_s": c.completed / span,
-                "goodput_rps": c.good / span}
-        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "schedule_lag_ms"):
-            s = self.window.summary(key)
-            line[key] = {k: s.get(k) for k in ("p50", "p90", "p99", "mean", "count")}
-        self.window.reset()
-        self.window_counters = Counters()
-        for hook in self.window_hooks:
-            try:
-                hook(line)
-            except Exception:  # an observer must never cost the run its timeseries
-                logging.getLogger(__name__).exception("timeseries hook %r failed", hook)
-        for k in bins:
-            self._line_of_bin[k] = len(self.lines)
-            self._changed_bins.discard(k)
-        self.lines.append((line, bins))
-        self._revise_lines()
-        if self.ts_file is not None:
-            self.ts_file.write(json.dumps(line) + "\n")
-            self.ts_file.flush()
-
-    def _revise_lines(self) -> None:
-        """Lines whose bins gained tokens since they were written (requests that streamed there
-        finished later) get their new count, and the revision hooks hear of it."""
-        touched = {self._line_of_bin[k] for k in self._changed_bins if k in self._line_of_bin}
-        self._changed_bins = {k for k in self._changed_bins if k not in self._line_of_bin}
-        for i in sorted(touched):
-            line, bins = self.lines[i]
-            line["output_tokens"] = token_bins.tokens_in(self.token_bins, bins)
-            line["output_tokens_per_s"] = line["output_tokens"] / max(1e-9, line["window_s"])
-            for hook in self.revision_hooks:
-                try:
-                    hook(line)
-                except Exception:  # an observer must never cost the run its timeseries
-                    logging.getLogger(__name__).exception("revision hook %r failed", hook)
-
-    def rewrite_timeseries(self, path: pathlib.Path) -> None:
-        """timeseries.jsonl with every line's final token count (atomically replaced)."""
-        self._revise_lines()
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            for line, _bins in self.lines:
-                f.write(json.dumps(line) + "\n")
-        os.replace(tmp, path)
-
-    def generator(self) -> dict[str, Any]:
-        st = self.state
-        reasons = []
-        cpu_max = 0.0
-        per_worker = {}
-        for wid, samples in self.cpu.items():
-            if not samples:
-                continue
-            s = sorted(samples)
-            median = s[len(s) // 2]
-            cpu_max = max(cpu_max, s[-1])
-            per_worker[wid] = {"median": median, "max": s[-1]}
-            if median > float(getattr(st.options, "llm_cpu_limit", 90.0)):
-                reasons.append(f"worker {wid} CPU median {median:.0f}% > limit; add workers (--workers)")
-        lag = self.hist.summary("schedule_lag_ms")
-        lag_limit = float(getattr(st.options, "llm_lag_limit_ms", 10.0))
-        if st.rate > 0 and lag.get("p99") is not None and lag["p99"] > lag_limit:
-            reasons.append(f"schedule lag p99 {lag['p99']:.1f} ms > {lag_limit:g} ms: the load generator "
-                           f"cannot keep the schedule; add workers (--workers)")
-        from harness import stamp_delay
-        delays = self.stamp_delay
-        delay_limit = float(getattr(st.options, "llm_stamp_delay_limit_ms", stamp_delay.DEFAULT_LIMIT_MS))
-        late = stamp_delay.verdict(delays, delay_limit)
-        if late:
-            reasons.append(late)
-        if self.lost_workers or self.lost_requests:
-            reasons.append(f"a load generator worker stopped mid-run ({len(self.lost_workers)} went silent; "
-                           f"{self.lost_requests} of its requests in flight recorded as incomplete): the load "
-                           f"was not what was asked for; find out why it died and run again")
-        return {"valid": not reasons, "reasons": reasons, "cpu_max_pct": cpu_max,
-                "cpu_by_worker": per_worker,
-                "workers": max(1, len(self.cpu), len(self.requests_by_worker)),
-                "requests_by_worker": dict(self.requests_by_worker),
-                "stamp_delay_ms": {**stamp_delay.stats(delays), "limit": delay_limit}}
-
-
-def _duration(state: LLMState, agg: Aggregate, stopped_at: float) -> float:
-    c = agg.counters
-    if c.first_sent is None:
-        return 0.0
-    start = c.first_sent
-    if state.started_at is not None and state.warmup:
-        start = max(start, state.started_at + state.warmup)
-    end = min(stopped_at, c.last_finished or stopped_at)
-    if state.cooldown and state.run_time and state.started_at is not None:
-        end = min(end, state.started_at + state.run_time - state.cooldown)
-    return max(0.0, end - start)
+@events.init.add_listener
+def _remember_env(environment, **_kw) -> None:
+    remember_environment(environment)
 
 
 @events.init.add_listener
@@ -753,28 +112,6 @@ def _on_init(environment, **_kw) -> None:
         runner.register_message("llm_drain", on_drain)
 
 
-def set_rate(environment, rate: float) -> None:
-    """Change the open-loop rate (requests/s over all workers) of a running test.
-
-    Works on a local runner and on the master (which tells every worker with an
-    `llm_set_rate` message; each worker runs its share, rate / workers). Dispatchers
-    re-plan their next arrival at once. 0 turns the users back into closed loops.
-    Locust load shapes (locustfiles/shapes.py) and web routes call this. ValueError for a
-    rate outside 0..harness.arrivals.MAX_RATE (the ceiling, and why, in its message).
-    """
-    from harness.arrivals import check_rate
-
-    rate = check_rate(rate)
-    state: LLMState = environment.llm
-    state.change_rate(rate)
-    if environment.parsed_options is not None:
-        # Workers that start (or restart) later read the rate from the master's options.
-        environment.parsed_options.llm_rate = rate
-    runner = environment.runner
-    if isinstance(runner, MasterRunner):
-        runner.send_message("llm_set_rate", {"rate": rate})
-
-
 @events.test_start.add_listener
 def _on_test_start(environment, **_kw) -> None:
     if getattr(environment, "llm", None) is None and isinstance(environment.runner, WorkerRunner):
@@ -799,7 +136,6 @@ def _on_test_start(environment, **_kw) -> None:
             if state.out:
                 archive_run(pathlib.Path(state.out))
     state.started_at = time.time()
-    state.started_perf = time.perf_counter()
     state.done_sent = False
     state.finished_event.clear()
     state.draining, state._drain_perf, state.drain_waited_s, state.interrupted = False, None, None, False
@@ -861,8 +197,7 @@ def _all_users_gone(runner, state: LLMState) -> bool:
 
 @events.report_to_master.add_listener
 def _on_report_to_master(client_id, data, **_kw) -> None:
-    from locust.env import Environment  # noqa: F401  (keeps the import cheap at module load)
-    env = _ENV.get("env")
+    env = current_environment()
     if env is None:
         return
     data["llm"] = env.llm.take_report()
@@ -870,18 +205,10 @@ def _on_report_to_master(client_id, data, **_kw) -> None:
 
 @events.worker_report.add_listener
 def _on_worker_report(client_id, data, **_kw) -> None:
-    env = _ENV.get("env")
+    env = current_environment()
     if env is None or "llm" not in data:
         return
     env.llm_aggregate.merge_report(str(client_id), data["llm"])
-
-
-_ENV: dict[str, Any] = {}
-
-
-@events.init.add_listener
-def _remember_env(environment, **_kw) -> None:
-    _ENV["env"] = environment
 
 
 @events.test_stopping.add_listener
@@ -1040,49 +367,6 @@ def _worker_init(environment, **_kw) -> None:
             _die_with_parent()
 
 
-def _count_lines(path: pathlib.Path) -> int:
-    n = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            n += block.count(b"\n")
-    return n
-
-
-def _recover_from_log(state: LLMState, agg: Aggregate):
-    """The run's numbers from requests.jsonl, when it holds requests the master never got
-    in a report (a worker killed, or interrupted before its last report); else None.
-
-    The same HDR bucketing as the live path, so nothing is approximated; only the
-    warm-up/cool-down cut uses the master's clock instead of each worker's."""
-    if not state.out:
-        return None
-    path = pathlib.Path(state.out) / "requests.jsonl"
-    if not path.exists() or _count_lines(path) <= sum(agg.requests_by_worker.values()):
-        return None
-    from urllib.parse import urlsplit
-
-    hist, counters, by_name, counters_by_name = HistogramSet(), Counters(), {}, {}
-    since = (state.started_at or 0) - 1.0
-    for d in read_jsonl(path):
-        if (d.get("sent_at") or d.get("finished_at") or 0) < since:
-            continue   # an earlier run's line
-        rec = _RecordView(d)
-        if not state.in_window(rec):
-            continue
-        counters.add(d, state.slos)
-        hist.add_record(d)
-        name = f"{urlsplit(d.get('url') or '').path} [{d.get('model')}]"
-        by_name.setdefault(name, HistogramSet()).add_record(d)
-        counters_by_name.setdefault(name, Counters()).add(d, state.slos)
-    return hist, counters, by_name, counters_by_name
-
-
-class _RecordView:
-    def __init__(self, d: dict) -> None:
-        self.sent_at = d.get("sent_at")
-        self.finished_at = d.get("finished_at")
-
-
 @events.quitting.add_listener
 def _on_quitting(environment, **_kw) -> None:
     state: LLMState | None = getattr(environment, "llm", None)
@@ -1100,27 +384,6 @@ def _on_quitting(environment, **_kw) -> None:
     if not isinstance(runner, (MasterRunner, LocalRunner)):
         return
     write_run_results(environment)
-
-
-def run_summary(environment, stopped_at: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run's summary (summary.json's content) from the merged view as it is now: written
-    at the end, and what the web UI judges the SLOs with while the test runs."""
-    state: LLMState = environment.llm
-    agg: Aggregate = environment.llm_aggregate
-    return build_summary(
-        extra=extra,
-        hist=agg.hist, counters=agg.counters, duration_s=_duration(state, agg, stopped_at),
-        started_at=state.started_at or stopped_at,
-        target={"url": environment.host, "model": getattr(state.options, "llm_model", "") or
-                (next(iter(state._models.values()), None))},
-        workload={"input_len": state.spec.input_len, "output_len": state.spec.output_len,
-                  "dataset": state.spec.dataset, "soak_mix": state.spec.soak_mix,
-                  "rate": state.rate, "arrival": state.arrival if state.rate else None,
-                  "burstiness": state.burstiness if state.rate else None,
-                  "users": getattr(state.options, "num_users", None),
-                  "num_requests": state.num_requests or None, "warmup_s": state.warmup,
-                  "cooldown_s": state.cooldown, "seed": state.seed},
-        slos=state.slos, generator=agg.generator(), by_name=agg.by_name)
 
 
 def write_run_results(environment) -> dict[str, Any]:
@@ -1141,30 +404,32 @@ def write_run_results(environment) -> dict[str, Any]:
         agg.lost_requests += reconcile_started(pathlib.Path(state.out))
     if isinstance(runner, MasterRunner):
         agg.lost_workers = {str(c.id) for c in runner.clients.all if _silent(c)}
-    recovered = _recover_from_log(state, agg)
+    recovered = agg.recover_from_log()
     # How the run ended: the measured window (first send to last finish) includes the drain.
-    extra: dict[str, Any] = {"interrupted": state.interrupted,
-                             "drain": {"timeout_s": state.drain_timeout, "waited_s": state.drain_waited_s,
-                                       "interrupted": state.interrupted}}
-    if state.fatal:   # why the run stopped early (only then: readers take "error" as failure)
-        extra["error"] = state.fatal
-    if recovered is not None:
-        agg.hist, agg.counters, agg.by_name, agg.counters_by_name = recovered
-        extra["recovered"] = ("requests.jsonl held requests no worker report carried (a worker "
-                              "was interrupted or killed); this summary was rebuilt from it")
-    summary = run_summary(environment, stopped, extra)
-    environment.llm_summary = summary
+    summary = RunSummary(
+        agg.figures(stopped), state.slos, interrupted=state.interrupted,
+        drain={"timeout_s": state.drain_timeout, "waited_s": state.drain_waited_s,
+               "interrupted": state.interrupted},
+        error=state.fatal,
+        recovered=None if not recovered else (
+            "requests.jsonl held requests no worker report carried (a worker was interrupted or "
+            "killed); this summary was rebuilt from it"))
     _write_final_locust_csv(environment)
     if state.out:
+        out = pathlib.Path(state.out)
         if agg.ts_file is not None:
             agg.flush_window(0, final=True)
             agg.ts_file.close()
             agg.ts_file = None
-            agg.rewrite_timeseries(pathlib.Path(state.out) / "timeseries.jsonl")
-        write_json(pathlib.Path(state.out) / "summary.json", summary)
+            agg.rewrite_timeseries(out / "timeseries.jsonl")
+        if (out / "requests.jsonl").exists():
+            summary.add_breakdowns(read_jsonl(out / "requests.jsonl"))
+    if state.load.drift:
+        summary.add_drift([line for line, _bins in agg.lines])
+    doc = summary.write(state.out) if state.out else summary.to_dict()
     # Always set: Locust's own rule (exit 1 on any failure) does not know our SLOs.
-    environment.process_exit_code = EXIT_BAD_INPUT if state.fatal else run_exit_code(summary)
-    return summary
+    environment.process_exit_code = EXIT_BAD_INPUT if state.fatal else run_exit_code(doc)
+    return doc
 
 
 # Option ranges, the web UI's port and the targets, before any load (before `live`, which binds

@@ -17,7 +17,7 @@ Its monitor thread is switched off (``monitor_interval = 0``): under gevent a th
 greenlet, and the bar is redrawn by our own greenlet anyway.
 
 The figures are the run's own exact ones (the merged HDR histograms and counters of
-``harness.plugin.Aggregate``, the numbers the summary will hold), read once per tick by one
+``harness.aggregate.Aggregate``, the numbers the summary will hold), read once per tick by one
 greenlet: nothing is done per request. This module does not import Locust (the runner of a
 plan imports it to format the stage's lines); ``harness.live_progress`` wires it into Locust.
 """

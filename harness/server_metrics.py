@@ -155,7 +155,9 @@ def _base(url: str | None) -> str | None:
 
 def metrics_urls(environment) -> list[str]:
     """What to scrape now, from `--llm-server-metrics` and the hosts the users target."""
-    opt = (getattr(environment.parsed_options, "llm_server_metrics", "auto") or "auto").strip()
+    from harness.load_options import from_locust
+
+    opt = (from_locust(environment.parsed_options).server_metrics or "auto").strip()
     if opt == "off":
         return []
     if opt != "auto":

@@ -1,5 +1,5 @@
 """What the plugin checks before any load under plain Locust (`locust -f locustfiles/chat.py`):
-the count-like `--llm-*` options (harness.option_ranges), the ports it was told to listen
+the count-like `--llm-*` options (their ranges in harness.load_options), the ports it was told to listen
 on, and every target (harness.preflight: it answers /v1/models, takes the key, serves the model).
 
 `harness load` makes the same checks itself before it starts Locust; without these, plain
@@ -31,6 +31,7 @@ from gevent.event import AsyncResult
 from locust import events
 from locust.runners import STATE_RUNNING, STATE_SPAWNING, STATE_STOPPED, LocalRunner, MasterRunner
 
+from harness import load_options
 from harness.errors import UsageError
 from harness.preflight import TIMEOUT_S
 
@@ -41,29 +42,15 @@ NOT_STARTED = "test not started: "
 VERDICT_WAIT_S = TIMEOUT_S + 2.0
 
 
-@events.init_command_line_parser.add_listener
-def _add_options(parser) -> None:
-    parser.add_argument("--llm-no-preflight", action="store_true", default=False, include_in_web_ui=False,
-                        help="skip the check that every target answers /v1/models, takes the key "
-                             "and serves the model before any load (e.g. a server that comes up "
-                             "during the run)")
-
-
 def check_options(o: Any) -> None:
     """A one-line UsageError for the first count-like `--llm-*` option out of its range
     (argparse's types cannot see the web UI's start form, which sets values as they come)."""
     from harness.arrivals import check_rate
-    from harness.option_ranges import check_ranges
 
-    def value(name: str):
-        v = getattr(o, "llm_" + name.replace("-", "_"), None)
-        if name == "drain-timeout" and v == -1.0:
-            return None   # (the default: --llm-timeout)
-        return None if v is None or isinstance(v, bool) else v
-
-    check_ranges(value, "--llm-")
+    spec = load_options.from_locust(o)
+    load_options.check_ranges(spec, "--llm-")
     try:
-        check_rate(getattr(o, "llm_rate", 0.0) or 0.0)
+        check_rate(spec.rate)
     except ValueError as exc:
         raise UsageError(f"--llm-rate {exc}") from None
 
@@ -75,7 +62,7 @@ def targets(environment) -> list[tuple[str, str | None, str, str]]:
     from harness.llm_user import LLMUser
 
     o = environment.parsed_options
-    opt_model = getattr(o, "llm_model", "") or None
+    opt_model = load_options.from_locust(o).model or None
     out: list[tuple[str, str | None, str, str]] = []
     for cls in environment.user_classes or ():
         if not (isinstance(cls, type) and issubclass(cls, LLMUser)):
@@ -124,7 +111,7 @@ def _check_at_init(environment, web_ui=None, **_kw) -> None:
             if users is not None and users < 1 and environment.shape_class is None:
                 # (Locust would spawn nobody and idle until --run-time)
                 raise UsageError(f"-u/--users must be at least 1 concurrent user, not {users}")
-            if not getattr(o, "llm_no_preflight", False):
+            if not environment.llm.load.no_preflight:
                 preflight(environment)   # (the lengths: harness.plugin validated them at init)
         else:
             environment.runner.start = _checked_start(environment, environment.runner.start)
@@ -142,7 +129,7 @@ def check_new_test(environment) -> None:
     check_options(o)
     environment.llm.reload_options()   # the form's values, as the test start will read them
     environment.llm.spec.validate(prefix="--llm-")
-    if not getattr(o, "llm_no_preflight", False):
+    if not environment.llm.load.no_preflight:
         preflight(environment)
 
 

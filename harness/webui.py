@@ -104,11 +104,9 @@ def _row(name: str, hs: HistogramSet, c: Counters, duration: float) -> tuple[dic
 def live_rows(environment) -> tuple[list[dict[str, Any]], list[str]]:
     """The tab's rows from the merged data (a row per endpoint, then the merged row) and the
     notes on their empty cells."""
-    from harness.plugin import _duration
-
     agg = environment.llm_aggregate
     agg.refresh()
-    duration = _duration(environment.llm, agg, time.time())
+    duration = agg.measured_window(time.time())
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     for name in sorted(set(agg.by_name) | set(agg.counters_by_name)):
@@ -124,19 +122,17 @@ def live_stats(environment) -> dict[str, Any]:
     """What `/llm/stats` returns and the tab's panel shows: the rows and notes, and each SLO
     judged now (harness.slo, on the run's summary as it stands: the same judgement as
     summary.json's at the end)."""
-    from harness.plugin import _duration, run_summary
-
     rows, notes = live_rows(environment)
     agg = environment.llm_aggregate
     state = environment.llm
     now = time.time()
     c = agg.counters
-    slo = run_summary(environment, now)["slo"] if state.slos else {"passed": None, "checks": []}
+    slo = agg.figures(now)["slo"] if state.slos else {"passed": None, "checks": []}
     runner = environment.runner
     return {"rows": rows, "notes": notes, "rate": state.rate, "slos": [s.text for s in state.slos],
             "slo": slo, "state": getattr(runner, "state", None),
             "user_count": getattr(runner, "user_count", 0),
-            "duration_s": _duration(state, agg, now), "input_tokens": c.input_tokens,
+            "duration_s": agg.measured_window(now), "input_tokens": c.input_tokens,
             "output_tokens": c.output_tokens, "good": c.good}
 
 
@@ -205,7 +201,7 @@ def _tab_assets(prefix: str) -> str:
 
 def install(environment, web_ui) -> None:
     """Add the tab, the routes and the hooks to a running web UI (master or local runner)."""
-    from harness.plugin import set_rate
+    from harness.run_state import set_rate
 
     app = web_ui.app
     prefix = (getattr(environment.parsed_options, "web_base_path", "") or "").rstrip("/")
@@ -284,7 +280,7 @@ def install(environment, web_ui) -> None:
                         "rev": timeline.revision, "rate": environment.llm.rate,
                         "state": getattr(runner, "state", None),
                         "user_count": getattr(runner, "user_count", 0),
-                        "window_s": float(getattr(environment.parsed_options, "llm_window", 5.0)),
+                        "window_s": environment.llm.window_s,
                         "now": time.time()})
 
     @app.route(f"{prefix}/llm/rate", methods=["POST"])

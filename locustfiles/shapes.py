@@ -22,7 +22,7 @@ Environment variables (seconds and levels may be fractional):
     LLM_SHAPE_SPAWN_RATE users started or stopped per second on a change (default: at once)
 
 The test stops when the shape ends. In rate unit the users are open-loop dispatchers
-and each change of level calls `harness.plugin.set_rate`, which the master passes to
+and each change of level calls `harness.run_state.set_rate`, which the master passes to
 every worker; timeseries.jsonl's `target_rate` shows the level of each window.
 Locust calls `tick()` about once a second, so levels change on whole seconds.
 """
@@ -34,7 +34,7 @@ import os
 from locust import LoadTestShape
 
 import harness.plugin  # noqa: F401  (the LLM options and results)
-from harness.plugin import set_rate
+from harness.run_state import set_rate
 
 
 def _env_float(name: str, default: float) -> float:

@@ -1,4 +1,4 @@
-"""Drift analysis over timeseries lines (harness/drift.py, harness/soak.add_drift), with
+"""Drift analysis over timeseries lines (harness/drift.py, harness/run_summary.RunSummary.add_drift), with
 synthetic windows; the real soak runs against the simulator are in test_soak.py."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from harness import drift
 from harness.slo import parse_slo, run_exit_code
-from harness.soak import add_drift
+from harness.run_summary import RunSummary
 
 T0 = 1_800_000_000.0
 
@@ -123,16 +123,19 @@ def test_add_drift_puts_scalars_in_summary_and_rechecks_slos():
                "ttft_ms": {"p99": 250.0},
                # as the plugin writes it: the drift metric was not measurable during the run
                "slo": {"passed": False, "checks": [s.check({"ttft_ms": {"p99": 250.0}}) for s in slos]}}
-    add_drift(summary, ts)
-    assert summary["drift"]["detected"] is True
-    assert summary["tpot_drift_ms_per_h"] == pytest.approx(2 * 3600 / 2.0, rel=1e-6)
-    checks = {c["slo"]: c for c in summary["slo"]["checks"]}
+    summary = RunSummary(summary, slos)
+    summary.add_drift(ts)
+    steep = summary.to_dict()
+    assert steep["drift"]["detected"] is True
+    assert steep["tpot_drift_ms_per_h"] == pytest.approx(2 * 3600 / 2.0, rel=1e-6)
+    checks = {c["slo"]: c for c in steep["slo"]["checks"]}
     assert checks["tpot_drift_ms_per_h<=5"]["passed"] is False
     assert checks["ttft_p99_ms<=100000"]["passed"] is True
-    assert run_exit_code(summary) == 1
+    assert run_exit_code(steep) == 1
 
     flat = windows([100.0, 101, 99, 100, 100.5, 99.5, 100, 101], [20.0, 20.1, 19.9, 20, 20, 20.1, 19.9, 20])
-    summary["started_at"] = T0
-    add_drift(summary, flat)
-    assert summary["tpot_drift_ms_per_h"] == 0.0
-    assert summary["slo"]["passed"] is True and run_exit_code(summary) == 0
+    summary.figures["started_at"] = T0
+    summary.add_drift(flat)
+    flat_doc = summary.to_dict()
+    assert flat_doc["tpot_drift_ms_per_h"] == 0.0
+    assert flat_doc["slo"]["passed"] is True and run_exit_code(flat_doc) == 0

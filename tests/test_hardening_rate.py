@@ -25,7 +25,7 @@ DISPATCH = textwrap.dedent('''
     import gevent, gevent.pool
     from locust.user.users import LOCUST_STATE_STOPPING
     from harness.llm_user import LLMUser
-    from harness.plugin import LLMState, set_rate
+    from harness.run_state import LLMState, set_rate
     from harness.arrivals import MAX_RATE
     from harness.timing import MAX_RESPONSE_BYTES
 

@@ -1,9 +1,9 @@
-"""harness.plugin's window cycle: a local runner's direct merge (`Aggregate.merge_local`, sets
-emptied in place) gives exactly what the encode -> decode -> merge path (`take_report` +
+"""The run's window cycle (harness.run_state, harness.aggregate): a local runner's direct merge
+(`Aggregate.merge_local`, sets emptied in place) gives exactly what the encode -> decode -> merge path (`take_report` +
 `merge_report`, which distributed runs use) gives on the same recorded values, window after
 window: every percentile, count, counter, per-endpoint set and timeseries line.
 
-Runs in a subprocess: importing harness.plugin imports Locust, which monkey-patches the
+Runs in a subprocess: importing harness.run_state imports Locust, which monkey-patches the
 standard library (gevent) for the whole process.
 """
 from __future__ import annotations
@@ -15,17 +15,17 @@ from pathlib import Path
 
 SCRIPT = textwrap.dedent('''
     import argparse, math, random, types
-    import harness.plugin as plugin
+    from harness import aggregate, run_state
     from harness.histograms import HistogramSet
     from harness.timing import RequestRecord
-    plugin.MIN_CPU_SAMPLE_S = 0.0   # a CPU sample per window, however fast this loop runs
+    run_state.MIN_CPU_SAMPLE_S = 0.0   # a CPU sample per window, however fast this loop runs
 
     def make():
         opts = argparse.Namespace(llm_warmup=2.0, llm_slo="ttft_p99_ms<=40,tpot_p99_ms<=9")
         env = types.SimpleNamespace(parsed_options=opts, runner=None, host="http://x")
-        state = plugin.LLMState(env)
+        state = run_state.LLMState(env)
         state.started_at = 1000.0
-        agg = plugin.Aggregate(state)
+        agg = aggregate.Aggregate(state)
         lines = []
         agg.window_hooks.append(lines.append)
         return state, agg, lines
@@ -120,7 +120,7 @@ SCRIPT = textwrap.dedent('''
                for h in hs.hists.values())
     assert st.pending_by_name == {}
     assert any(names[2] not in rep["by_name"] and rep["by_name"] for rep in shipped)
-    master = plugin.Aggregate(make()[0])
+    master = aggregate.Aggregate(make()[0])
     for rep in shipped:
         master.merge_report("w1", rep)
     assert master.hist.summary() == whole.summary()
@@ -137,9 +137,9 @@ def test_local_direct_merge_equals_encode_decode_path():
 
 CPU_SCRIPT = textwrap.dedent('''
     import argparse, types
-    import harness.plugin as plugin
+    from harness import aggregate, run_state
     env = types.SimpleNamespace(parsed_options=argparse.Namespace(), runner=None, host="http://x")
-    st = plugin.LLMState(env)
+    st = run_state.LLMState(env)
     st._cpu_since -= 2.0                      # the last sample was 2 s ago
     first = st.sample_cpu()
     assert first is not None and first >= 0.0, first

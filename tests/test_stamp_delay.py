@@ -147,7 +147,7 @@ def test_a_kernel_receive_stamp_measures_how_long_the_bytes_waited():
 
 PLUGIN_SCRIPT = textwrap.dedent('''
     import argparse, types
-    import harness.plugin as plugin
+    from harness import aggregate, run_state
     from harness import stamp_delay
 
     def make(limit=None):
@@ -155,8 +155,8 @@ PLUGIN_SCRIPT = textwrap.dedent('''
         if limit is not None:
             opts.llm_stamp_delay_limit_ms = limit
         env = types.SimpleNamespace(parsed_options=opts, runner=None, host="http://x", user_classes=[])
-        st = plugin.LLMState(env)
-        return st, plugin.Aggregate(st)
+        st = run_state.LLMState(env)
+        return st, aggregate.Aggregate(st)
 
     def fill(ms_values):
         m = stamp_delay.monitor()

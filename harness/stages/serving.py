@@ -25,31 +25,33 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness import metric_catalog as mc
+from harness.load_options import harness_argv, plan_field, text
 from harness.stages.base import Field, StageContext, StageResult
 from harness.stages.physics import load_target_marks as target_marks  # noqa: F401  (contract hook)
 
 # Every figure of a load summary (harness/metric_catalog.py), and what a power run adds.
 METRICS = {**mc.SUMMARY_METRICS, "tokens_per_joule": ">="}
 
+# A plan's load keys: those named as `harness load` options are declared there
+# (harness.load_options: type, default, help), with the seed's own defaults where it has them.
 LOAD_PARAMS: dict[str, Field] = {
     "target": Field("dict", required=True, help="url | endpoints | simulator | layout"),
-    "rate": Field("float", 20.0, minimum=0, help="requests/s, Poisson (0: closed loop with users)"),
+    "rate": plan_field("rate", 20.0, minimum=0, help="requests/s, Poisson (0: closed loop with users)"),
     "users": Field("int", None, minimum=1, help="closed loop: concurrent users instead of a rate"),
-    "num_requests": Field("int", 500, minimum=1),
+    "num_requests": plan_field("num-requests", 500, minimum=1),
     "duration": Field("str", None, help="bound the run by time instead: 60s, 15m"),
-    "input_len": Field("int", 512, minimum=1),
-    "output_len": Field("int", 128, minimum=1),
+    "input_len": plan_field("input-len", minimum=1),
+    "output_len": plan_field("output-len", minimum=1),
     "workers": Field("int", 1, minimum=1),
-    "max_concurrency": Field("int", None, minimum=1),
-    "warmup": Field("float", 0.0, minimum=0),
-    "slo": Field("list", [], help="extra SLOs, e.g. 'error_rate<=0.01'"),
-    "seed": Field("int", 0),
+    "max_concurrency": plan_field("max-concurrency", None, minimum=1),
+    "warmup": plan_field("warmup"),
+    "slo": plan_field("slo", [], help="extra SLOs, e.g. 'error_rate<=0.01'"),
+    "seed": plan_field("seed"),
     "endpoint": Field("str", "chat", choices=("chat", "completions")),
-    "request_timeout": Field("float", 600.0, minimum=1),
-    "cpu_limit": Field("float", None, minimum=0,
-                       help="harness load --cpu-limit: generator invalid above this worker CPU %"),
-    "lag_limit_ms": Field("float", None, minimum=0,
-                          help="harness load --lag-limit-ms: generator invalid above this lag p99"),
+    "request_timeout": plan_field("timeout", minimum=1),
+    "cpu_limit": plan_field("cpu-limit", None, help="harness load --cpu-limit: generator invalid above this worker CPU %"),
+    "lag_limit_ms": plan_field("lag-limit-ms", None,
+                               help="harness load --lag-limit-ms: generator invalid above this lag p99"),
     "timeout_s": Field("float", 7200.0, minimum=1, help="the stage's own bound"),
     "physics": Field("dict", None, help="{gpu, model, precision, tp}; simulator targets know theirs"),
 }
@@ -108,32 +110,24 @@ def flatten(summary: dict[str, Any]) -> dict[str, float | None]:
 
 def load_argv(p: dict[str, Any], url: str, model: str, out: Path, slos: list[str],
               rate: float | None, extra: list[str] | None = None) -> list[str]:
+    """The `harness load` command of one run of a load stage (params `p`). Its load options
+    (harness.load_options) pass as the flags of those not at harness load's default."""
     # --overwrite: `out` is this stage's own folder (the runner refuses another plan's run
     # directory), and a stage run again on resume replaces what its earlier attempt left there
     argv = [sys.executable, "-m", "harness.cli", "load", "--url", url, "--out", str(out), "--overwrite", "--quiet",
-            "--input-len", str(p["input_len"]), "--output-len", str(p["output_len"]),
-            "--workers", str(p["workers"]), "--seed", str(p["seed"]),
-            "--timeout", str(p["request_timeout"]), "--endpoint", p["endpoint"]]
-    if model:
-        argv += ["--model", model]
+            "--workers", str(p["workers"]), "--endpoint", p["endpoint"]]
     if rate:
-        argv += ["--rate", f"{rate:g}"]
+        argv += ["--rate", text(float(rate))]
     else:
         argv += ["--users", str(p.get("users") or 8)]
-    if p.get("num_requests") and not p.get("duration"):
-        argv += ["--num-requests", str(p["num_requests"])]
     if p.get("duration"):
         argv += ["--duration", str(p["duration"])]
-    if p.get("max_concurrency"):
-        argv += ["--max-concurrency", str(p["max_concurrency"])]
-    if p.get("warmup"):
-        argv += ["--warmup", f"{p['warmup']:g}"]
-    if p.get("cpu_limit") is not None:
-        argv += ["--cpu-limit", f"{p['cpu_limit']:g}"]
-    if p.get("lag_limit_ms") is not None:
-        argv += ["--lag-limit-ms", f"{p['lag_limit_ms']:g}"]
-    for s in slos:
-        argv += ["--slo", s]
+    bounded = {} if p.get("duration") else {"num_requests": p.get("num_requests")}
+    argv += harness_argv({"model": model, "input_len": p["input_len"], "output_len": p["output_len"],
+                          "seed": p["seed"], "timeout": p["request_timeout"], **bounded,
+                          "max_concurrency": p.get("max_concurrency"), "warmup": p.get("warmup"),
+                          "cpu_limit": p.get("cpu_limit"), "lag_limit_ms": p.get("lag_limit_ms"),
+                          "slo": list(slos)})
     return argv + list(extra or [])
 
 

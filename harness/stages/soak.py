@@ -1,17 +1,16 @@
 """The soak stage: the seed's continuous load test (50 requests/s, 60 s, any duration).
 
-One ``harness load`` bounded by time, with the seed's three-prompt mix (``--soak-mix``) unless
-``input_len`` is given, and with ``harness load --soak`` (its drift analysis: TTFT/TPOT drift per
-hour) where this harness's load command has it. Figures are the serving stage's plus the drift
-keys; the report plots TTFT/TPOT over time from its ``timeseries.jsonl``. An invalid load
+One ``harness load --soak`` bounded by time (its drift analysis: TTFT/TPOT drift per hour), with
+the seed's three-prompt mix (``--soak-mix``) unless ``input_len`` is given. Figures are the
+serving stage's plus the drift keys; the report plots TTFT/TPOT over time from its ``timeseries.jsonl``. An invalid load
 generator makes the stage ``invalid``, as in the serving stage.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
+from harness.load_options import default
 from harness.stages.base import Field, StageContext, StageResult
 from harness.stages.physics import load_target_marks as target_marks  # noqa: F401  (contract hook)
 from harness.stages.serving import LOAD_PARAMS, METRICS  # noqa: F401  (METRICS: same figures)
@@ -22,7 +21,6 @@ PARAMS: dict[str, Field] = {
     "duration": Field("str", "60s"),
     "num_requests": Field("int", None, minimum=1, help="optional second bound"),
     "input_len": Field("int", None, minimum=1, help="default: the seed's three-prompt mix"),
-    "output_len": Field("int", 128, minimum=1),
 }
 
 
@@ -38,15 +36,6 @@ def validate_params(p: dict[str, Any]) -> None:
         raise ValueError(f"duration: {exc}") from None
 
 
-def load_has_soak() -> bool:
-    from harness.commands import load
-
-    parser = argparse.ArgumentParser()
-    load.add_parser(parser.add_subparsers())
-    sub = parser._subparsers._group_actions[0].choices["load"]  # type: ignore[union-attr]
-    return any("--soak" in a.option_strings for a in sub._actions)
-
-
 def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     from harness.stages import expect as expect_mod
     from harness.stages.power import power_sampling, tokens_per_joule
@@ -60,10 +49,8 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     expected = dict(params.get("expect") or {})
     slos = slos_from_expect(expected, p.get("slo") or [])
     mix = p.get("input_len") is None
-    lp = dict(p, input_len=p.get("input_len") or 512)
-    extra = ["--soak"] if load_has_soak() else (["--soak-mix"] if mix else [])
-    if mix and "--soak" in extra:
-        extra.append("--soak-mix")
+    lp = dict(p, input_len=p.get("input_len") or default("input-len"))
+    extra = ["--soak", "--soak-mix"] if mix else ["--soak"]
     if p.get("num_requests"):
         extra += ["--num-requests", str(p["num_requests"])]
     seconds = parse_duration(str(p["duration"]))
