@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 import pytest
 
-from harness.histograms import HistogramSet, LatencyHistogram, METRICS, PERCENTILES
+from harness.histograms import METRICS, PERCENTILES, HistogramSet, LatencyHistogram
 from harness.timing import RequestRecord
 
 REL = 2 ** -10  # 3 significant digits: HDR buckets are at most 1/1024 of the value wide

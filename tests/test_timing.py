@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import orjson
@@ -299,7 +298,7 @@ def test_exceptions_map_to_error_kinds():
     assert exception_error_kind(ConnectError("x")) == "connect"
     assert exception_error_kind(ReadTimeout("x")) == "timeout"
     assert exception_error_kind(Disconnected("x")) == "disconnect"
-    assert exception_error_kind(socket.timeout("x")) == "timeout"
+    assert exception_error_kind(TimeoutError("x")) == "timeout"
     assert exception_error_kind(ConnectionRefusedError()) == "connect"
     assert exception_error_kind(ConnectionResetError()) == "disconnect"
 

@@ -24,8 +24,9 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 from servers.launcher.lifecycle import ProcessSpec, ServerGroup
 from servers.launcher.placement import pinnable

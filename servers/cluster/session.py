@@ -31,7 +31,7 @@ def import_ray() -> Any:
     return ray
 
 
-def connect(address: str) -> "RaySession":
+def connect(address: str) -> RaySession:
     """Join the running Ray cluster at ``address``; one-line :class:`LayoutError` if it cannot."""
     ray = import_ray()
     if not address:

@@ -26,8 +26,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 from servers.launcher.errors import LayoutError, ServerDiedError, ServerStartError
 
@@ -313,7 +313,7 @@ class ServerGroup:
         self._lock = threading.Lock()
 
     # context manager ------------------------------------------------------------------------
-    def __enter__(self) -> "ServerGroup":
+    def __enter__(self) -> ServerGroup:
         self._install_signal_handlers()
         try:
             self.start()

@@ -15,8 +15,8 @@ where the topology says.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from servers.launcher.errors import LayoutError
 from servers.launcher.layouts import FILL, Layout, ServerSpec

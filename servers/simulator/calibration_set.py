@@ -21,12 +21,10 @@ import math
 import pathlib
 import random
 import statistics
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, replace
 
 import numpy as np
-
-from collections import deque
-from dataclasses import replace
 
 from servers.simulator.engine import Engine, Sequence
 from servers.simulator.profiles import Profile, make_profile, with_options

@@ -14,7 +14,7 @@ import ctypes
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 _CLOCK_MONOTONIC = 1
 _TFD_TIMER_ABSTIME = 1

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from prometheus_client.core import (CollectorRegistry, CounterMetricFamily,
-                                    GaugeMetricFamily, HistogramMetricFamily)
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.exposition import generate_latest
 
 # vLLM's own bucket boundaries (seconds), so histograms line up with real servers.

@@ -43,8 +43,9 @@ import json
 import math
 import os
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 

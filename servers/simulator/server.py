@@ -16,14 +16,15 @@ import uuid
 import zlib
 from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+from servers.simulator import textgen
 from servers.simulator.clock import StepTimer
 from servers.simulator.engine import Engine, Sequence
 from servers.simulator.metrics import ServerMetrics
 from servers.simulator.profiles import Profile
-from servers.simulator import textgen
 
 SIM_VERSION = "0.1.0"
 _MAX_HEADER_BYTES = 64 * 1024
@@ -94,7 +95,7 @@ _DONE_CHUNKS = _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 class GenerationRequest:
     """One generation in flight: turns engine tokens into bytes on the wire."""
 
-    def __init__(self, replica: "Replica", conn: "HttpConnection", body: dict, chat: bool,
+    def __init__(self, replica: Replica, conn: HttpConnection, body: dict, chat: bool,
                  request_id: str | None = None):
         self.replica = replica
         self.conn = conn
@@ -341,7 +342,7 @@ class IdleWork:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.jobs: deque = deque()
-        self.replicas: list["Replica"] = []
+        self.replicas: list[Replica] = []
         self._handle: asyncio.Handle | None = None
 
     def add(self, job: Callable[[], None]) -> None:
