@@ -126,7 +126,7 @@ class RayCluster:
             refs[node.node_id] = (node, self._agent(node.node_id).start.remote(specs))
             self.on_progress(f"node {node.label}: starting {', '.join(s.name for s in servers)}")
         pids: dict[str, int] = {}
-        failure = None
+        failure: LayoutError | ServerStartError | None = None
         for node, ref in refs.values():
             try:
                 r = ray.get(ref, timeout=self.health_timeout + 60)
