@@ -48,7 +48,7 @@ def apply_defaults(args: argparse.Namespace, run_time_s: int | None) -> None:
 
 def read_timeseries(path: str | pathlib.Path) -> list[dict[str, Any]]:
     """Every whole JSON line of a timeseries.jsonl (a torn last line is skipped)."""
-    out = []
+    out: list[dict[str, Any]] = []
     p = pathlib.Path(path)
     if not p.exists():
         return out

@@ -1,4 +1,5 @@
-"""Specification of harness.timing: the design doc's metric definitions applied to real vLLM events."""
+"""Specification of harness.timing: the metric definitions (README, "Metric definitions")
+applied to real vLLM events."""
 
 from __future__ import annotations
 
