@@ -1,8 +1,9 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
 #   make demo  - the simulator (L40S Llama-3-8B BF16), a short Locust load, the latency table
-#   make test  - builds everything the tests need from scratch, then runs every test:
-#                the harness venv, Debian's prometheus/chromium/chromium-driver/docker-compose,
-#                and real vLLM's CPU build in .venv-vllm (on a fresh 2-core machine: 196 s of
+#   make test  - builds everything the tests need from scratch, runs ruff and mypy (make lint),
+#                then runs every test: the harness venv, Debian's
+#                prometheus/chromium/chromium-driver/docker-compose, and real vLLM's CPU build
+#                in .venv-vllm (on a fresh 2-core machine: 196 s of
 #                make test's 14 min 47 s; the environments take about 4.1 GB)
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 VLLM_VENV ?= .venv-vllm
 SYSTEM_PACKAGES := prometheus chromium chromium-driver docker-compose
 
-.PHONY: demo test venv system-deps vllm-env clean
+.PHONY: demo test lint venv system-deps vllm-env clean
 
 $(BIN)/harness: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +41,13 @@ vllm-env:
 	@$(VLLM_VENV)/bin/python -c "import lm_eval, accelerate" 2>/dev/null || \
 	  $(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'lm-eval[hf]==0.4.13'
 
-test: venv system-deps vllm-env
+# ruff and mypy as pyproject.toml configures them ([tool.ruff], [tool.mypy]: strict on servers/
+# and the harness modules without gevent or Locust).
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint venv system-deps vllm-env
 	HARNESS_VLLM_VENV=$(CURDIR)/$(VLLM_VENV) $(BIN)/python -m pytest
 
 clean:

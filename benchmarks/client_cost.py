@@ -74,7 +74,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -663,7 +663,7 @@ def _run_case(case: Case, tokenizer: str | None, keep: Path | None, timeout_s: f
                 sim.wait()
     truth = []
     per_sim_truth = []
-    for i, tp in enumerate(truth_paths):
+    for tp in truth_paths:
         lines = read_jsonl(tp)
         per_sim_truth.append(lines)
         truth += lines
@@ -775,8 +775,8 @@ def ensure_tokenizer(path: Path) -> str:
 
 def machine() -> dict:
     return {"machine": platform.machine(), "cpus": os.cpu_count(),
-            "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                               if l.startswith("model name")), ""),
+            "cpu_model": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                               if ln.startswith("model name")), ""),
             "python": platform.python_version(), "kernel": platform.release()}
 
 
@@ -886,7 +886,7 @@ def main(argv=None) -> int:
     if args.what == "report":
         if not args.json:
             ap.error("report needs --json FILE (results written by an earlier run)")
-        rows = [json.loads(l) for l in open(args.json) if l.strip()]
+        rows = [json.loads(ln) for ln in open(args.json) if ln.strip()]
         print(report_by_label(rows) if args.by_label else report(rows))
         return 0
     if args.python:
@@ -1089,7 +1089,6 @@ def report_scaleout(results: list[dict]) -> str:
     """Weak scaling over worker processes with several simulators (scaleout --streams-per-worker)."""
     out = []
     m = results[0].get("machine", {})
-    lay = results[0].get("layout") or {}
     by: dict[tuple, list[dict]] = {}
     for r in results:
         c = r["case"]

@@ -167,7 +167,6 @@ def _lens(point: dict) -> tuple[int, int]:
 
 def _closed_loop(prof, concurrency: int, n: int, input_len: int, output_len: int):
     """`vllm bench serve --max-concurrency C`: C clients, the next request when one ends."""
-    from array import array
 
     from servers.simulator.engine import Engine, Sequence
     from servers.simulator.replay import ReplayResult, RequestRecord

@@ -56,7 +56,7 @@ def cpu_seconds(pid: int) -> float:
 class Stream(asyncio.Protocol):
     """One keep-alive connection sending the same streaming request again as each one ends."""
 
-    def __init__(self, bench: "Bench", requests: list[bytes], first: int):
+    def __init__(self, bench: Bench, requests: list[bytes], first: int):
         self.bench = bench
         self.requests = requests
         self.next = first

@@ -10,7 +10,8 @@ import logging
 import os
 import pathlib
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 from locust.runners import LocalRunner
 

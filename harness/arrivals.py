@@ -14,7 +14,7 @@ MAX_RATE_REASON = (f"at most {MAX_RATE:g} requests/s: a Locust worker sends a fe
                    f"not the server")
 
 
-def check_rate(rate) -> float:
+def check_rate(rate: object) -> float:
     """An open-loop rate as a float in [0, MAX_RATE] (0: closed loop); ValueError otherwise
     (booleans, non-numbers, NaN, negative, above the ceiling)."""
     if isinstance(rate, bool) or not isinstance(rate, (int, float, str)):

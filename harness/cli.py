@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from harness.errors import UsageError
 from harness.slo import EXIT_BAD_INPUT

@@ -293,9 +293,11 @@ def compare(baseline: Run, run: Run, *, threshold: float = 0.05, error_rate_thre
 def _ci_unit(row: dict[str, Any]) -> str:
     """The unit a change's confidence interval is in: the metric's own (ms for a latency, the
     rate's unit for a rate: "output tok/s" is in tok/s), never the % of the change column."""
-    if row["unit"] == "/s":
-        return row["label"].split()[-1]
-    return row["unit"]
+    unit: str = row["unit"]
+    if unit == "/s":
+        label: str = row["label"]
+        return label.split()[-1]
+    return unit
 
 
 def format_table(result: dict[str, Any]) -> str:

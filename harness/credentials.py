@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)

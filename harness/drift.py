@@ -20,7 +20,8 @@ strict.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -164,7 +165,7 @@ def latency_points(windows: list[dict[str, Any]], block: str, stat: str,
             continue
         xs.append(_mid_time(line))
         ys.append(float(v))
-    return xs, ys
+    return xs, ys  # type: ignore[return-value]  # selected windows all have a mid time
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
@@ -215,7 +216,9 @@ def analyze(lines: Iterable[dict[str, Any]], *, start: float | None = None, end:
     result: dict[str, Any] = {
         "method": "OLS slope of per-window values against time, two-sided t-test on the slope",
         "alpha": alpha, "windows": len(windows),
-        "span_s": (_mid_time(windows[-1]) - _mid_time(windows[0])) if len(windows) > 1 else 0.0,
+        # (selected windows all have a mid time)
+        "span_s": (_mid_time(windows[-1]) - _mid_time(windows[0]))  # type: ignore[operator]
+        if len(windows) > 1 else 0.0,
         "window_s": float(np.median([w.get("window_s") or 0.0 for w in windows])) if windows else None,
     }
     series: dict[str, Any] = {}
@@ -239,7 +242,7 @@ def analyze(lines: Iterable[dict[str, Any]], *, start: float | None = None, end:
         mid = _mid_time(line)
         for k, v in server_values(line).items():
             xs, ys = per_name.setdefault(k, ([], []))
-            xs.append(mid)
+            xs.append(mid)  # type: ignore[arg-type]  # selected: it has a mid time
             ys.append(v)
     result["server"] = {k: _per_hour(xs, ys, alpha, min_windows) for k, (xs, ys) in sorted(per_name.items())}
     if len(windows) < min_windows:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import orjson
@@ -171,7 +172,7 @@ class LatencyHistogram:
         if self._max_us is None or p.hi > self._max_us:
             self._max_us = p.hi
 
-    def merge(self, other: "LatencyHistogram") -> None:
+    def merge(self, other: LatencyHistogram) -> None:
         """Add ``other``'s samples into this histogram (exact: same buckets)."""
         if other.count:
             h, oh = self._h, other._hdr
@@ -207,7 +208,7 @@ class LatencyHistogram:
         return f"1,{self.out_of_range},{self._sum_us},{self._min_us},{self._max_us},{hdr}"
 
     @classmethod
-    def decode(cls, text: str) -> "LatencyHistogram":
+    def decode(cls, text: str) -> LatencyHistogram:
         """Rebuild a histogram from ``encode()`` output."""
         parts = text.split(",", 5)
         if parts[0] == "0":
@@ -401,7 +402,7 @@ class HistogramSet:
         for hist in self.hists.values():
             hist.reset()
 
-    def merge(self, other: "HistogramSet") -> None:
+    def merge(self, other: HistogramSet) -> None:
         """Add another set's samples (e.g. a worker's report) metric by metric."""
         for name, hist in other.hists.items():
             mine = self.hists.get(name)
@@ -414,7 +415,7 @@ class HistogramSet:
         return orjson.dumps({name: h.encode() for name, h in self.hists.items()}).decode("ascii")
 
     @classmethod
-    def decode(cls, text: str | bytes) -> "HistogramSet":
+    def decode(cls, text: str | bytes) -> HistogramSet:
         """Rebuild a set from ``encode()`` output."""
         data = orjson.loads(text)
         hs = cls(metrics=())

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from harness import stamp_delay
@@ -154,8 +154,8 @@ class StreamResponse:
                  "_body", "_chunks", "_done", "_conn", "refused")
 
     def __init__(self, status: int, reason: str, headers: dict[str, str], sent_ns: int,
-                 headers_ns: int, connect_ns: int, reused: bool, body: "_Body",
-                 conn: "StreamingConnection") -> None:
+                 headers_ns: int, connect_ns: int, reused: bool, body: _Body,
+                 conn: StreamingConnection) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
@@ -217,7 +217,7 @@ class StreamResponse:
             self._chunks.close()  # type: ignore[attr-defined]
         self._conn._abandon(self)
 
-    def __enter__(self) -> "StreamResponse":
+    def __enter__(self) -> StreamResponse:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -256,7 +256,7 @@ class StreamingConnection:
 
     @classmethod
     def from_url(cls, url: str, timeout: float | None = 60.0,
-                 connect_timeout: float | None = None) -> "StreamingConnection":
+                 connect_timeout: float | None = None) -> StreamingConnection:
         """Build from ``http://host[:port][/...]``; the URL's path is ignored (pass full paths)."""
         parts = urlsplit(url)
         if parts.scheme != "http":
@@ -323,7 +323,7 @@ class StreamingConnection:
                 coop.sendall(sock, request)
             else:
                 sock.sendall(request)
-        except (socket.timeout, _ReadWatchdog, _DeadlineWatchdog) as e:
+        except (TimeoutError, _ReadWatchdog, _DeadlineWatchdog) as e:
             self._drop()
             raise self._timed_out(e, "writing the request") from e
         except OSError as e:
@@ -347,7 +347,7 @@ class StreamingConnection:
                     coop.sendall(sock, request)
                 else:
                     sock.sendall(request)
-            except (socket.timeout, _ReadWatchdog, _DeadlineWatchdog) as e2:
+            except (TimeoutError, _ReadWatchdog, _DeadlineWatchdog) as e2:
                 self._drop()
                 raise self._timed_out(e2, "writing the request") from e2
             except OSError as e2:
@@ -366,7 +366,7 @@ class StreamingConnection:
         """Close the connection (a later request reconnects)."""
         self._drop()
 
-    def __enter__(self) -> "StreamingConnection":
+    def __enter__(self) -> StreamingConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -401,7 +401,7 @@ class StreamingConnection:
     def _connect(self) -> socket.socket:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-        except socket.timeout as e:
+        except TimeoutError as e:
             raise ConnectTimeout(f"connect to {self._host_header} timed out "
                                  f"after {self.connect_timeout}s") from e
         except OSError as e:
@@ -477,11 +477,11 @@ class StreamingConnection:
                 if self._deadline_ns:   # blocking socket: wait no longer than the deadline
                     left = (self._deadline_ns - _perf_ns()) / _NS
                     if left <= 0:
-                        raise socket.timeout()
+                        raise TimeoutError()
                     rt = self.read_timeout
                     sock.settimeout(left if rt is None or left < rt else rt)
                 data = sock.recv(_RECV_SIZE)
-        except (socket.timeout, _ReadWatchdog, _DeadlineWatchdog) as e:
+        except (TimeoutError, _ReadWatchdog, _DeadlineWatchdog) as e:
             self._drop()
             raise self._timed_out(e) from e
         except OSError as e:
@@ -547,7 +547,7 @@ class StreamingConnection:
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         return status, (parts[2] if len(parts) > 2 else ""), headers, parts[0]
 
-    def _pump(self, body: "_Body", sink: Callable[[bytes, int], None]) -> None:
+    def _pump(self, body: _Body, sink: Callable[[bytes, int], None]) -> None:
         """``StreamResponse.pump``: a chunked body read by event-loop callbacks under gevent."""
         coop = self._coop
         if (coop is None or coop._recv is None or not body.chunked or body.method == "HEAD"
@@ -600,11 +600,11 @@ class StreamingConnection:
             raise self._too_large()
         return cap - used
 
-    def _too_large(self) -> "ResponseTooLarge":
+    def _too_large(self) -> ResponseTooLarge:
         return ResponseTooLarge(f"response from {self._host_header} larger than "
                                 f"{self.max_body_bytes} bytes")
 
-    def _body(self, body: "_Body") -> Iterator[tuple[bytes, int]]:
+    def _body(self, body: _Body) -> Iterator[tuple[bytes, int]]:
         """Generator of decoded body chunks; leaves the socket reusable only after a clean end."""
         sock, method, status, headers = body.sock, body.method, body.status, body.headers
         keep_alive, rest, t_head = body.keep_alive, body.rest, body.t_head
@@ -798,7 +798,7 @@ class _CooperativeReads:
         finally:
             self.waiting = False
 
-    def pump(self, decoder: "_ChunkedDecoder", sink: Callable[[bytes, int], None],
+    def pump(self, decoder: _ChunkedDecoder, sink: Callable[[bytes, int], None],
              budget: int = _NO_CAP, too_large: Callable[[], Exception] | None = None) -> bool:
         """Read the rest of a chunked body in watcher callbacks; True at its end, False on EOF.
         More than ``budget`` bytes read raises ``too_large()``.

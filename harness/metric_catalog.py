@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 #: The comparisons a threshold may use, for --slo and expect: alike. Longest first, so a
 #: regex alternation built from it matches ``<=`` before ``<``.

@@ -47,6 +47,7 @@ def free_port_block(n: int = 1, host: str = "127.0.0.1") -> int:
     of a simulator or a layout take consecutive ports), below the ephemeral range where
     it leaves room (see the module's docstring), else anywhere the kernel offers."""
     span = ephemeral_range()
+    base: int
     if span is not None and span[0] - n > LOWEST:
         for _ in range(200):
             base = _rng.randrange(LOWEST, span[0] - n + 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+from typing import cast
 from urllib.parse import SplitResult, urlsplit
 
 from harness.credentials import ApiKey
@@ -35,7 +36,9 @@ def served_models(base_url: str, key: ApiKey, option: str = "--url", timeout: fl
     """The model ids `base_url` serves; a UsageError naming `option` when it cannot tell."""
     parts = urlsplit(base_url)
     try:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+        # (check_url has made sure the URL names a host)
+        conn = http.client.HTTPConnection(cast(str, parts.hostname), parts.port or 80,
+                                          timeout=timeout)
         try:
             conn.request("GET", "/v1/models", headers={"Accept": "application/json",
                                                        **key.headers_for(base_url)})

@@ -63,7 +63,7 @@ class Progress:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Progress":
+    def from_dict(cls, d: dict[str, Any]) -> Progress:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -9,7 +9,8 @@ import os
 import pathlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from harness.histograms import HistogramSet
 from harness.json_io import read_jsonl
@@ -78,7 +79,7 @@ class Counters:
         if fin is not None and (self.last_finished is None or fin > self.last_finished):
             self.last_finished = fin
 
-    def merge(self, other: "Counters") -> None:
+    def merge(self, other: Counters) -> None:
         for name in ("completed", "failed", "incomplete", "good", "input_tokens", "output_tokens", "estimated"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for k, v in other.errors_by_kind.items():
@@ -98,7 +99,7 @@ class Counters:
         return dict(self.__dict__)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Counters":
+    def from_dict(cls, d: dict[str, Any]) -> Counters:
         c = cls()
         c.__dict__.update(d)
         c.errors_by_kind = dict(d.get("errors_by_kind") or {})

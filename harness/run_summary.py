@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from harness import drift as drift_mod
 from harness.json_io import write_json

@@ -22,7 +22,8 @@ import shutil
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from harness.json_io import write_json
 from harness.plan import PlanError

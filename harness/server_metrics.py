@@ -23,7 +23,8 @@ import math
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from harness.http_stream import HTTPClientError, StreamingConnection

@@ -50,7 +50,8 @@ class Slo:
         if v is None:
             # TPOT is undefined for one-token outputs: nothing to violate.
             return field == "tpot_ms"
-        return mc.OPS[self.op](v, self.threshold)
+        ok: bool = mc.OPS[self.op](v, self.threshold)
+        return ok
 
 
 def parse_slo(text: str) -> Slo:

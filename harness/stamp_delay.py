@@ -92,7 +92,7 @@ def _upper_us(idx: int) -> int:
     return ((idx - (e << 6) + 1) << e) - 1
 
 
-def enable_kernel_stamps(sock) -> bool:
+def enable_kernel_stamps(sock: socket.socket) -> bool:
     """Ask the kernel to timestamp what ``sock`` receives; False where it cannot."""
     if SO_TIMESTAMPNS is None or not SAMPLE_EVERY or not ANC_SIZE:
         return False
@@ -143,7 +143,7 @@ class StampDelay:
         self.active = 0              # streamed bodies being read now (the probe records then)
         self._probe = None
 
-    def record_anc(self, anc: list, wall_ns: int) -> None:
+    def record_anc(self, anc: list[tuple[int, int, bytes]], wall_ns: int) -> None:
         """One sampled read: ``anc`` is its ``recvmsg`` ancillary data, ``wall_ns`` the
         ``time.time_ns()`` taken with its stamp."""
         for level, kind, data in anc:
@@ -182,11 +182,12 @@ class StampDelay:
         return out
 
 
-_monitor: list = [None, 0]   # [StampDelay, the pid it belongs to]
+_monitor: list[Any] = [None, 0]   # [StampDelay, the pid it belongs to]
 
 
 def monitor() -> StampDelay:
     """This process's monitor (Locust's ``--processes`` forks workers: each gets its own)."""
+    m: StampDelay | None
     m, pid = _monitor
     if m is None or pid != os.getpid():
         m = StampDelay()
@@ -199,7 +200,7 @@ def take() -> dict[str, Any]:
     return monitor().take()
 
 
-def _merge_buckets(a: dict | None, b: dict | None) -> dict[str, Any]:
+def _merge_buckets(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
     a, b = a or {}, b or {}
     counts: dict[int, int] = {}
     for src in (a, b):
@@ -211,7 +212,7 @@ def _merge_buckets(a: dict | None, b: dict | None) -> dict[str, Any]:
             "max_us": max(int(a.get("max_us", 0)), int(b.get("max_us", 0)))}
 
 
-def merge(a: dict | None, b: dict | None) -> dict[str, Any] | None:
+def merge(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
     """One summary of both (exact: counts, sums and maxima combine as one process's would)."""
     if not b:
         return a
@@ -226,7 +227,7 @@ def merge(a: dict | None, b: dict | None) -> dict[str, Any] | None:
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99_9": 99.9}
 
 
-def _bucket_stats(s: dict | None) -> dict[str, Any]:
+def _bucket_stats(s: dict[str, Any] | None) -> dict[str, Any]:
     s = s or {}
     n = int(s.get("n", 0))
     out: dict[str, Any] = {k: None for k in PERCENTILES}
@@ -248,7 +249,7 @@ def _bucket_stats(s: dict | None) -> dict[str, Any]:
     return out
 
 
-def stats(summary: dict | None) -> dict[str, Any]:
+def stats(summary: dict[str, Any] | None) -> dict[str, Any]:
     """The read-to-stamp delays in ms: percentiles (nearest rank, reported as their bucket's
     upper edge, at most the exact max), mean, max, ``count`` (sampled reads with a kernel
     stamp), ``unstamped`` (sampled reads without one), ``sample_every``; and ``loop_lag``, the
@@ -263,7 +264,7 @@ def stats(summary: dict | None) -> dict[str, Any]:
     return out
 
 
-def verdict(summary: dict | None, limit_ms: float | None,
+def verdict(summary: dict[str, Any] | None, limit_ms: float | None,
             min_samples: int = MIN_SAMPLES) -> str | None:
     """Why the run's timestamps cannot be trusted, or None: the p99 of the read-to-stamp delay
     exceeds ``limit_ms``, or the p99 of the event-loop lag exceeds it by more than the probe's

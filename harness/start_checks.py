@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import gevent
 from gevent.event import AsyncResult

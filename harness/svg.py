@@ -6,12 +6,14 @@ pixels; the report embeds them as they are (no scripts, no external fonts).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from html import escape
-from typing import Sequence
+from collections.abc import Sequence
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 W, H = 640, 320
 ML, MR, MT, MB = 64, 150, 30, 46
+Scale = Callable[[float], float]   # a data value to its pixel coordinate
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -21,7 +23,7 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
     start = math.floor(lo / step) * step
-    ticks = []
+    ticks: list[float] = []
     t = start
     while t <= hi + step * 0.5 and len(ticks) < 20:
         ticks.append(round(t, 10))
@@ -42,7 +44,7 @@ def _fmt(v: float) -> str:
 
 
 def _frame(title: str, xlabel: str, ylabel: str, xt: list[float], yt: list[float],
-           sx, sy, cls: str) -> list[str]:
+           sx: Scale, sy: Scale, cls: str) -> list[str]:
     out = [f'<svg class="chart {cls}" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" '
            f'width="{W}" height="{H}" role="img" aria-label="{escape(title)}">',
            f"<title>{escape(title)}</title>",
@@ -62,7 +64,8 @@ def _frame(title: str, xlabel: str, ylabel: str, xt: list[float], yt: list[float
     return out
 
 
-def _scales(xs: Sequence[float], ys: Sequence[float], y0: bool = True):
+def _scales(xs: Sequence[float], ys: Sequence[float],
+            y0: bool = True) -> tuple[list[float], list[float], Scale, Scale]:
     xlo, xhi = (min(xs), max(xs)) if xs else (0.0, 1.0)
     ylo, yhi = (min(ys), max(ys)) if ys else (0.0, 1.0)
     if y0:

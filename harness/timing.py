@@ -1,7 +1,7 @@
 """Per-request LLM latency measurement from timestamped SSE payloads.
 
-This module is where the metric definitions of the design doc become numbers; it follows them
-exactly (see ``/work/shared/design.md``, "Metric definitions"):
+This module is where the metric definitions become numbers; it follows them exactly (the
+README's "Metric definitions" section gives them to users):
 
 * A **token-carrying event** is a chat delta with ``content``, ``reasoning_content``,
   ``reasoning`` or ``tool_calls`` -- including an empty ``"content": ""`` delta, which real vLLM
@@ -20,7 +20,7 @@ exactly (see ``/work/shared/design.md``, "Metric definitions"):
   ITL has one entry per token after the first: tokens that arrive in the same event as the first
   token get 0 ms entries, so with consistent usage ``mean(ITL) == TPOT``.
 
-Failed requests keep no latencies (``null`` in ``requests.jsonl``, as the design says); they keep
+Failed requests keep no latencies (``null`` in ``requests.jsonl``: a failure has none); they keep
 ``schedule_lag_ms`` (a property of the load generator, not of the server) and whatever token
 counts arrived. An **incomplete** request (still streaming when the run stopped: after the drain,
 or on Ctrl-C/SIGTERM) is not a failure of the server: it keeps what was measured before the stop,
@@ -41,7 +41,8 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
 
 import orjson
 
@@ -263,7 +264,7 @@ class StreamTimer:
         for payload, t_ns in events:
             self.feed(payload, t_ns)
 
-    def feed_reads(self, reads: Iterable[tuple[bytes, int]], parser: "SSEParser") -> int | None:
+    def feed_reads(self, reads: Iterable[tuple[bytes, int]], parser: SSEParser) -> int | None:
         """Feed a response's stamped socket reads through ``parser``, exactly as
         ``for p in parser.payloads(data): self.feed(p, t_ns)`` per read would; return the last
         read's stamp (None without reads).

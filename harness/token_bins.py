@@ -17,7 +17,8 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 Bins = dict[int, float]
 

@@ -37,7 +37,8 @@ import logging
 import math
 import pathlib
 import time
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 from flask import Response, jsonify, request, send_from_directory
 

@@ -12,7 +12,7 @@ import pathlib
 import random
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from harness.errors import UsageError
 

@@ -27,9 +27,10 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any, Iterable, Sequence
+from functools import cache
+from typing import Any
 
 SELF = "X"
 PCIE_LABELS = ("PIX", "PXB", "PHB", "NODE", "SYS")
@@ -118,7 +119,7 @@ def format_cpu_list(cpus: Iterable[int]) -> str:
         return ""
     out: list[str] = []
     start = prev = xs[0]
-    for c in xs[1:] + [None]:  # type: ignore[list-item]
+    for c in [*xs[1:], None]:
         if c is not None and c == prev + 1:
             prev = c
             continue
@@ -249,7 +250,7 @@ class Topology:
     def _best_groups_exact(self, pool: tuple[int, ...], size: int) -> list[tuple[int, ...]]:
         n_groups = len(pool) // size
 
-        @lru_cache(maxsize=None)
+        @cache
         def solve(rest: tuple[int, ...], need: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
             # Returns (ascending group scores, groups); maximise the score vector lexicographically.
             if need == 0:
@@ -312,7 +313,7 @@ class Topology:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Topology":
+    def from_dict(cls, d: dict[str, Any]) -> Topology:
         gpus = [int(g) for g in d["gpus"]]
         return cls(
             gpus=gpus,
@@ -679,10 +680,12 @@ def renumbered(topo: Topology, index_map: dict[int, int | None], gpus: Sequence[
     """``topo`` over ``gpus`` in another numbering (CUDA's: ``CUDA_VISIBLE_DEVICES`` and
     ``CUDA_DEVICE_ORDER`` reorder devices), through ``index_map`` (that index -> NVML's);
     ``None`` unless every one of ``gpus`` maps onto a GPU ``topo`` knows."""
-    if not all(index_map.get(g) in topo.gpus for g in gpus):
+    mapped = [index_map.get(g) for g in gpus]
+    nvml = [m for m in mapped if m is not None and m in topo.gpus]
+    if len(nvml) != len(mapped):
         return None
     return Topology(gpus=list(gpus),
-                    matrix=[[topo.link(index_map[i], index_map[j]) for j in gpus] for i in gpus],
+                    matrix=[[topo.link(a, b) for b in nvml] for a in nvml],
                     source=topo.source)
 
 

@@ -21,15 +21,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from harness.ports import free_port_block
+from loadrun import REPO, Run, harness_load, summary, wait_for
 from servers.cluster.agent import TOPOLOGY_ENV
 from servers.launcher.lifecycle import _alive, descendants
-from loadrun import REPO, Run, harness_load, summary, wait_for
 
 TOPO = REPO / "tests" / "data" / "nvidia-smi-topo-h100x4.txt"
 VLLM_VENV = Path(os.environ.get("HARNESS_VLLM_VENV") or REPO / ".venv-vllm")
@@ -221,7 +220,7 @@ def test_a_replica_death_is_reported_with_its_node_and_log_tail_and_stops_the_re
         assert (f"small-1 (pid {victim['pid']}) on node {victim['node']} exited with code -9 "
                 "while serving") in out
         assert f"last lines of {d.out / 'logs' / 'small-1.log'}" in out
-        assert f"  | harness sim: l40s-llama-3-8b-bf16 serving 'llama-3-8b-instruct'" in out
+        assert "  | harness sim: l40s-llama-3-8b-bf16 serving 'llama-3-8b-instruct'" in out
         assert "every server on every node was stopped" in out
         assert all_gone(others) == []
     finally:

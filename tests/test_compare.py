@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from harness.cli import main
-from harness.compare import (bootstrap_quantiles, compare, grouped_samples, load_run, measured,
-                             metric_keys)
+from harness.compare import (
+    bootstrap_quantiles,
+    compare,
+    grouped_samples,
+    load_run,
+    measured,
+    metric_keys,
+)
 
 T0 = 1_800_000_000.0
 

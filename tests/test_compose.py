@@ -638,7 +638,7 @@ def stack(tmp_path_factory):
         try:
             master_proc.wait(60)
         except subprocess.TimeoutExpired:
-            raise AssertionError("the headless master did not finish:\n" + st.tails())
+            raise AssertionError("the headless master did not finish:\n" + st.tails()) from None
         info["master_rc"] = master_proc.returncode
         info["run_ended"] = time.time()   # after the exporter's linger: it is gone now
         for name, p in st.procs:
@@ -646,7 +646,8 @@ def stack(tmp_path_factory):
                 try:
                     p.wait(15)
                 except subprocess.TimeoutExpired:
-                    raise AssertionError(f"{name} did not quit with the master:\n" + st.tails())
+                    raise AssertionError(
+                        f"{name} did not quit with the master:\n" + st.tails()) from None
         out = flag_value(command_argv(master["command"]), "--llm-out")
         assert not out.startswith("/"), out   # relative: a plain checkout on another host writes there too
         results = (st.app / out).resolve()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from harness import drift
-from harness.slo import parse_slo, run_exit_code
 from harness.run_summary import RunSummary
+from harness.slo import parse_slo, run_exit_code
 
 T0 = 1_800_000_000.0
 

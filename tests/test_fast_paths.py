@@ -62,7 +62,7 @@ def both(events, count_tokens=None):
 
 
 def words(n):
-    return [" w%d" % i for i in range(n)]
+    return [f" w{i}" for i in range(n)]
 
 
 def test_plain_stream_uses_the_template_and_matches_the_full_parse():
@@ -133,7 +133,7 @@ def test_completions_stream_and_malformed_tail():
 def test_continuous_usage_and_random_streams_match_the_full_parse():
     rng = random.Random(3)
     pool = [" plain", " more", "\n", "\"q\"", "\u00e9", "", " x"]
-    for trial in range(200):
+    for _trial in range(200):
         evs = [ROLE]
         n = rng.randint(1, 40)
         cum = 0
@@ -214,7 +214,7 @@ def test_feed_reads_equals_splitting_and_parsing_every_event(crlf):
     pool = [" plain", " more", "\n", "\"q\"", "\u00e9", "", " x", "a\rb", "\\"]
     fast_hits = 0
     for trial in range(300):
-        evs = [ROLE] + [chat_event(rng.choice(pool) if rng.random() < 0.2 else " w%d" % i)
+        evs = [ROLE] + [chat_event(rng.choice(pool) if rng.random() < 0.2 else f" w{i}")
                         for i in range(rng.randint(0, 60))]
         evs.append(chat_event(" end", "length"))
         if rng.random() < 0.5:

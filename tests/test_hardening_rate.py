@@ -17,7 +17,7 @@ import pytest
 from conftest import free_port_block, launch_sim, stop_process
 from harness.arrivals import MAX_RATE
 from harness.webui import parse_rate
-from loadrun import REPO, Run, http_get, harness_load, summary, wait_for
+from loadrun import REPO, Run, harness_load, http_get, summary, wait_for
 
 DISPATCH = textwrap.dedent('''
     from gevent import monkey; monkey.patch_all()

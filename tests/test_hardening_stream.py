@@ -20,8 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.http_stream import (DeadlineExceeded, NotEventStream, ProtocolError, ResponseTooLarge,
-                                 StreamingConnection)
+from harness.http_stream import (
+    DeadlineExceeded,
+    NotEventStream,
+    ProtocolError,
+    ResponseTooLarge,
+    StreamingConnection,
+)
 from harness.timing import ERROR_KINDS, default_request_deadline
 from loadrun import harness_load, read_jsonl, summary
 
@@ -115,7 +120,7 @@ class Misbehaving:
         while not self.stop.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

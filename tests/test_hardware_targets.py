@@ -10,7 +10,6 @@ import pytest
 
 from harness.commands import hw as hw_cmd
 from harness.errors import UsageError
-from harness.parsing import parse_gpus
 from harness.hardware import run as hw_run
 from harness.hardware.judge import evaluate, exit_code, p2p_expectation, rejudge
 from harness.hardware.measure import Sizes, buffer_bytes
@@ -18,7 +17,15 @@ from harness.hardware.model import GemmResult, GpuInfo, HbmResult, P2PResult
 from harness.hardware.nvml import PowerSampler
 from harness.hardware.report_io import load_report
 from harness.hardware.summary import format_summary
-from harness.hardware.targets import BW_FRACTION, GEMM_FRACTION, TARGETS, find_target, pcie_gbs, target_for
+from harness.hardware.targets import (
+    BW_FRACTION,
+    GEMM_FRACTION,
+    TARGETS,
+    find_target,
+    pcie_gbs,
+    target_for,
+)
+from harness.parsing import parse_gpus
 from servers import topology as T
 
 DATA = Path(__file__).parent / "data"

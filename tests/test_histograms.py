@@ -8,7 +8,7 @@ import numpy as np
 import orjson
 import pytest
 
-from harness.histograms import HistogramSet, LatencyHistogram, METRICS
+from harness.histograms import METRICS, HistogramSet, LatencyHistogram
 from harness.metric_catalog import PERCENTILES
 from harness.timing import RequestRecord
 

@@ -10,8 +10,13 @@ import random
 import numpy as np
 import pytest
 
-from harness.histograms import (HIGHEST_US, HistogramSet, LatencyHistogram,
-                                _percentile_values, _used_len)
+from harness.histograms import (
+    HIGHEST_US,
+    HistogramSet,
+    LatencyHistogram,
+    _percentile_values,
+    _used_len,
+)
 from harness.metric_catalog import PERCENTILES
 from harness.timing import RequestRecord
 
@@ -39,7 +44,7 @@ def _fill(h: LatencyHistogram, values: list[float], many: bool) -> LatencyHistog
 
 def _eager() -> LatencyHistogram:
     h = LatencyHistogram()
-    h._h   # builds the HdrHistogram now, as the constructor did before
+    _ = h._h   # builds the HdrHistogram now, as the constructor did before
     assert h._hdr is not None
     return h
 

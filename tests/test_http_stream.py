@@ -98,7 +98,7 @@ class Server:
         while not self.stop.is_set() and self.accepted < self.max_conns:
             try:
                 conn, _ = self.sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -393,7 +393,7 @@ def test_connect_that_hangs_raises_connect_timeout():
             fillers.append(f)
             try:
                 f.connect(("127.0.0.1", port))
-            except socket.timeout:
+            except TimeoutError:
                 break
         else:
             pytest.skip("kernel accepted every connection; cannot make connect hang")

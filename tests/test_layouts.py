@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from servers.launcher import (
-    BUILTIN_LAYOUTS, LayoutError, layout_from_dict, load_layout, make_plan, parse_model_overrides,
+    BUILTIN_LAYOUTS,
+    LayoutError,
+    layout_from_dict,
+    load_layout,
+    make_plan,
+    parse_model_overrides,
 )
 from servers.launcher.command import VLLM_MODULE
 from servers.launcher.plan import check_model, check_runnable, check_vllm

@@ -1,7 +1,6 @@
 """Every error kind is classified, counted once, visible everywhere, and never retried."""
 from __future__ import annotations
 
-import json
 import urllib.request
 
 from conftest import free_port_block

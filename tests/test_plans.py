@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from harness import plan as plan_mod
 from harness.stages import cost, physics

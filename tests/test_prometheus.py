@@ -162,7 +162,7 @@ def test_prometheus_scrapes_ttft_histogram_with_the_right_count(prometheus, star
     # series (endpoint="", all zeros); the run's histogram is the one named after the endpoint.
     buckets = query(api, last.format('llm_harness_ttft_seconds_bucket{endpoint!=""}'))
     assert len({b["metric"]["endpoint"] for b in buckets}) == 1, buckets
-    by_le = sorted(((float(b["metric"]["le"]), float(b["value"][1])) for b in buckets))
+    by_le = sorted((float(b["metric"]["le"]), float(b["value"][1])) for b in buckets)
     assert by_le[-1] == (math.inf, len(ok))
     values = [v for _le, v in by_le]
     assert values == sorted(values), by_le

@@ -8,14 +8,20 @@ interrupted by Ctrl-C, with a worker killed, and under plain `locust --run-time`
 from __future__ import annotations
 
 import collections
-import os
 import signal
-import sys
 import time
 
 import psutil
 
-from loadrun import Run, harness_load, locust, read_jsonl, start_load, summary, wait_for, whole_lines
+from loadrun import (
+    harness_load,
+    locust,
+    read_jsonl,
+    start_load,
+    summary,
+    wait_for,
+    whole_lines,
+)
 
 # Requests of about 1.5 s on the default profile (~25 ms a token): a 4 s run ends with several
 # in flight.

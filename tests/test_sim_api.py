@@ -12,14 +12,13 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from urllib.parse import urlsplit
 
 import openai
 import pytest
 
-from servers.simulator import textgen
 from conftest import REPO, free_port_block
+from servers.simulator import textgen
 
 FAST = ("--profile", "h200-llama-3-8b-awq")
 MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"

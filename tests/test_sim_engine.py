@@ -12,7 +12,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from servers.simulator.engine import Engine, Sequence, Step

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from loadrun import REPO, harness_load, read_jsonl, wait_for, whole_lines
-from servers.simulator.replay import (Arrival, ReplayInputError, load_arrivals, replay)
+from servers.simulator.replay import Arrival, ReplayInputError, load_arrivals, replay
 
 PROFILE = "l40s-llama-3-8b-bf16"
 

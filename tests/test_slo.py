@@ -6,8 +6,16 @@ import pytest
 
 from harness.errors import UsageError
 from harness.results import summary_from_requests
-from harness.slo import (EXIT_GENERATOR_INVALID, EXIT_OK, EXIT_REQUEST_ERRORS, EXIT_SLO_BREACH,
-                         evaluate, parse_slo, request_is_good, run_exit_code)
+from harness.slo import (
+    EXIT_GENERATOR_INVALID,
+    EXIT_OK,
+    EXIT_REQUEST_ERRORS,
+    EXIT_SLO_BREACH,
+    evaluate,
+    parse_slo,
+    request_is_good,
+    run_exit_code,
+)
 
 
 def rec(i, ok=True, ttft=50.0, tpot=10.0, e2e=200.0, out=16, kind=None):

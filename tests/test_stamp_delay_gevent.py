@@ -17,7 +17,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 # A plain server in its own process (the client's loop is blocked on purpose: a server in the

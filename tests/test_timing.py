@@ -1,8 +1,8 @@
-"""Specification of harness.timing: the design doc's metric definitions applied to real vLLM events."""
+"""Specification of harness.timing: the metric definitions (README, "Metric definitions")
+applied to real vLLM events."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import orjson
@@ -299,7 +299,7 @@ def test_exceptions_map_to_error_kinds():
     assert exception_error_kind(ConnectError("x")) == "connect"
     assert exception_error_kind(ReadTimeout("x")) == "timeout"
     assert exception_error_kind(Disconnected("x")) == "disconnect"
-    assert exception_error_kind(socket.timeout("x")) == "timeout"
+    assert exception_error_kind(TimeoutError("x")) == "timeout"
     assert exception_error_kind(ConnectionRefusedError()) == "connect"
     assert exception_error_kind(ConnectionResetError()) == "disconnect"
 

@@ -17,10 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from conftest import free_port_block
 from harness.credentials import ApiKey, origin
 from harness.webui import forbidden_form_keys
 from loadrun import Run, http_get, wait_for
-from conftest import free_port_block
 
 TARGET_KEY = "key-for-the-target-0123"
 STOLEN = "stolen-secret-4567"

@@ -1,7 +1,7 @@
 """Pass, fail or warn, with the known remedy: pure functions of recorded numbers (no GPU needed)."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from harness.hardware.model import Check, GemmResult, GpuInfo, HardwareReport, HbmResult, P2PResult
 from harness.hardware.targets import (

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 from harness.hardware.model import GemmResult, HbmResult, P2PResult
 from harness.hardware.nvml import PowerSampler
@@ -85,7 +86,7 @@ class Sizes:
     repeats: int
 
     @classmethod
-    def for_mode(cls, quick: bool) -> "Sizes":
+    def for_mode(cls, quick: bool) -> Sizes:
         if quick:
             return cls(1 << 30, 1 / 8, 8192, 256 << 20, 3, 5, 10, 3, 3)
         return cls(8 << 30, 1 / 8, 8192, 1 << 30, 10, 10, 20, 5, 7)

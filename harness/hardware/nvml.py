@@ -9,7 +9,8 @@ import os
 import platform
 import statistics
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 from harness.hardware.model import GpuInfo, PowerStats
 from harness.hardware.targets import target_for
@@ -102,7 +103,7 @@ class PowerSampler:
             self._sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PowerSampler":
+    def __enter__(self) -> PowerSampler:
         if self.nvml is not None and self.handles:
             self._thread = threading.Thread(target=self._run, name="nvml-power", daemon=True)
             self._thread.start()

@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from harness.hardware.judge import evaluate, nothing_measured, overall_status, unmeasurable
 from harness.hardware.measure import Sizes, import_torch, measure_gemm, measure_hbm, measure_p2p

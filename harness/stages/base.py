@@ -36,7 +36,8 @@ import os
 import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from harness.slo import EXIT_GENERATOR_INVALID
 

@@ -13,7 +13,8 @@ import pkgutil
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Protocol, cast, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
+from collections.abc import Callable
 
 from harness.stages.base import Field, StageContext, StageResult
 

@@ -14,7 +14,8 @@ whose simulated L40S cannot meet them) beside the targets that decide the run.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from harness import metric_catalog as mc
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from servers.simulator.gpus import GPUS, GpuSpec
 from servers.simulator.models import MODELS, PRECISIONS

@@ -22,7 +22,7 @@ class _Sampling:
         self.seconds = 0.0
         self._t0 = 0.0
 
-    def __enter__(self) -> "_Sampling":
+    def __enter__(self) -> _Sampling:
         import time
 
         self._t0 = time.perf_counter()

@@ -22,7 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from harness import metric_catalog as mc
 from harness.load_options import harness_argv, plan_field, text

@@ -183,7 +183,6 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
     log_path = out / "vllm-bench.log"
     ctx.log(f"vllm bench throughput: {p['num_prompts']} prompts, {p['input_len']} in, "
             f"{p['output_len']} out, {p['dtype']}, model {p['model']} (log: {log_path})")
-    t0 = time.monotonic()
     started = time.time()
     env = environment(p)
     gpus = visible_gpus(env, int(p["tensor_parallel_size"])) if p.get("device") != "cpu" else []
@@ -194,7 +193,7 @@ def run_stage(params: dict[str, Any], ctx: StageContext) -> StageResult:
             code = proc.wait(timeout=float(p["timeout_s"]))
         except subprocess.TimeoutExpired:
             _stop(proc)
-            raise RuntimeError(f"vllm bench throughput ran past {p['timeout_s']:.0f} s; see {log_path}")
+            raise RuntimeError(f"vllm bench throughput ran past {p['timeout_s']:.0f} s; see {log_path}") from None
         except BaseException:
             _stop(proc)
             raise

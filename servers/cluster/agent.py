@@ -24,8 +24,9 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 from servers.launcher.lifecycle import ProcessSpec, ServerGroup
 from servers.launcher.placement import pinnable
@@ -35,7 +36,7 @@ CONCURRENCY = 4      # start, poll, stop (and info) may run at once
 LOG_CHUNK = 1 << 20   # at most this many bytes of one log per poll go back to the driver
 
 
-def read_topology(environ: dict[str, str] | None = None) -> tuple[Any, str]:
+def read_topology(environ: Mapping[str, str] | None = None) -> tuple[Any, str]:
     """``(Topology | None, source)`` of this node: a recorded text named by the node's
     environment, else what NVML / nvidia-smi say."""
     from servers import topology
@@ -105,7 +106,7 @@ class NodeAgent:
 
     def poll(self, offsets: dict[str, int]) -> dict[str, Any]:
         """Servers that exited (name, pid, code, log tail) and each log's bytes past ``offsets``."""
-        dead = []
+        dead: list[dict[str, Any]] = []
         logs: dict[str, bytes] = {}
         if self.group is None:
             return {"dead": dead, "logs": logs}

@@ -18,10 +18,16 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from servers.cluster.plan import (
-    ArgvBuilder, ClusterPlan, NodeServer, make_cluster_plan, node_dict, vllm_builder,
+    ArgvBuilder,
+    ClusterPlan,
+    NodeServer,
+    make_cluster_plan,
+    node_dict,
+    vllm_builder,
 )
 from servers.cluster.session import RaySession, connect
 from servers.launcher.cluster import ENDPOINTS_FILE
@@ -74,7 +80,7 @@ class RayCluster:
         self._stopping = False
 
     # context manager ------------------------------------------------------------------------
-    def __enter__(self) -> "RayCluster":
+    def __enter__(self) -> RayCluster:
         self._install_signal_handlers()
         try:
             self.start()
@@ -120,8 +126,8 @@ class RayCluster:
             refs[node.node_id] = (node, self._agent(node.node_id).start.remote(specs))
             self.on_progress(f"node {node.label}: starting {', '.join(s.name for s in servers)}")
         pids: dict[str, int] = {}
-        failure = None
-        for node_id, (node, ref) in refs.items():
+        failure: LayoutError | ServerStartError | None = None
+        for node, ref in refs.values():
             try:
                 r = ray.get(ref, timeout=self.health_timeout + 60)
             except Exception as exc:
@@ -156,7 +162,7 @@ class RayCluster:
         ray = self.session.ray
         refs = {node.node_id: (node, self._agent(node.node_id).poll.remote(dict(self._offsets)))
                 for node, _ in self.plan.by_node()}
-        for node_id, (node, ref) in refs.items():
+        for node, ref in refs.values():
             try:
                 r = ray.get(ref, timeout=60)
             except Exception as exc:

@@ -13,8 +13,8 @@ does not get a TP=2 replica while another node can take it).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 from servers.launcher.errors import LayoutError
 from servers.launcher.layouts import FILL, Layout, ServerSpec

@@ -13,8 +13,9 @@ and the other nodes reach it by), or on ``--host`` where given; endpoints.json l
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from servers.cluster.node_placement import Node, NodePlacement, place_on_nodes
 from servers.launcher.command import is_local_model, server_env, vllm_argv

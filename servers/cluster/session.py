@@ -31,7 +31,7 @@ def import_ray() -> Any:
     return ray
 
 
-def connect(address: str) -> "RaySession":
+def connect(address: str) -> RaySession:
     """Join the running Ray cluster at ``address``; one-line :class:`LayoutError` if it cannot."""
     ray = import_ray()
     if not address:
@@ -148,8 +148,8 @@ class RaySession:
                 self.close()
                 raise LayoutError(f"node {info['address']} ({node_id[:8]}): {info['error']}")
             topo = Topology.from_dict(info["topology"]) if info["topology"] else None
-            gpus = tuple(g for g in info["gpus"] if topo is None or g in topo.gpus)
-            nodes.append(Node(node_id=node_id, address=info["address"], gpus=gpus, topology=topo,
+            usable = tuple(g for g in info["gpus"] if topo is None or g in topo.gpus)
+            nodes.append(Node(node_id=node_id, address=info["address"], gpus=usable, topology=topo,
                               topology_source=info["topology_source"], hostname=info["hostname"],
                               agent_pid=int(info["pid"])))
         self.nodes = nodes

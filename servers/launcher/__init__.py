@@ -21,19 +21,35 @@ Nothing here imports Locust or ``harness``.
 """
 from servers.launcher.cluster import ENDPOINTS_FILE, Cluster, launch
 from servers.launcher.endpoints import (
-    Endpoint, EndpointList, by_model, read_endpoints, write_endpoints,
+    Endpoint,
+    EndpointList,
+    by_model,
+    read_endpoints,
+    write_endpoints,
 )
 from servers.launcher.errors import (
-    LauncherError, LayoutError, ServerDiedError, ServerStartError,
+    LauncherError,
+    LayoutError,
+    ServerDiedError,
+    ServerStartError,
 )
 from servers.launcher.layouts import (
-    BUILTIN_LAYOUTS, PRECISIONS, Layout, ServerSpec, layout_from_dict, load_layout,
+    BUILTIN_LAYOUTS,
+    PRECISIONS,
+    Layout,
+    ServerSpec,
+    layout_from_dict,
+    load_layout,
     parse_model_overrides,
 )
 from servers.launcher.lifecycle import ProcessSpec, ServerGroup, Terminated
 from servers.launcher.placement import Assignment, Placement, place
 from servers.launcher.plan import (
-    LaunchPlan, ServerPlan, check_runnable, find_vllm_python, make_plan,
+    LaunchPlan,
+    ServerPlan,
+    check_runnable,
+    find_vllm_python,
+    make_plan,
 )
 
 __all__ = [

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from servers.launcher.endpoints import Endpoint, write_endpoints
 from servers.launcher.lifecycle import ServerGroup
@@ -33,7 +33,7 @@ class Cluster:
             handle_signals=handle_signals, on_progress=on_progress,
         )
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         if self.check:
             check_runnable(self.plan)
         os.makedirs(self.log_dir, exist_ok=True)

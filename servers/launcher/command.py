@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from servers.launcher.layouts import ServerSpec
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 SCHEMA = 1
 
@@ -57,7 +58,7 @@ class Endpoint:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Endpoint":
+    def from_dict(cls, d: dict[str, Any]) -> Endpoint:
         known = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in d.items() if k in known}
         kw["gpus"] = tuple(int(g) for g in d.get("gpus") or ())

@@ -26,8 +26,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import BinaryIO, Protocol
 
 from servers.launcher.errors import LayoutError, ServerDiedError, ServerStartError
 
@@ -81,7 +82,18 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def check_ports(specs: Iterable[ProcessSpec]) -> None:
+class PortClaim(Protocol):
+    """What :func:`check_ports` reads of a server: a :class:`ProcessSpec` or a plan's server."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def host(self) -> str: ...
+
+
+def check_ports(specs: Iterable[PortClaim]) -> None:
     seen: dict[int, str] = {}
     for s in specs:
         if s.port in seen:
@@ -166,6 +178,7 @@ def _alive(pid: int) -> bool:
 
 # -- one server ----------------------------------------------------------------------------------
 
+_PRCTL: Callable[..., int] | None
 try:
     _LIBC = ctypes.CDLL(None, use_errno=True)
     _PRCTL = _LIBC.prctl
@@ -177,7 +190,7 @@ _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
 
 
-def _make_preexec(cpus: Sequence[int], sigmask: set | None = None) -> Callable[[], None]:
+def _make_preexec(cpus: Sequence[int], sigmask: Iterable[int] | None = None) -> Callable[[], None]:
     cpu_set = set(cpus)
 
     def preexec() -> None:  # runs in the child between fork and exec: syscalls only
@@ -200,7 +213,7 @@ class ManagedServer:
         self.popen: subprocess.Popen[bytes] | None = None
         self.started_at: float | None = None
         self.ready_at: float | None = None
-        self._log = None
+        self._log: BinaryIO | None = None
         self.tracked: set[int] = set()  # every descendant pid seen, to stop escapees too
 
     @property
@@ -248,7 +261,8 @@ class ManagedServer:
         url = self.spec.base_url + self.spec.health_path
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:
-                return resp.status == 200
+                status: int = resp.status
+                return status == 200
         except (urllib.error.URLError, OSError, ValueError):
             return False
 
@@ -313,7 +327,7 @@ class ServerGroup:
         self._lock = threading.Lock()
 
     # context manager ------------------------------------------------------------------------
-    def __enter__(self) -> "ServerGroup":
+    def __enter__(self) -> ServerGroup:
         self._install_signal_handlers()
         try:
             self.start()
@@ -440,7 +454,7 @@ class ServerGroup:
             report = self._stop_all()
         finally:
             if in_main and old_int is not None:
-                signal.signal(signal.SIGINT, old_int)  # type: ignore[arg-type]
+                signal.signal(signal.SIGINT, old_int)
             self._stopped = True
             if self._atexit_registered:
                 atexit.unregister(self.stop)

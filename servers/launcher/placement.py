@@ -15,8 +15,8 @@ where the topology says.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from servers.launcher.errors import LayoutError
 from servers.launcher.layouts import FILL, Layout, ServerSpec
@@ -110,6 +110,7 @@ def place(layout: Layout, topology: Topology | None, gpus: Sequence[int] | None 
     # Largest TP groups first (they are the hardest to place well), layout order among equals.
     for s in sorted(cuda, key=lambda s: -s.tensor_parallel_size):
         n, tp = counts[s.role], s.tensor_parallel_size
+        groups: list[tuple[int, ...]]
         if tp == 1:
             groups = [(g,) for g in free[:n]]
         elif topology is not None:
@@ -147,9 +148,9 @@ def place(layout: Layout, topology: Topology | None, gpus: Sequence[int] | None 
     if idle and cuda:
         warnings.append(f"note: GPUs {','.join(map(str, idle))} are left idle by layout "
                         f"{layout.name!r}")
-    used = sorted(g for a in out for g in a.gpus)
+    gpus_used = sorted(g for a in out for g in a.gpus)
     return Placement(assignments=out, gpus_present=sorted(topology.gpus) if topology else [],
-                     gpus_used=used, warnings=warnings)
+                     gpus_used=gpus_used, warnings=warnings)
 
 
 def _where(topology: Topology | None, pool: Sequence[int]) -> str:

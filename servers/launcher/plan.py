@@ -10,8 +10,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from servers.launcher.command import is_local_model, render_command, server_env, vllm_argv
 from servers.launcher.endpoints import Endpoint

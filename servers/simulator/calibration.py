@@ -106,10 +106,13 @@ def markdown_table(checks: list[RowCheck]) -> str:
     head = ("| table | model | precision | seed tok/s | simulated | ideal engine | hardware ceiling "
             "| verdict | seed TTFT p50 | sim TTFT p50 | TTFT floor | seed TPOT p50 | sim TPOT p50 "
             "| TPOT floor | seed VRAM/GPU | weights/GPU |\n" + "|---" * 16 + "|\n")
+
+    def f(v: float | None, d: int = 0) -> str:
+        return "n/a" if v is None else f"{v:,.{d}f}"
+
     lines = []
     for c in checks:
         r = c.row
-        f = lambda v, d=0: "n/a" if v is None else f"{v:,.{d}f}"  # noqa: E731
         tpot_note = " (below floor: impossible)" if r.tpot_p50_ms < c.tpot_floor_ms else ""
         ttft_note = " (below floor: impossible)" if r.ttft_p50_ms < c.ttft_floor_ms else ""
         vram_note = "" if c.vram_possible else " (over the card: impossible)"

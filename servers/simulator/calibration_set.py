@@ -21,12 +21,11 @@ import math
 import pathlib
 import random
 import statistics
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
-
-from collections import deque
-from dataclasses import replace
 
 from servers.simulator.engine import Engine, Sequence
 from servers.simulator.profiles import Profile, make_profile, with_options
@@ -39,7 +38,7 @@ MAX_REQUESTS = 512
 
 @dataclass
 class PointResult:
-    point: dict
+    point: dict[str, Any]
     simulated: float | None
     reason: str = ""          # why it was not simulated, when simulated is None
 
@@ -48,14 +47,15 @@ class PointResult:
         return None if self.simulated is None else self.simulated / float(self.point["value"])
 
 
-def load_points(path: pathlib.Path = POINTS_PATH) -> list[dict]:
+def load_points(path: pathlib.Path = POINTS_PATH) -> list[dict[str, Any]]:
     doc = json.loads(path.read_text())
     if doc.get("schema_version") != 1:
         raise ValueError(f"{path}: schema_version {doc.get('schema_version')!r}, expected 1")
-    return doc["points"]
+    points: list[dict[str, Any]] = doc["points"]
+    return points
 
 
-def profile_for(point: dict) -> Profile:
+def profile_for(point: dict[str, Any]) -> Profile:
     prof = make_profile(point["gpu"], point["model"], point["weights_dtype"], int(point["tp"]))
     return with_options(prof, engine=point.get("engine"), kv_cache_dtype=point.get("kv_cache_dtype"))
 
@@ -69,7 +69,7 @@ def closed_loop(prof: Profile, concurrency: int, n: int, input_len: int,
     delay = dep.efficiency.request_overhead_s
     engine = Engine(dep, max_num_seqs=prof.max_num_seqs,
                     max_num_batched_tokens=prof.max_num_batched_tokens)
-    arriving: deque = deque()
+    arriving: deque[tuple[float, Sequence]] = deque()
     records: list[RequestRecord] = []
 
     def send(now: float) -> None:
@@ -103,7 +103,7 @@ def closed_loop(prof: Profile, concurrency: int, n: int, input_len: int,
                         preemptions=engine.stats.preemptions)
 
 
-def _offline(prof: Profile, w: dict, isl: int, osl: int) -> ReplayResult:
+def _offline(prof: Profile, w: dict[str, Any], isl: int, osl: int) -> ReplayResult:
     """Every request queued at t=0 into the engine itself: the offline limits (or the
     published static batch size, `max_batch_size`), no HTTP front end, and a model length
     that admits the point's lengths (trtllm-bench and the `LLM` class size it to the data)."""
@@ -123,7 +123,7 @@ METRICS = ("output_tokens_per_s", "total_tokens_per_s", "output_tokens_per_s_per
            "itl_ms_p50", "itl_ms_mean", "e2e_ms_p50", "e2e_ms_mean")
 
 
-def figures(summary: dict, gpu_count: int) -> dict[str, float | None]:
+def figures(summary: dict[str, Any], gpu_count: int) -> dict[str, float | None]:
     """Every metric of METRICS from a replay summary. batch_latency_ms is one offline batch's
     time, first request in to last token out (`vllm bench latency`'s figure)."""
     out: dict[str, float | None] = {
@@ -138,7 +138,7 @@ def figures(summary: dict, gpu_count: int) -> dict[str, float | None]:
     return out
 
 
-def simulate(point: dict, profile: Profile | None = None) -> PointResult:
+def simulate(point: dict[str, Any], profile: Profile | None = None) -> PointResult:
     """`point` run the way its source ran it (module docstring); `profile` overrides the
     point's own (benchmarks/fit_simulator.py passes trial constants this way)."""
     try:
@@ -167,16 +167,17 @@ def simulate(point: dict, profile: Profile | None = None) -> PointResult:
     except (ValueError, RuntimeError) as e:
         return PointResult(point, None, f"not simulated: {e}")
     values = figures(result.summary(), int(point.get("gpu_count") or prof.deployment.tp))
-    if values.get(metric) is None:
+    value = values.get(metric)
+    if value is None:
         return PointResult(point, None, f"not simulated: metric {metric} not produced for this workload")
-    return PointResult(point, float(values[metric]))
+    return PointResult(point, float(value))
 
 
-def replay_all(points: list[dict] | None = None) -> list[PointResult]:
+def replay_all(points: list[dict[str, Any]] | None = None) -> list[PointResult]:
     return [simulate(p) for p in (load_points() if points is None else points)]
 
 
-def band_of(point: dict) -> str:
+def band_of(point: dict[str, Any]) -> str:
     """The regime a point's error band is stated for: saturated throughput, light-load TTFT,
     light-load decode speed (TPOT, ITL, a batch's latency), or the knee. TTFT and decode
     are apart because different parts of the model make them (prefill and front end vs
@@ -203,12 +204,12 @@ def regime_of_metric(metric: str) -> str | None:
     return None
 
 
-def regime_bands(results: list[PointResult]) -> dict[str, dict]:
+def regime_bands(results: list[PointResult]) -> dict[str, dict[str, Any]]:
     """Per band (band_of): median and worst ratio simulated/published (worst = farthest
     from 1 in log), the range, the share within +-20%, and the central 80% of
     published/simulated (real_lo, real_hi: where a real engine's figure typically falls
     relative to the simulated one)."""
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, Any]] = {}
     for band in sorted({band_of(r.point) for r in results}):
         ratios = [r.ratio for r in results if band_of(r.point) == band and r.ratio is not None]
         if not ratios:

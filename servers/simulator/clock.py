@@ -14,7 +14,7 @@ import ctypes
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 _CLOCK_MONOTONIC = 1
 _TFD_TIMER_ABSTIME = 1
@@ -30,7 +30,7 @@ class _Itimerspec(ctypes.Structure):
     _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
 
 
-def _load_timerfd():
+def _load_timerfd() -> tuple[Callable[..., int], Callable[..., int]] | None:
     if not sys.platform.startswith("linux"):
         return None
     if "CLOCK_MONOTONIC" not in time.get_clock_info("perf_counter").implementation:
@@ -78,6 +78,7 @@ class StepTimer:
                 ns = 1  # zero would disarm
             value = self._spec.it_value
             value.tv_sec, value.tv_nsec = divmod(ns, 1_000_000_000)
+            assert _TIMERFD is not None  # a timer fd exists only where timerfd loaded
             if _TIMERFD[1](self._fd, _TFD_TIMER_ABSTIME, self._spec_ref, None) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))

@@ -7,9 +7,15 @@ renders the text when someone scrapes.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Iterator
 
-from prometheus_client.core import (CollectorRegistry, CounterMetricFamily,
-                                    GaugeMetricFamily, HistogramMetricFamily)
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest
 
 # vLLM's own bucket boundaries (seconds), so histograms line up with real servers.
@@ -66,7 +72,7 @@ class ServerMetrics:
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(self)
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         lv = list(self.labels.values())
         ln = list(self.labels)
         for name, doc, value in [

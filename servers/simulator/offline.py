@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +45,10 @@ class LatencyResult:
     output_tokens_per_s: float
 
 
-def _drain(engine: Engine, now: float, on_finish=None, max_steps: int = 10_000_000,
-           arriving: deque | None = None) -> float:
+def _drain(engine: Engine, now: float,
+           on_finish: Callable[[Sequence, float], None] | None = None,
+           max_steps: int = 10_000_000,
+           arriving: deque[tuple[float, Sequence]] | None = None) -> float:
     """Step `engine` to empty. `arriving`: (admit time, sequence) in time order, requests
     still in the API server's front end (Efficiency.request_overhead_s), added once the
     clock reaches their time."""
@@ -68,7 +72,7 @@ def _drain(engine: Engine, now: float, on_finish=None, max_steps: int = 10_000_0
     raise RuntimeError("engine did not finish within the step bound")
 
 
-def make_engine(dep: Deployment, **engine_kwargs) -> Engine:
+def make_engine(dep: Deployment, **engine_kwargs: Any) -> Engine:
     if not dep.fits:
         raise ValueError(f"{dep.model.name} {dep.precision.name} does not fit "
                          f"{dep.tp} x {dep.gpu.name}")
@@ -76,7 +80,7 @@ def make_engine(dep: Deployment, **engine_kwargs) -> Engine:
 
 
 def run_offline(dep: Deployment, num_prompts: int = 1000, input_len: int = 512,
-                output_len: int = 256, **engine_kwargs) -> OfflineResult:
+                output_len: int = 256, **engine_kwargs: Any) -> OfflineResult:
     """vLLM's offline throughput benchmark: every prompt queued at t=0 (the `LLM` class
     tokenizes them all before the first step; no HTTP front end, no per-request cost)."""
     engine = make_engine(dep, **engine_kwargs)
@@ -89,13 +93,13 @@ def run_offline(dep: Deployment, num_prompts: int = 1000, input_len: int = 512,
 
 def run_concurrency(dep: Deployment, concurrency: int = 32, num_requests: int = 256,
                     input_len: int = 512, output_len: int = 256,
-                    **engine_kwargs) -> LatencyResult:
+                    **engine_kwargs: Any) -> LatencyResult:
     """Closed loop: `concurrency` clients, each sending the next request when one ends.
     Each request reaches the engine after the API server's per-request cost
     (Efficiency.request_overhead_s), as in the live server; its TTFT counts from the send."""
     engine = make_engine(dep, **engine_kwargs)
     delay = dep.efficiency.request_overhead_s
-    arriving: deque = deque()
+    arriving: deque[tuple[float, Sequence]] = deque()
     done: list[Sequence] = []
     issued = 0
 
@@ -110,9 +114,11 @@ def run_concurrency(dep: Deployment, concurrency: int = 32, num_requests: int = 
         arriving.append((delay, Sequence(str(issued), input_len, output_len, 0.0)))
         issued += 1
     elapsed = _drain(engine, 0.0, on_finish, arriving=arriving)
-    ttft = np.array([(s.first_token_time - s.arrival) * 1e3 for s in done])
-    tpot = np.array([(s.finish_time - s.first_token_time) * 1e3 / (s.generated - 1)
-                     for s in done if s.generated > 1])
+    # Every sequence in `done` finished, so both of its times are set.
+    ttft = np.array([(s.first_token_time - s.arrival) * 1e3  # type: ignore[operator]
+                     for s in done])
+    tpot = np.array([(s.finish_time - s.first_token_time) * 1e3  # type: ignore[operator]
+                     / (s.generated - 1) for s in done if s.generated > 1])
     return LatencyResult(concurrency, float(np.percentile(ttft, 50)), float(np.percentile(ttft, 99)),
                          float(np.percentile(tpot, 50)) if tpot.size else math.nan,
                          float(np.percentile(tpot, 99)) if tpot.size else math.nan,

@@ -43,8 +43,9 @@ import json
 import math
 import os
 from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,7 @@ class RequestRecord:
     output_len: int
     rejected: str | None = None            # why the server would answer 400; None if served
     first_scheduled_s: float | None = None
-    token_times_s: array = field(default_factory=lambda: array("d"))   # one per output token
+    token_times_s: array[float] = field(default_factory=lambda: array("d"))   # one per output token
     preemptions: int = 0
 
     @property
@@ -119,8 +120,12 @@ class RequestRecord:
 
     def to_dict(self, itl: bool = True) -> dict[str, Any]:
         """The `--out` line: times in ms (latencies) and s (instants since the origin)."""
-        r3 = lambda v: None if v is None else round(v, 3)  # noqa: E731
-        r6 = lambda v: None if v is None else round(v, 6)  # noqa: E731
+        def r3(v: float | None) -> float | None:
+            return None if v is None else round(v, 3)
+
+        def r6(v: float | None) -> float | None:
+            return None if v is None else round(v, 6)
+
         d = {"id": self.id, "replica": self.replica, "ok": self.ok, "rejected": self.rejected,
              "arrival_s": r6(self.arrival_s), "input_len": self.input_len,
              "output_len": self.output_len, "first_scheduled_s": r6(self.first_scheduled_s),
@@ -178,7 +183,10 @@ class ReplayResult:
         gaps = [np.diff(np.frombuffer(r.token_times_s, dtype=np.float64)) for r in served
                 if len(r.token_times_s) > 1]
         itl = np.concatenate(gaps) * 1e3 if gaps else np.empty(0)
-        rate = lambda n: n / duration if duration > 0 else None  # noqa: E731
+
+        def rate(n: int) -> float | None:
+            return n / duration if duration > 0 else None
+
         return {
             "profile": self.profile, "replicas": self.replicas,
             "requests": len(served), "rejected": len(self.records) - len(served),
@@ -213,7 +221,7 @@ def _check(a: Arrival, where: str) -> None:
             raise ReplayInputError(f"{where}: {name} must be a whole number >= 1, not {v!r}")
 
 
-def _positive(name: str, v: Any, kind=int) -> None:
+def _positive(name: str, v: Any, kind: type = int) -> None:
     if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0
                           or (kind is int and v != int(v))):
         raise ReplayInputError(f"{name} must be {'a whole number ' if kind is int else ''}> 0, not {v!r}")
@@ -234,7 +242,7 @@ def resolve_profile(profile: Profile | str, *, max_num_seqs: int | None = None,
     _positive("max_num_batched_tokens", max_num_batched_tokens)
     _positive("max_model_len", max_model_len)
     _positive("gpu_memory_utilization", gpu_memory_utilization, float)
-    overrides = {k: v for k, v in {"max_num_seqs": max_num_seqs,
+    overrides: dict[str, Any] = {k: v for k, v in {"max_num_seqs": max_num_seqs,
                                    "max_num_batched_tokens": max_num_batched_tokens,
                                    "max_model_len": max_model_len}.items() if v is not None}
     if gpu_memory_utilization is not None:
@@ -282,7 +290,7 @@ def _run_replica(engine: Engine, seqs: list[Sequence]) -> None:
             seq.payload.append(now)
 
 
-def replay(profile: Profile | str, arrivals: Iterable[Arrival | dict | tuple], *,
+def replay(profile: Profile | str, arrivals: Iterable[Arrival | dict[str, Any] | tuple[Any, ...]], *,
            replicas: int = 1, max_num_seqs: int | None = None,
            max_num_batched_tokens: int | None = None,
            gpu_memory_utilization: float | None = None,
@@ -324,8 +332,8 @@ def replay(profile: Profile | str, arrivals: Iterable[Arrival | dict | tuple], *
             per_replica[turn].append(
                 (Sequence(rid, a.input_len, a.output_len, rec.arrival_s, payload=rec.token_times_s), rec))
         turn = (turn + 1) % replicas     # the rejected take their turn too, as a 400 would
-    for engine, pairs in zip(engines, per_replica):
-        _run_replica(engine, [seq for seq, _ in pairs])
+    for eng, pairs in zip(engines, per_replica):
+        _run_replica(eng, [seq for seq, _ in pairs])
         for seq, rec in pairs:
             rec.first_scheduled_s = seq.first_scheduled
             rec.preemptions = seq.preemptions
@@ -339,7 +347,7 @@ def replay(profile: Profile | str, arrivals: Iterable[Arrival | dict | tuple], *
 
 # -- input files ------------------------------------------------------------------------------
 
-def load_arrivals(path: str | os.PathLike) -> tuple[list[Arrival], dict[str, int]]:
+def load_arrivals(path: str | os.PathLike[str]) -> tuple[list[Arrival], dict[str, int]]:
     """Read a replay input; returns (arrivals, skipped) where skipped counts the records of a
     results directory that were left out, by reason.
 
@@ -374,7 +382,7 @@ def load_arrivals(path: str | os.PathLike) -> tuple[list[Arrival], dict[str, int
         raise ReplayInputError(f"{p}: cannot read ({e.strerror})") from None
     lines = raw.split(b"\n")
     torn = bool(lines) and lines[-1].strip() != b""   # no newline after the last line
-    rows: list[tuple[int, dict]] = []
+    rows: list[tuple[int, dict[str, Any]]] = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -394,7 +402,7 @@ def load_arrivals(path: str | os.PathLike) -> tuple[list[Arrival], dict[str, int
     return _from_arrivals(p, rows), {}
 
 
-def _from_arrivals(p: str, rows: list[tuple[int, dict]]) -> list[Arrival]:
+def _from_arrivals(p: str, rows: list[tuple[int, dict[str, Any]]]) -> list[Arrival]:
     out = []
     for n, obj in rows:
         missing = [k for k in ("arrival_s", "input_len", "output_len") if k not in obj]
@@ -409,7 +417,7 @@ def _from_arrivals(p: str, rows: list[tuple[int, dict]]) -> list[Arrival]:
     return out
 
 
-def _from_results(p: str, rows: list[tuple[int, dict]]) -> tuple[list[Arrival], dict[str, int]]:
+def _from_results(p: str, rows: list[tuple[int, dict[str, Any]]]) -> tuple[list[Arrival], dict[str, int]]:
     skipped = {"failed": 0, "incomplete": 0, "no_tokens": 0}
     kept: list[tuple[float, int, int, str | None]] = []
     sent_all = []
@@ -422,7 +430,8 @@ def _from_results(p: str, rows: list[tuple[int, dict]]) -> tuple[list[Arrival], 
         if not obj.get("ok"):
             skipped["incomplete" if obj.get("error_kind") == "incomplete" else "failed"] += 1
             continue
-        i, o = obj.get("input_tokens"), obj.get("output_tokens")
+        i: Any = obj.get("input_tokens")   # checked to be whole numbers just below
+        o: Any = obj.get("output_tokens")
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (i, o)):
             skipped["no_tokens"] += 1
             continue

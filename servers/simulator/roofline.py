@@ -109,7 +109,7 @@ class Deployment:
     efficiency: Efficiency = field(default_factory=lambda: ENGINES[DEFAULT_ENGINE])
     kv_cache_dtype: str = "auto"     # vLLM's --kv-cache-dtype (models.KV_CACHE_DTYPES)
 
-    def ideal(self) -> "Deployment":
+    def ideal(self) -> Deployment:
         return replace(self, efficiency=IDEAL, gpu_memory_utilization=1.0)
 
     @property

@@ -16,14 +16,15 @@ import uuid
 import zlib
 from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+from servers.simulator import textgen
 from servers.simulator.clock import StepTimer
 from servers.simulator.engine import Engine, Sequence
 from servers.simulator.metrics import ServerMetrics
 from servers.simulator.profiles import Profile
-from servers.simulator import textgen
 
 SIM_VERSION = "0.1.0"
 _MAX_HEADER_BYTES = 64 * 1024
@@ -94,7 +95,7 @@ _DONE_CHUNKS = _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 class GenerationRequest:
     """One generation in flight: turns engine tokens into bytes on the wire."""
 
-    def __init__(self, replica: "Replica", conn: "HttpConnection", body: dict, chat: bool,
+    def __init__(self, replica: Replica, conn: HttpConnection, body: dict[str, Any], chat: bool,
                  request_id: str | None = None):
         self.replica = replica
         self.conn = conn
@@ -130,11 +131,12 @@ class GenerationRequest:
         self._last_suffix = b""
 
     # -- request parsing -------------------------------------------------------
-    def parse(self, body: dict) -> tuple[int, int]:
+    def parse(self, body: dict[str, Any]) -> tuple[int, int]:
         replica = self.replica
         model = body.get("model")
         if model is not None and model != self.model and model not in replica.aliases:
             raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError")
+        prompt: Any
         if self.chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -323,7 +325,7 @@ class GenerationRequest:
         self.done = True
         self.conn.response_done(self)
 
-    def truth(self) -> dict:
+    def truth(self) -> dict[str, Any]:
         return {"id": self.id, "stream": self.stream, "chat": self.chat,
                 "received_ns": self.received_ns, "headers_ns": self.headers_ns,
                 "event_ns": self.event_ns.tolist(), "model_ns": self.model_ns.tolist(),
@@ -340,8 +342,8 @@ class IdleWork:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.jobs: deque = deque()
-        self.replicas: list["Replica"] = []
+        self.jobs: deque[Callable[[], None]] = deque()
+        self.replicas: list[Replica] = []
         self._handle: asyncio.Handle | None = None
 
     def add(self, job: Callable[[], None]) -> None:
@@ -402,7 +404,8 @@ class Replica:
         self._t_start = 0.0
         self._t_end = 0.0
         self.next_deadline = float("inf")  # when the armed step ends (inf when none is)
-        self._out: list = []
+        # (request, the bytes prepared for its token, last token?) of the armed step
+        self._out: list[tuple[GenerationRequest, bytes | None, bool]] = []
 
     async def start(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -662,7 +665,7 @@ class HttpConnection(asyncio.Protocol):
             except ApiError as e:
                 self._write_error(e.status, e.message, e.type)
 
-    def _json(self, body: bytes) -> dict:
+    def _json(self, body: bytes) -> dict[str, Any]:
         try:
             obj = json.loads(body or b"{}")
         except ValueError as e:
@@ -711,14 +714,14 @@ class HttpConnection(asyncio.Protocol):
                                              "tokens": ids}).encode()))
         elif path == "/detokenize" and method == "POST":
             req = self._json(body)
-            ids = req.get("tokens")
-            if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            tokens = req.get("tokens")
+            if not isinstance(tokens, list) or not all(isinstance(i, int) for i in tokens):
                 raise ApiError(400, "'/detokenize' needs 'tokens', a list of integers")
-            write(_response(200, json.dumps({"prompt": textgen.detokenize(ids)}).encode()))
+            write(_response(200, json.dumps({"prompt": textgen.detokenize(tokens)}).encode()))
         else:
             raise ApiError(404, f"no route for {method} {path}", "NotFoundError")
 
-    def _generate(self, body: dict, chat: bool, request_id: str | None = None) -> None:
+    def _generate(self, body: dict[str, Any], chat: bool, request_id: str | None = None) -> None:
         r = self.replica
         f = r.faults
         if f.http_500 and r.rng.random() < f.http_500:

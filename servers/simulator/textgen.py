@@ -10,6 +10,8 @@ import json
 import random
 import re
 import zlib
+from collections.abc import Iterable
+from typing import Any
 
 _WORDS = """the of and to in is was that for on are with as it his they be at one have this
 from or had by hot word but what some we can out other were all there when up use your how
@@ -98,7 +100,7 @@ def count_tokens(text: str) -> int:
     return len(_PIECE.findall(text))
 
 
-def detokenize(ids: list[int]) -> str:
+def detokenize(ids: Iterable[int]) -> str:
     return "".join(VOCAB[i] if 0 <= i < _UNK_BASE else " <unk>" for i in ids)
 
 
@@ -115,21 +117,21 @@ BOS_ID, START_HEADER_ID, END_HEADER_ID, EOT_ID, DOUBLE_NEWLINE_ID = 128000, 1280
 _ROLE_IDS = {"system": 9125, "user": 882, "assistant": 78191, "tool": 14506}
 
 
-def _content_text(message: dict) -> str:
+def _content_text(message: dict[str, Any]) -> str:
     content = message.get("content") or ""
     if isinstance(content, list):  # OpenAI content parts
         content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
     return str(content)
 
 
-def count_chat_tokens(messages: list[dict]) -> int:
+def count_chat_tokens(messages: list[dict[str, Any]]) -> int:
     total = CHAT_BOS_TOKENS + CHAT_GENERATION_PROMPT_TOKENS
     for m in messages:
         total += CHAT_TOKENS_PER_MESSAGE + count_tokens(_content_text(m))
     return total
 
 
-def chat_token_ids(messages: list[dict]) -> list[int]:
+def chat_token_ids(messages: list[dict[str, Any]]) -> list[int]:
     """The prompt ids after the chat template; len() == count_chat_tokens(messages)."""
     ids = [BOS_ID]
     for m in messages:
