@@ -371,8 +371,8 @@ def _prepared(values: list | tuple, layout: tuple) -> _Prepared:
 class HistogramSet:
     """One ``LatencyHistogram`` per metric (``METRICS``), fed from request records.
 
-    Only successful requests contribute: a failed request's latencies do not exist (the design
-    doc's contract), and a fast failure must not make the latency percentiles look better.
+    Only successful requests contribute: a failed request's latencies do not exist (README,
+    "Metric definitions"), and a fast failure must not make the latency percentiles look better.
     """
 
     __slots__ = ("hists",)
