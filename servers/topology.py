@@ -2,7 +2,7 @@
 
 Two sources give the same picture:
 
-- the text of ``nvidia-smi topo -m`` (:func:`parse_topo_matrix`, :func:`from_nvidia_smi`);
+- the text of ``nvidia-smi topo -m`` (:func:`nvidia_smi_topo_text`, :func:`parse_topo_matrix`);
 - NVML through nvidia-ml-py (:func:`from_nvml`): ``nvmlDeviceGetTopologyCommonAncestor`` for the
   PCIe path, NVLink state and ``nvmlDeviceGetP2PStatus`` for NVLink, ``nvmlDeviceGetCpuAffinity``
   and sysfs for CPUs and NUMA.
@@ -431,18 +431,8 @@ def parse_topo_matrix(text: str) -> Topology:
     )
 
 
-def from_nvidia_smi(timeout: float = 20.0) -> Topology | None:
-    """Run ``nvidia-smi topo -m`` and parse it; ``None`` when nvidia-smi is absent or fails."""
-    text = nvidia_smi_topo_text(timeout)
-    if text is None:
-        return None
-    try:
-        return parse_topo_matrix(text)
-    except ValueError:
-        return None
-
-
 def nvidia_smi_topo_text(timeout: float = 20.0) -> str | None:
+    """The text of ``nvidia-smi topo -m``; ``None`` when nvidia-smi is absent or fails."""
     exe = shutil.which("nvidia-smi")
     if not exe:
         return None
@@ -628,19 +618,11 @@ def from_nvml(nvml: Any = None, indices: Sequence[int] | None = None) -> Topolog
 def detect() -> Topology | None:
     """The machine's topology: NVML first, then ``nvidia-smi topo -m``; ``None`` with neither.
 
-    NVML's view lacks nvidia-smi's NUMA column on some hosts; where both exist, the NUMA and CPU
-    affinity read by nvidia-smi fill the gaps.
+    The same merge ``harness hw`` records (:func:`reconcile`), so the launcher places replicas on
+    the topology the hardware stage reported; disagreements between the two are ``harness hw``'s
+    to report, not the launcher's.
     """
-    topo = from_nvml()
-    smi = from_nvidia_smi()
-    if topo is None:
-        return smi
-    if smi is not None and smi.gpus == topo.gpus:
-        for g in topo.gpus:
-            if topo.numa_nodes.get(g) is None:
-                topo.numa_nodes[g] = smi.numa_nodes.get(g)
-            if not topo.cpu_affinities.get(g) and smi.cpu_affinities.get(g):
-                topo.cpu_affinities[g] = smi.cpu_affinities[g]
+    topo, _ = reconcile(from_nvml(), nvidia_smi_topo_text())
     return topo
 
 
@@ -648,8 +630,9 @@ def reconcile(nvml_topo: Topology | None, smi_text: str | None) -> tuple[Topolog
     """NVML's topology checked against ``nvidia-smi topo -m``'s text, and where they disagree.
 
     Without NVML's, nvidia-smi's parsed alone (``None`` when unparseable); with both, NVML's
-    with nvidia-smi's NUMA column filling the NUMA nodes NVML left unknown, and one line per
-    link cell the two read differently (``harness hw`` records them as errors).
+    with nvidia-smi's NUMA and CPU-affinity columns filling what NVML left unknown (NVML's view
+    lacks them on some hosts), and one line per link cell the two read differently
+    (``harness hw`` records them as errors).
     """
     if not smi_text:
         return nvml_topo, []
@@ -660,8 +643,12 @@ def reconcile(nvml_topo: Topology | None, smi_text: str | None) -> tuple[Topolog
     if nvml_topo is None:
         return smi, []
     for g in nvml_topo.gpus:
-        if nvml_topo.numa_nodes.get(g) is None and g in smi.gpus:
+        if g not in smi.gpus:
+            continue
+        if nvml_topo.numa_nodes.get(g) is None:
             nvml_topo.numa_nodes[g] = smi.numa(g)
+        if not nvml_topo.cpu_affinities.get(g) and smi.cpu_affinities.get(g):
+            nvml_topo.cpu_affinities[g] = smi.cpu_affinities[g]
     return nvml_topo, compare(nvml_topo, smi)
 
 

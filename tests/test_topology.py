@@ -343,11 +343,12 @@ def test_nvml_absent_returns_none():
     assert T.from_nvml(Broken()) is None
 
 
-def test_reconcile_fills_numa_and_lists_disagreements_then_renumbers_for_cuda():
+def test_reconcile_fills_numa_and_cpus_and_lists_disagreements_then_renumbers_for_cuda():
     smi_text = make_text(2, lambda i, j: "NV18", lambda i: "0-7", lambda i: 1)
     nvml = T.Topology(gpus=[0, 1], matrix=[["X", "PIX"], ["PIX", "X"]], source="nvml")
     topo, diffs = T.reconcile(nvml, smi_text)
     assert topo is nvml and topo.numa(0) == 1 and topo.numa(1) == 1
+    assert topo.cpu_affinity(0) == list(range(8))
     assert diffs == ["GPU0-GPU1: nvml PIX vs nvidia-smi NV18", "GPU1-GPU0: nvml PIX vs nvidia-smi NV18"]
     alone, none = T.reconcile(None, smi_text)
     assert alone.link(0, 1) == "NV18" and none == []
@@ -359,3 +360,20 @@ def test_reconcile_fills_numa_and_lists_disagreements_then_renumbers_for_cuda():
     cuda = T.renumbered(three, cuda_to_nvml, [0, 1])
     assert cuda.gpus == [0, 1] and cuda.link(0, 1) == "NV4"
     assert T.renumbered(three, {0: 1, 1: None}, [0, 1]) is None
+
+
+def test_detect_is_nvml_reconciled_with_nvidia_smi(monkeypatch):
+    """The launcher's topology is the one harness hw records: NVML's links, with nvidia-smi's
+    NUMA and CPU-affinity columns where NVML has none."""
+    nvml = T.Topology(gpus=[0, 1], matrix=[["X", "NV18"], ["NV18", "X"]], source="nvml")
+    smi_text = make_text(2, lambda i, j: "NV18", lambda i: "0-7" if i == 0 else "8-15", lambda i: i)
+    monkeypatch.setattr(T, "from_nvml", lambda *a, **k: nvml)
+    monkeypatch.setattr(T, "nvidia_smi_topo_text", lambda *a, **k: smi_text)
+    topo = T.detect()
+    assert topo.source == "nvml" and topo.link(0, 1) == "NV18"
+    assert [topo.numa(g) for g in (0, 1)] == [0, 1]
+    assert topo.cpu_affinity(1) == list(range(8, 16))
+    monkeypatch.setattr(T, "from_nvml", lambda *a, **k: None)
+    assert T.detect().source == "nvidia-smi"
+    monkeypatch.setattr(T, "nvidia_smi_topo_text", lambda *a, **k: None)
+    assert T.detect() is None
