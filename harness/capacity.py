@@ -45,7 +45,7 @@ from collections.abc import Callable
 import numpy as np
 
 from harness import metric_catalog as mc
-from harness.compare import MIN_TAIL, bootstrap_quantiles, n_blocks
+from harness.compare import MIN_TAIL, bootstrap_quantiles, in_blocks, n_blocks
 from harness.errors import UsageError
 from harness.slo import Slo, parse_slo
 
@@ -149,16 +149,7 @@ def _latency_samples(records: list[dict[str, Any]], field: str) -> tuple[np.ndar
         items = [float(x) for x in (v if isinstance(v, list) else [v]) if x is not None]
         if items:
             per_req.append(items)
-    n = len(per_req)
-    if n == 0:
-        return np.empty(0), np.empty(0, dtype=np.int64), 0, 0
-    k = min(n, n_blocks(n))
-    vals: list[float] = []
-    groups: list[int] = []
-    for i, items in enumerate(per_req):
-        vals.extend(items)
-        groups.extend([i * k // n] * len(items))
-    return np.asarray(vals, dtype=float), np.asarray(groups, dtype=np.int64), k, n
+    return in_blocks(per_req)
 
 
 def _block_means(values: np.ndarray, groups: np.ndarray, k: int, resamples: int,

@@ -124,6 +124,13 @@ def grouped_samples(records: list[dict[str, Any]], field: str) -> tuple[np.ndarr
         items = [float(x) for x in (v if isinstance(v, list) else [v]) if x is not None]
         if items:
             per_req.append(items)
+    return in_blocks(per_req)
+
+
+def in_blocks(per_req: list[list[float]]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(values, block index per value, number of blocks, number of requests) for requests'
+    values in send order: `n_blocks` contiguous blocks of nearly equal size, a request's values
+    (ITL's tokens) kept in one block, so the bootstrap resamples neighbours together."""
     n = len(per_req)
     if n == 0:
         return np.empty(0), np.empty(0, dtype=np.int64), 0, 0

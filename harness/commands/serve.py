@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from harness.errors import UsageError
@@ -88,7 +89,7 @@ def _topology(args: argparse.Namespace):
 def handle(args: argparse.Namespace) -> int:
     from harness.parsing import parse_gpus
     from servers.launcher import (
-        LayoutError, ServerDiedError, ServerStartError, find_vllm_python, launch, load_layout,
+        LayoutError, find_vllm_python, launch, load_layout,
         make_plan, parse_model_overrides,
     )
     from servers.launcher.plan import dry_run_notes
@@ -133,14 +134,27 @@ def handle(args: argparse.Namespace) -> int:
 
     cluster = launch(plan, out, health_timeout=args.health_timeout,
                      stop_timeout=args.stop_timeout, on_progress=progress)
+    return serve_until_stopped(
+        cluster, progress, prog="harness serve",
+        ready=lambda: f"{len(cluster.endpoints)} server(s) ready; endpoint list: {cluster.endpoints_path}",
+        where=lambda e: "", everywhere="", stopped="every server was stopped")
+
+
+def serve_until_stopped(cluster: Any, progress: Callable[[str], None], *, prog: str,
+                        ready: Callable[[], str],
+                        where: Callable[[Any], str], everywhere: str, stopped: str) -> int:
+    """Print the endpoints of a started ``cluster`` (one host's or a Ray cluster's), serve until
+    Ctrl-C, SIGTERM or a death, and say what the stop did: the exit codes and the lines users of
+    both ``harness serve`` forms read are the same."""
+    from servers.launcher import LayoutError, ServerDiedError, ServerStartError
+
     try:
         with cluster:
-            progress(f"{len(cluster.endpoints)} server(s) ready; endpoint list: "
-                     f"{cluster.endpoints_path}")
+            progress(ready())
             for e in cluster.endpoints:
-                print(f"{e.name}\t{e.url}\t{e.model}\tGPUs {','.join(map(str, e.gpus)) or 'cpu'}"
-                      f"\tpid {e.pid}", flush=True)
-            progress("serving; Ctrl-C or SIGTERM stops every server")
+                print(f"{e.name}\t{e.url}\t{e.model}\t{where(e)}"
+                      f"GPUs {','.join(map(str, e.gpus)) or 'cpu'}\tpid {e.pid}", flush=True)
+            progress(f"serving; Ctrl-C or SIGTERM stops every server{everywhere}")
             try:
                 cluster.wait()
             except KeyboardInterrupt:
@@ -149,8 +163,8 @@ def handle(args: argparse.Namespace) -> int:
     except LayoutError as exc:
         raise UsageError(str(exc)) from None
     except (ServerStartError, ServerDiedError) as exc:
-        print(f"harness serve: error: {exc}", file=sys.stderr)
-        print("harness serve: every server was stopped", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: {stopped}", file=sys.stderr)
         return 1
     finally:
         for line in getattr(cluster, "stop_report", None) or []:
@@ -164,7 +178,7 @@ def run_on_ray(args: argparse.Namespace, layout: Any, *, python: str, kind: str,
     death (exit codes as without --ray). Shared by ``harness serve`` and ``harness sim``."""
     from servers.cluster.launch import RayCluster, plan_on_ray
     from servers.cluster.plan import vllm_builder
-    from servers.launcher import LayoutError, ServerDiedError, ServerStartError
+    from servers.launcher import LayoutError
 
     if getattr(args, "json", False) and not args.dry_run:
         raise UsageError("--json goes with --dry-run")
@@ -192,28 +206,9 @@ def run_on_ray(args: argparse.Namespace, layout: Any, *, python: str, kind: str,
     out = args.out or os.path.join("runs", time.strftime("serve-%Y%m%d-%H%M%S"))
     cluster = RayCluster(plan, session, out, health_timeout=args.health_timeout,
                          stop_timeout=args.stop_timeout, on_progress=progress)
-    try:
-        with cluster:
-            progress(f"{len(cluster.endpoints)} server(s) ready on "
-                     f"{len(plan.placement.used_nodes)} node(s); endpoint list: "
-                     f"{cluster.endpoints_path}")
-            for e in cluster.endpoints:
-                print(f"{e.name}\t{e.url}\t{e.model}\tnode {e.node}\t"
-                      f"GPUs {','.join(map(str, e.gpus)) or 'cpu'}\tpid {e.pid}", flush=True)
-            progress("serving; Ctrl-C or SIGTERM stops every server on every node")
-            try:
-                cluster.wait()
-            except KeyboardInterrupt:
-                progress("interrupted: stopping every server")
-                return 0
-    except LayoutError as exc:
-        raise UsageError(str(exc)) from None
-    except (ServerStartError, ServerDiedError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        print(f"{prog}: every server on every node was stopped; logs in {cluster.log_dir}",
-              file=sys.stderr)
-        return 1
-    finally:
-        for line in cluster.stop_report:
-            progress(line)
-    return 0
+    return serve_until_stopped(
+        cluster, progress, prog=prog,
+        ready=lambda: (f"{len(cluster.endpoints)} server(s) ready on {len(plan.placement.used_nodes)} "
+               f"node(s); endpoint list: {cluster.endpoints_path}"),
+        where=lambda e: f"node {e.node}\t", everywhere=" on every node",
+        stopped=f"every server on every node was stopped; logs in {cluster.log_dir}")
