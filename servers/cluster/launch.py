@@ -34,7 +34,7 @@ from servers.launcher.cluster import ENDPOINTS_FILE
 from servers.launcher.endpoints import Endpoint, write_endpoints
 from servers.launcher.errors import LayoutError, ServerDiedError, ServerStartError
 from servers.launcher.layouts import Layout
-from servers.launcher.lifecycle import LOG_TAIL_LINES, Terminated, _cause, _quote
+from servers.launcher.lifecycle import LOG_TAIL_LINES, StopsOnExit, _cause, _quote
 
 
 def plan_on_ray(layout: Layout, address: str, *, python: str, argv_for: ArgvBuilder = vllm_builder,
@@ -58,7 +58,7 @@ def plan_on_ray(layout: Layout, address: str, *, python: str, argv_for: ArgvBuil
     return session, plan
 
 
-class RayCluster:
+class RayCluster(StopsOnExit):
     def __init__(self, plan: ClusterPlan, session: RaySession, out_dir: str, *,
                  health_timeout: float = 900.0, stop_timeout: float = 30.0,
                  poll_interval: float = 1.0, handle_signals: bool = True,
@@ -76,40 +76,8 @@ class RayCluster:
         self.endpoints: list[Endpoint] = []
         self.stop_report: list[str] = []
         self._offsets: dict[str, int] = {}
-        self._old_handlers: dict[int, Any] = {}
+        self._old_handlers: dict[int, object] = {}
         self._stopping = False
-
-    # context manager ------------------------------------------------------------------------
-    def __enter__(self) -> RayCluster:
-        self._install_signal_handlers()
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            self._restore_signal_handlers()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.stop()
-        finally:
-            self._restore_signal_handlers()
-
-    def _install_signal_handlers(self) -> None:
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, old in self._old_handlers.items():
-            signal.signal(sig, old)
-        self._old_handlers.clear()
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        if not self._stopping:
-            raise Terminated(signum)
 
     # start ----------------------------------------------------------------------------------
     def _agent(self, node_id: str) -> Any:

@@ -28,11 +28,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, TypeVar
 
 from servers.launcher.errors import LayoutError, ServerDiedError, ServerStartError
 
 LOG_TAIL_LINES = 30
+
+
+_Self = TypeVar("_Self", bound="StopsOnExit")
 
 
 class Terminated(SystemExit):
@@ -41,6 +44,56 @@ class Terminated(SystemExit):
     def __init__(self, signum: int) -> None:
         super().__init__(128 + signum)
         self.signum = signum
+
+
+class StopsOnExit:
+    """A set of servers that stops, by any path out of its ``with`` block: an error while
+    starting, the block's end, or SIGTERM/SIGHUP turned into :class:`Terminated` in the main
+    thread (so ``finally`` blocks run). One host's :class:`ServerGroup` and the Ray driver's
+    ``RayCluster`` share it; each brings ``start``, ``stop``, ``handle_signals`` and
+    ``_stopping``."""
+
+    handle_signals: bool
+    _stopping: bool
+    _old_handlers: dict[int, object]
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def __enter__(self: _Self) -> _Self:
+        self._install_signal_handlers()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            self._restore_signal_handlers()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop()
+        finally:
+            self._restore_signal_handlers()
+
+    def _install_signal_handlers(self) -> None:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, old in self._old_handlers.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+        self._old_handlers.clear()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self._stopping:
+            return  # already stopping: finish that first
+        raise Terminated(signum)
 
 
 @dataclass
@@ -303,7 +356,7 @@ def _quote(tail: str) -> str:
 # -- a group of servers -------------------------------------------------------------------------
 
 
-class ServerGroup:
+class ServerGroup(StopsOnExit):
     """Servers that start together and stop together.
 
     ``with ServerGroup(specs) as group:`` starts every server and waits for each to be healthy;
@@ -325,40 +378,6 @@ class ServerGroup:
         self._stopped = False
         self._atexit_registered = False
         self._lock = threading.Lock()
-
-    # context manager ------------------------------------------------------------------------
-    def __enter__(self) -> ServerGroup:
-        self._install_signal_handlers()
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            self._restore_signal_handlers()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.stop()
-        finally:
-            self._restore_signal_handlers()
-
-    # signals --------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, old in self._old_handlers.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
-        self._old_handlers.clear()
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        if self._stopping:
-            return  # already stopping: finish that first
-        raise Terminated(signum)
 
     # start ----------------------------------------------------------------------------------
     def start(self) -> None:
