@@ -33,26 +33,55 @@ from servers.launcher.lifecycle import _alive, descendants
 TOPO = REPO / "tests" / "data" / "nvidia-smi-topo-h100x4.txt"
 VLLM_VENV = Path(os.environ.get("HARNESS_VLLM_VENV") or REPO / ".venv-vllm")
 VLLM_BUILT = (VLLM_VENV / ".harness-vllm-built").exists() and (VLLM_VENV / "bin" / "python").exists()
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+GRACE_ENV = "RAY_CLIENT_RECONNECT_GRACE_PERIOD"
+CLIENT_GRACE_S = 5
 LOAD_OPTS = ("--cpu-limit", "1000", "--lag-limit-ms", "1000000", "--stamp-delay-limit-ms", "0")
 
 pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def ray_address():
-    """A 3-node Ray cluster on 127.0.0.1, 4 GPUs per node; its GCS address."""
+def ray_cluster():
+    """A 3-node Ray cluster on 127.0.0.1, 4 GPUs per node, with Ray Client's server on the head:
+    its GCS address and its ``ray://`` address.
+
+    Two settings make a cluster of one machine on loopback behave like one of three hosts: the
+    head's processes keep 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray Client's
+    per-driver server would otherwise look for the GCS at this machine's network address,
+    where nothing listens), and a ``ray://`` driver that vanishes is given up after 5 s rather
+    than Ray Client's default 30 s of waiting for it to reconnect."""
     from ray.cluster_utils import Cluster
 
+    saved = {k: os.environ.get(k) for k in (LOOPBACK_ENV, GRACE_ENV)}
+    os.environ.update({LOOPBACK_ENV: "0", GRACE_ENV: str(CLIENT_GRACE_S)})
+    client_port = free_port_block(1)
     node = dict(num_cpus=1, num_gpus=4, node_ip_address="127.0.0.1",
                 object_store_memory=80 * 1024 * 1024, env_vars={TOPOLOGY_ENV: str(TOPO)})
-    cluster = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        node, include_dashboard=False, ray_client_server_port=client_port))
     try:
         for _ in range(2):
             cluster.add_node(**node)
         cluster.wait_for_nodes(timeout=120)
-        yield cluster.address
+        yield cluster.address, f"ray://127.0.0.1:{client_port}"
     finally:
         cluster.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_cluster):
+    return ray_cluster[0]
+
+
+@pytest.fixture(scope="module")
+def ray_client_address(ray_cluster):
+    return ray_cluster[1]
 
 
 def cli(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -178,6 +207,16 @@ def test_without_ray_installed_the_one_line_names_the_extra(tmp_path):
     assert "needs Ray, which is not installed" in line and "'.[cluster]'" in line
 
 
+def test_a_ray_client_address_without_grpc_is_one_line_naming_ray_client(tmp_path):
+    shadow = tmp_path / "no-grpc" / "grpc"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'grpc'\")\n")
+    line = one_line_error(cli("sim", "--layout", "single", "--ray", "ray://127.0.0.1:10001",
+                              "--dry-run", env={"PYTHONPATH": str(shadow.parent)}))
+    assert "goes through Ray Client, which is not installed" in line
+    assert "'ray[client]'" in line and "'.[cluster]'" in line
+
+
 # -- serving across the nodes ----------------------------------------------------------------
 
 
@@ -235,6 +274,47 @@ def test_sigkill_of_the_driver_leaves_nothing_running_on_any_node(ray_address, t
         os.kill(d.run.proc.pid, signal.SIGKILL)  # the driver alone: Ray and the agents clean up
         d.run.proc.wait(10)
         assert all_gone(pids) == []
+    finally:
+        d.close()
+
+
+# -- through Ray Client (ray://) --------------------------------------------------------------
+
+
+def test_a_ray_client_address_serves_mixed12_across_the_nodes_takes_a_load_and_stops(
+        ray_client_address, tmp_path):
+    d = sim(ray_client_address, tmp_path / "serve")
+    try:
+        eps = d.endpoints
+        assert len(eps) == 8 and len({e["node"] for e in eps}) == 3
+        assert d.doc["ray"]["address"] == ray_client_address
+        rc, out = harness_load("--endpoints", str(d.out / "endpoints.json"), "--users", "8",
+                               "--num-requests", "16", "--input-len", "32", "--output-len", "8",
+                               "--duration", "90", "--out", str(tmp_path / "load"), "--quiet",
+                               *LOAD_OPTS, timeout=150)
+        assert rc == 0, out[-3000:]
+        s = summary(tmp_path / "load")
+        assert s["requests"]["completed"] == 16 and s["requests"]["failed"] == 0
+        pids = d.server_pids() + d.agent_pids()
+        d.run.proc.send_signal(signal.SIGTERM)
+        rc, out = d.wait()
+        assert rc == 128 + signal.SIGTERM, out[-3000:]
+        assert all_gone(pids) == []
+        log = (d.out / "logs" / "small-0.log").read_text()  # logs come back through Ray Client
+        assert "serving 'llama-3-8b-instruct'" in log
+    finally:
+        d.close()
+
+
+def test_sigkill_of_a_ray_client_driver_leaves_nothing_running_once_ray_gives_it_up(
+        ray_client_address, tmp_path):
+    d = sim(ray_client_address, tmp_path / "serve", "single")
+    try:
+        pids = d.server_pids() + d.agent_pids()
+        assert pids and all(_alive(p) for p in pids)
+        os.kill(d.run.proc.pid, signal.SIGKILL)
+        d.run.proc.wait(10)
+        assert all_gone(pids, timeout=CLIENT_GRACE_S + 60) == []
     finally:
         d.close()
 

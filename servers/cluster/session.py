@@ -12,13 +12,14 @@ Ray is imported here only, inside :func:`connect`: single-host use never needs i
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 
 from servers.cluster.node_placement import Node
 from servers.launcher.errors import LayoutError
 
-EXTRA_HINT = "pip install '.[cluster]' (or pip install ray) on this machine and every node"
+EXTRA_HINT = "pip install '.[cluster]' (or pip install 'ray[client]') on this machine and every node"
 AGENT_START_TIMEOUT_S = 120.0
 
 
@@ -37,6 +38,8 @@ def connect(address: str) -> RaySession:
     if not address:
         raise LayoutError("--ray needs an address: auto, HOST:PORT (the head's GCS port, 6379 by "
                           "default) or ray://HOST:10001")
+    if address.startswith("ray://"):
+        _require_ray_client(address)
     target = _check_reachable(address)
     if _is_loopback(target):
         _keep_loopback(ray)
@@ -47,6 +50,17 @@ def connect(address: str) -> RaySession:
         raise _unreachable(address, (str(exc).strip().splitlines()
                                      or [type(exc).__name__])[0][:200]) from None
     return RaySession(ray, address)
+
+
+def _require_ray_client(address: str) -> None:
+    """A ``ray://`` address goes through Ray Client, which needs gRPC beside Ray (Ray's own
+    ``client`` extra); without it ``ray.init`` fails with an import error that reads like an
+    unreachable cluster."""
+    try:
+        importlib.import_module("grpc")
+    except ImportError:
+        raise LayoutError(f"--ray {address} goes through Ray Client, which is not installed: "
+                          f"{EXTRA_HINT}") from None
 
 
 def _unreachable(address: str, why: str) -> LayoutError:
