@@ -130,6 +130,18 @@ def all_gone(pids: list[int], timeout: float = 45) -> list[int]:
     return [p for p in pids if _alive(p)]
 
 
+def load_all_ok(d: Driver, out: Path, requests: int) -> dict:
+    """``harness load --endpoints`` over the driver's replicas; its summary, every request ok."""
+    rc, log = harness_load("--endpoints", str(d.out / "endpoints.json"), "--users", "8",
+                           "--num-requests", str(requests), "--input-len", "32", "--output-len",
+                           "8", "--duration", "90", "--out", str(out), "--quiet", *LOAD_OPTS,
+                           timeout=150)
+    assert rc == 0, log[-3000:]
+    s = summary(out)
+    assert s["requests"]["completed"] == requests and s["requests"]["failed"] == 0
+    return s
+
+
 def sim(address: str, out: Path, *extra: str) -> Driver:
     return Driver("sim", "--layout", extra[0] if extra else "mixed12", "--ray", address,
                   "--port", str(free_port_block(8)), *extra[1:], out=out)
@@ -227,13 +239,7 @@ def test_mixed12_across_three_nodes_takes_a_load_on_every_replica_and_stops_on_s
         assert len(eps) == 8 and len({e["node"] for e in eps}) == 3
         assert all(e["url"].startswith("http://127.0.0.1:") for e in eps)
         assert {n["topology_source"] for n in d.doc["ray"]["nodes"]} == {TOPO.name}
-        rc, out = harness_load("--endpoints", str(d.out / "endpoints.json"), "--users", "8",
-                               "--num-requests", "32", "--input-len", "32", "--output-len", "8",
-                               "--duration", "90", "--out", str(tmp_path / "load"), "--quiet",
-                               *LOAD_OPTS, timeout=150)
-        assert rc == 0, out[-3000:]
-        s = summary(tmp_path / "load")
-        assert s["requests"]["completed"] == 32 and s["requests"]["failed"] == 0
+        s = load_all_ok(d, tmp_path / "load", 32)
         assert len(s["by_endpoint"]) == 8 and all(r["completed"] > 0 for r in s["by_endpoint"].values())
         assert s["by_model"]["llama-3-70b-instruct-awq"]["replicas"] == 4
         pids = d.server_pids() + d.agent_pids()
@@ -288,13 +294,7 @@ def test_a_ray_client_address_serves_mixed12_across_the_nodes_takes_a_load_and_s
         eps = d.endpoints
         assert len(eps) == 8 and len({e["node"] for e in eps}) == 3
         assert d.doc["ray"]["address"] == ray_client_address
-        rc, out = harness_load("--endpoints", str(d.out / "endpoints.json"), "--users", "8",
-                               "--num-requests", "16", "--input-len", "32", "--output-len", "8",
-                               "--duration", "90", "--out", str(tmp_path / "load"), "--quiet",
-                               *LOAD_OPTS, timeout=150)
-        assert rc == 0, out[-3000:]
-        s = summary(tmp_path / "load")
-        assert s["requests"]["completed"] == 16 and s["requests"]["failed"] == 0
+        load_all_ok(d, tmp_path / "load", 16)
         pids = d.server_pids() + d.agent_pids()
         d.run.proc.send_signal(signal.SIGTERM)
         rc, out = d.wait()
