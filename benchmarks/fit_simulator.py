@@ -329,8 +329,8 @@ def loss(results, engines=None, nvlink=None) -> float:
 def fit(points: list[dict], passes: int = 3, hold: frozenset = frozenset()) -> tuple[dict, float]:
     """Coordinate descent over every constant except those in `hold` ("engine.name" or
     "nvlink"), which stay at their prior: a constant the points cannot tell apart from
-    another (vLLM's memory efficiency from batch-8 decodes alone, with no saturated vLLM
-    point to pin it) is held rather than fitted to the noise."""
+    another (vLLM's memory efficiency from batch-8 decodes alone, with only two saturated
+    vLLM points, both of the host-bound pre-0.6 engine, to pin it) is held rather than fitted to the noise."""
     from servers.simulator.gpus import NVLINK_HOP_US
     from servers.simulator.roofline import ENGINES
     engines = dict(ENGINES)

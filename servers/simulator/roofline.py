@@ -81,8 +81,11 @@ IDEAL = Efficiency(memory=1.0, compute=1.0, step_overhead_s=0.0,
 # Each engine's constants. See benchmarks/fit_simulator.py for the fit they come from.
 ENGINES: dict[str, Efficiency] = {
     # Fitted 2026-12-06 (benchmarks/fit_simulator.py --fit --passes 2 --max-requests 256
-    # --hold vllm.memory,vllm.compute,vllm.request_overhead_s; 76 published points): vLLM has
-    # only light-load points, so its kernel efficiencies stay at their priors.
+    # --hold vllm.memory,vllm.compute,vllm.request_overhead_s; 76 published points): vLLM had
+    # only light-load points, so its kernel efficiencies stay at their priors. The two saturated
+    # vLLM points since (PRs #5882, #7117: pre-0.6 V0 engine, read 1.58 and 1.69) are host-bound;
+    # fitting memory and compute to them (0.70, 0.30) was not applied:
+    # docs/simulator-calibration.md, "Fit: before and after".
     "vllm": Efficiency(memory=0.80, compute=0.60, step_overhead_s=0.00175,
                        per_seq_overhead_s=15e-6, request_overhead_s=0.010,
                        idle_launch_s_per_layer=100e-6),
